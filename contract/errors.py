@@ -1,0 +1,42 @@
+"""One root exception for everything the contract refuses, carrying a machine-readable code.
+
+The backend stores the code and the human-readable detail with the raw bytes in its dead-letter
+table, so an operator can see exactly why a message was refused.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Why a message was refused. Stable strings: dashboards and alerts key on them."""
+
+    UNKNOWN_TOPIC = "unknown_topic"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NUL_BYTE = "nul_byte"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_TYPE = "unknown_type"
+    UNKNOWN_FIELD = "unknown_field"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    OUT_OF_RANGE = "out_of_range"
+    INVALID_VALUE = "invalid_value"
+    BOX_ID_MISMATCH = "box_id_mismatch"
+    UNKNOWN_COMPARTMENT = "unknown_compartment"
+    WRONG_COMPARTMENT_KIND = "wrong_compartment_kind"
+    SEQ_CONFLICT = "seq_conflict"
+
+
+class ContractError(ValueError):
+    """A message that does not satisfy the wire contract.
+
+    ``code`` is machine-readable, ``detail`` says precisely what and where (field path, limit).
+    """
+
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(f"{code.value}: {detail}")
+        self.code = code
+        self.detail = detail
