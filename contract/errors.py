@@ -27,7 +27,9 @@ class ErrorCode(StrEnum):
     BOX_ID_MISMATCH = "box_id_mismatch"
     UNKNOWN_COMPARTMENT = "unknown_compartment"
     WRONG_COMPARTMENT_KIND = "wrong_compartment_kind"
-    SEQ_CONFLICT = "seq_conflict"
+    WRONG_TOPIC = "wrong_topic"
+    #: Valid by the contract but refused by the database (kept with the database's reason).
+    STORAGE_REJECTED = "storage_rejected"
 
 
 class ContractError(ValueError):

@@ -296,6 +296,15 @@ def make_event(
 # --------------------------------------------------------------------------- status
 
 
+class StatusReason(StrEnum):
+    """Why a status was published: a birth, the box's own orderly shutdown, or the Last Will that
+    the broker publishes when the connection is lost without a DISCONNECT."""
+
+    BIRTH = "birth"
+    SHUTDOWN = "shutdown"
+    CONNECTION_LOST = "connection_lost"
+
+
 class Status(WireModel):
     """Retained on ``.../status``: the birth (online, with the layout) or the Last Will (offline).
 
@@ -307,6 +316,7 @@ class Status(WireModel):
     box_id: BoxId
     online: bool
     session: Session
+    reason: StatusReason | None = None
     ts_ms: TimestampMs | None = None
     firmware: Annotated[Text, Field(max_length=64)] | None = None
     layout: BoxLayout | None = None
@@ -486,7 +496,7 @@ def check_layout(event: BoxEvent, layout: BoxLayout) -> None:
         for reading in payload.red_boxes:
             _expect_kind(event, layout, reading.compartment, CompartmentKind.RED_BOX)
         return
-    compartment_id: int = getattr(payload, "compartment")
+    compartment_id: int = payload.compartment
     if layout.get(compartment_id) is None:
         raise ContractError(
             ErrorCode.UNKNOWN_COMPARTMENT, f"box {event.box_id} has no compartment {compartment_id}"

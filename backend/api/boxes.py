@@ -1,0 +1,94 @@
+"""Endpoints under ``/api/v1/boxes``: the box list, one box with its compartments, a box's events."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query
+
+from contract.messages import EVENT_TYPES
+from contract.topics import BOX_ID_PATTERN
+from backend.api import repository, service
+from backend.api.deps import ConnDep, SettingsDep
+from backend.api.errors import ApiError
+from backend.api.schemas import BoxDetail, BoxSummary, EventOut, EventPage
+
+router = APIRouter(prefix="/api/v1/boxes", tags=["boxes"])
+BoxIdPath = Annotated[str, Path(pattern=BOX_ID_PATTERN, description="the box id, e.g. aal-001")]
+_NOT_FOUND = {404: {"description": "no such box (code `box_not_found`)"}}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@router.get("", response_model=list[BoxSummary], summary="All boxes with their live status")
+async def list_boxes(conn: ConnDep, settings: SettingsDep) -> list[BoxSummary]:
+    rows = await repository.list_boxes(conn)
+    timeout = timedelta(seconds=settings.heartbeat_timeout_s)
+    now = _now()
+    return [service.summarize(r, now, timeout) for r in rows]
+
+
+@router.get("/{box_id}", response_model=BoxDetail, responses=_NOT_FOUND,
+            summary="One box with its compartments and latest telemetry")
+async def get_box(box_id: BoxIdPath, conn: ConnDep, settings: SettingsDep) -> BoxDetail:
+    row = await repository.get_box(conn, box_id)
+    if row is None:
+        raise ApiError(404, "box_not_found", f"no box {box_id!r}")
+    return service.detail(row, _now(), timedelta(seconds=settings.heartbeat_timeout_s))
+
+
+def _encode_cursor(ts: datetime, seq: int) -> str:
+    raw = json.dumps({"ts": ts.isoformat(), "seq": seq}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        ts = datetime.fromisoformat(data["ts"])
+        seq = int(data["seq"])
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise ApiError(400, "invalid_cursor", "the cursor is not one this API returned") from exc
+    if ts.tzinfo is None:
+        raise ApiError(400, "invalid_cursor", "the cursor is not one this API returned")
+    return ts, seq
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)  # naive times are UTC, like every device timestamp
+    return value
+
+
+@router.get("/{box_id}/events", response_model=EventPage, summary="A box's events over a time range",
+            responses={**_NOT_FOUND, 400: {"description": "`invalid_range` or `invalid_cursor`"}})
+async def box_events(
+    box_id: BoxIdPath,
+    conn: ConnDep,
+    since: Annotated[datetime | None, Query(description="inclusive, device time (UTC if no offset)")] = None,
+    until: Annotated[datetime | None, Query(description="exclusive, device time (UTC if no offset)")] = None,
+    type: Annotated[list[Literal[EVENT_TYPES]] | None,  # type: ignore[valid-type]
+                    Query(description="only these event types (repeatable)")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    order: Literal["asc", "desc"] = "asc",
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> EventPage:
+    since, until = _aware(since), _aware(until)
+    if since is not None and until is not None and since >= until:
+        raise ApiError(400, "invalid_range", "since must be before until")
+    if await repository.get_box(conn, box_id) is None:
+        raise ApiError(404, "box_not_found", f"no box {box_id!r}")
+    after = _decode_cursor(cursor) if cursor else None
+    rows = await repository.box_events(conn, box_id, since=since, until=until, types=type, after=after,
+                                       limit=limit + 1, descending=order == "desc")
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [EventOut(**r) for r in rows]
+    next_cursor = _encode_cursor(rows[-1]["ts"], rows[-1]["seq"]) if more else None
+    return EventPage(items=items, next_cursor=next_cursor)

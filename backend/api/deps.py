@@ -1,0 +1,32 @@
+"""FastAPI dependencies, as ``Annotated`` aliases (``ConnDep``, ``SettingsDep``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import psycopg
+from fastapi import Depends, Request
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from backend.api.errors import ApiError
+from backend.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_conn(request: Request) -> AsyncIterator[AsyncConnection[Any]]:
+    pool: AsyncConnectionPool[AsyncConnection[Any]] = request.app.state.pool
+    try:
+        async with pool.connection(timeout=5.0) as conn:
+            yield conn
+    except (psycopg.OperationalError, TimeoutError) as exc:
+        raise ApiError(503, "database_unavailable", f"the database is not reachable: {exc}") from exc
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ConnDep = Annotated[AsyncConnection[Any], Depends(get_conn)]

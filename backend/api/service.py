@@ -1,0 +1,104 @@
+"""Turns stored rows into what operators see: the online rule, occupancy by size, red-box fill.
+
+Online means: the newest status message (by session) says online, and the box has been heard from
+within ``heartbeat_timeout_s``. A box that stopped talking without its Last Will reaching us is
+shown offline with reason ``heartbeat_timeout`` from the moment the timeout ran out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from contract import SIZE_DIMENSIONS_MM, BoxLayout, CompartmentKind, SizeClass
+from contract.domain import RED_BOX_MAX_KG
+from backend.api.schemas import (
+    BoxDetail,
+    BoxSummary,
+    CompartmentView,
+    RedBoxView,
+    SizeOccupancy,
+    TelemetryView,
+)
+
+Row = dict[str, Any]
+
+
+def online_state(row: Row, now: datetime, timeout: timedelta) -> tuple[bool, str, datetime | None]:
+    """(online, reason, since) for a box row."""
+    if row.get("status_session") is None:
+        return False, "never_seen", None
+    reason = row.get("status_reason") or "never_seen"
+    since: datetime | None = row.get("status_changed_at")
+    if not row.get("status_online"):
+        return False, reason, since
+    last = row.get("last_received_at")
+    if last is None or now - last > timeout:
+        return False, "heartbeat_timeout", (last + timeout) if last is not None else since
+    return True, reason, since
+
+
+def _layout(row: Row) -> BoxLayout | None:
+    return BoxLayout.model_validate(row["layout"]) if row.get("layout") else None
+
+
+def _readings(row: Row) -> tuple[dict[int, Row], dict[int, float]]:
+    compartments = {int(c["id"]): c for c in (row.get("compartments") or [])}
+    weights = {int(r["compartment"]): float(r["weight_kg"]) for r in (row.get("red_boxes") or [])}
+    return compartments, weights
+
+
+def summarize(row: Row, now: datetime, timeout: timedelta) -> BoxSummary:
+    online, reason, since = online_state(row, now, timeout)
+    layout = _layout(row)
+    readings, weights = _readings(row)
+    occupancy: dict[SizeClass, SizeOccupancy] = {}
+    red_boxes: list[RedBoxView] = []
+    if layout is not None:
+        for size in SizeClass:
+            doors = [c for c in layout.parcel_compartments if c.size_class is size]
+            if not doors:
+                continue
+            occupied = sum(1 for c in doors if readings.get(c.id, {}).get("occupied"))
+            broken = sum(1 for c in doors if readings.get(c.id, {}).get("in_service") is False)
+            free = sum(1 for c in doors if not readings.get(c.id, {}).get("occupied")
+                       and readings.get(c.id, {}).get("in_service") is not False)
+            occupancy[size] = SizeOccupancy(total=len(doors), occupied=occupied, out_of_service=broken, free=free)
+        for rb in layout.red_boxes:
+            weight = weights.get(rb.id)
+            cap = rb.red_box_capacity_kg
+            red_boxes.append(RedBoxView(compartment=rb.id, weight_kg=weight, capacity_kg=cap,
+                                        fill_ratio=None if weight is None else round(weight / cap, 4)))
+    return BoxSummary(
+        box_id=row["box_id"], name=row.get("name"), latitude=row.get("latitude"), longitude=row.get("longitude"),
+        online=online, status_reason=reason, status_since=since,  # type: ignore[arg-type]
+        session=int(row.get("status_session") or 0), last_seen_at=row.get("last_seen_at"),
+        last_received_at=row.get("last_received_at"), last_seq=int(row.get("last_seq") or 0),
+        occupancy=occupancy, red_boxes=red_boxes, temperature_c=row.get("temperature_c"),
+        power=row.get("power"), battery_pct=row.get("battery_pct"),
+    )
+
+
+def detail(row: Row, now: datetime, timeout: timedelta) -> BoxDetail:
+    summary = summarize(row, now, timeout)
+    layout = _layout(row)
+    readings, weights = _readings(row)
+    compartments: list[CompartmentView] = []
+    for c in layout.compartments if layout else []:
+        reading = readings.get(c.id)
+        dims = SIZE_DIMENSIONS_MM[c.size_class].model_dump() if c.size_class else None
+        is_red = c.kind is CompartmentKind.RED_BOX
+        compartments.append(CompartmentView(
+            id=c.id, kind=c.kind, size_class=c.size_class, dimensions_mm=dims,
+            occupied=reading.get("occupied") if reading else None,
+            door_open=reading.get("door_open") if reading else None,
+            in_service=reading.get("in_service") if reading else None,
+            weight_kg=weights.get(c.id) if is_red else None,
+            capacity_kg=(c.capacity_kg or RED_BOX_MAX_KG) if is_red else None,
+        ))
+    telemetry = None
+    if row.get("telemetry_ts") is not None:
+        telemetry = TelemetryView(ts=row["telemetry_ts"], seq=int(row["telemetry_seq"]), power=row.get("power"),
+                                  battery_pct=row.get("battery_pct"), temperature_c=row.get("temperature_c"))
+    return BoxDetail(**summary.model_dump(), firmware=row.get("firmware"), compartments=compartments,
+                     telemetry=telemetry)

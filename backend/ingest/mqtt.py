@@ -1,0 +1,155 @@
+"""The ingest side of MQTT: a persistent, manually acknowledged session on the shared subscription.
+
+- MQTT 5, ``clean_start=False`` with a session expiry: while a worker is down, the broker keeps its
+  session and queues its share of messages.
+- ``manual_ack``: paho does not PUBACK on its own; :meth:`IngestMqtt.ack` is called after commit.
+  A message unacknowledged when the connection drops is redelivered by the broker.
+- ``on_message`` only puts the message on a queue (paho runs it on its network thread).
+- Each connection has a generation number: an ack for a message from an older connection is not
+  sent (its packet id may already name another message on the new connection).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from contract.topics import INGEST_SHARE_GROUP, MessageKind, subscription
+
+SUBSCRIBED_KINDS = (MessageKind.STATUS, MessageKind.EVENTS, MessageKind.TELEMETRY, MessageKind.COMMAND_ACK)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message as it came off the wire, with what is needed to acknowledge it later."""
+
+    generation: int
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    received_at: float  # wall clock, seconds
+
+
+class IngestMqtt:
+    """A paho client for one ingest worker. Messages land in :attr:`inbox`."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        username: str,
+        password: str,
+        client_id: str,
+        session_expiry_s: int,
+        receive_maximum: int,
+        tls_ca_file: str | None = None,
+        use_tls: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.inbox: queue.Queue[Received] = queue.Queue()
+        self.log = logger or logging.getLogger(__name__)
+        self._host, self._port = host, port
+        self._session_expiry_s = session_expiry_s
+        self._receive_maximum = receive_maximum
+        self._generation = 0
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.last_error: str | None = None
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.username_pw_set(username, password)
+        if use_tls or tls_ca_file:
+            client.tls_set(ca_certs=tls_ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def start(self) -> None:
+        """Connect in the background (retrying until :meth:`stop`)."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry_s
+        props.ReceiveMaximum = self._receive_maximum
+        self._client.connect_async(self._host, self._port, keepalive=30, clean_start=False, properties=props)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect cleanly; the broker keeps the session (and queues messages) until it expires."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def unsubscribe_all(self) -> None:
+        """Leave the share group: the broker stops assigning new messages to this session."""
+        self._client.unsubscribe([subscription(kind, shared_group=INGEST_SHARE_GROUP) for kind in SUBSCRIBED_KINDS])
+
+    def end_session(self) -> None:
+        """Disconnect and ask the broker to drop the session now (session expiry 0)."""
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
+        self._client.loop_stop()
+
+    def ack(self, message: Received) -> bool:
+        """PUBACK ``message`` if it came on the current connection; False if it was not acked."""
+        if message.qos == 0:
+            return True
+        with self._lock:
+            if message.generation != self._generation or not self.connected.is_set():
+                return False
+            self._client.ack(message.mid, message.qos)
+            return True
+
+    # -- paho callbacks: network thread, keep them short
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"connect refused: {reason_code}"
+            self.log.error("ingest: broker refused the connection: %s", reason_code)
+            return
+        with self._lock:
+            self._generation += 1
+        self.connected.set()
+        self.log.info("ingest: connected (session present: %s)", flags.session_present)
+        client.subscribe([(subscription(kind, shared_group=INGEST_SHARE_GROUP), 1) for kind in SUBSCRIBED_KINDS])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[mqtt.ReasonCode], properties: Properties | None) -> None:
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            self.last_error = f"subscribe refused: {failed}"
+            self.log.error("ingest: broker refused subscriptions: %s", failed)
+        else:
+            self.subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        self.log.warning("ingest: disconnected (%s); unacknowledged messages will be redelivered", reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Received(self._generation, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))

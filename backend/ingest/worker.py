@@ -1,0 +1,186 @@
+"""One ingest worker: take a batch from the MQTT inbox, commit it, then acknowledge it to the broker.
+
+The order is the guarantee: a message is PUBACKed only after the transaction holding its rows (or
+its dead letter) has committed. If the process dies anywhere before that, the broker still holds the
+message in the worker's persistent session and redelivers it; the writer's idempotent insert makes
+the redelivery harmless. If the database is unreachable, the worker keeps the batch, retries with
+backoff, and acknowledges nothing meanwhile (the broker queues the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from backend.ingest.mqtt import IngestMqtt, Received
+from backend.ingest.writer import BatchResult, BatchWriter, merge_results
+
+log = logging.getLogger(__name__)
+
+
+class IngestMetrics:
+    """Prometheus metrics of one worker process (served by ``molo ingest --metrics-port``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Counter("molo_ingest_messages", "Messages received and committed", ["kind"], registry=registry)
+        self.duplicates = Counter("molo_ingest_duplicates", "Redelivered or replayed events stored once", registry=registry)
+        self.dead_letters = Counter("molo_ingest_dead_letters", "Messages dead-lettered", ["code"], registry=registry)
+        self.batch_seconds = Histogram(
+            "molo_ingest_batch_seconds", "Time to validate and commit one batch", registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.lag = Gauge("molo_ingest_lag_seconds", "Receive-to-commit time of the oldest message in the last batch",
+                         registry=registry)
+        self.db_errors = Counter("molo_ingest_database_errors", "Batches retried after a database error", registry=registry)
+
+    def observe(self, r: BatchResult) -> None:
+        for kind, n in (("event", r.events), ("telemetry", r.telemetry), ("status", r.statuses),
+                        ("command_ack", r.command_acks)):
+            if n:
+                self.messages.labels(kind).inc(n)
+        if r.duplicates:
+            self.duplicates.inc(r.duplicates)
+        for code, n in r.dead_letter_codes.items():
+            self.dead_letters.labels(code).inc(n)
+        self.batch_seconds.observe(r.seconds)
+        self.lag.set(r.lag_seconds)
+
+
+class IngestWorker:
+    """Runs the receive -> commit -> ack loop until stopped."""
+
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        mqtt: IngestMqtt,
+        worker_id: str,
+        batch_max: int = 2000,
+        batch_wait_s: float = 0.05,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.mqtt = mqtt
+        self.worker_id = worker_id
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
+        self.registry = registry or CollectorRegistry()
+        self.metrics = IngestMetrics(self.registry)
+        self.totals = BatchResult()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._writer: BatchWriter | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect to the broker and run the loop in a background thread."""
+        self.mqtt.start()
+        self._thread = threading.Thread(target=self.run, name=f"ingest-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand, then disconnect. The session stays with the broker, which keeps
+        queueing this worker's share until it returns (with the same worker id)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.mqtt.stop()
+        if self._conn is not None:
+            self._conn.close()
+
+    def retire(self, quiet_s: float = 1.0, timeout: float = 60.0) -> None:
+        """Leave the worker pool for good: unsubscribe, commit and ack everything already assigned,
+        then end the session so the broker stops queueing for this worker id. Use when scaling down
+        (`molo ingest --retire`); a plain stop would leave this worker's share queued until the
+        session expires."""
+        self.mqtt.unsubscribe_all()
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if not self.mqtt.inbox.empty():
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                break
+            time.sleep(0.05)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.mqtt.end_session()
+        if self._conn is not None:
+            self._conn.close()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if batch:
+                self._process(batch)
+
+    # ------------------------------------------------------------------ internals
+
+    def _next_batch(self) -> list[Received]:
+        inbox = self.mqtt.inbox
+        try:
+            first = inbox.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            try:
+                batch.append(inbox.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(inbox.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _connect(self) -> BatchWriter:
+        if self._writer is None or self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.database_url, autocommit=True,
+                                         application_name=f"molo-ingest-{self.worker_id}")
+            self._writer = BatchWriter(self._conn, self.worker_id)
+        return self._writer
+
+    def _process(self, batch: list[Received]) -> None:
+        attempt = 0
+        while True:
+            try:
+                writer = self._connect()
+                result = writer.write(batch)
+                break
+            except psycopg.OperationalError as exc:
+                self.metrics.db_errors.inc()
+                attempt += 1
+                delay = random.uniform(0, min(30.0, 0.5 * 2**attempt))
+                log.error("ingest: database error (%s); retrying batch of %d in %.1fs, nothing acked",
+                          exc, len(batch), delay)
+                if self._conn is not None:
+                    self._conn.close()
+                self._writer = None
+                if self._stop.wait(delay):
+                    return  # shutting down: the broker redelivers the unacked batch later
+        not_acked = sum(1 for m in batch if not self.mqtt.ack(m))
+        if not_acked:
+            log.warning("ingest: %d committed messages came on an older connection; the broker will "
+                        "redeliver them and they will be stored once", not_acked)
+        self.metrics.observe(result)
+        merge_results(self.totals, result)
+        try:
+            writer.record_timing(result.seconds, result.lag_seconds)
+        except psycopg.Error as exc:  # timing is best effort; the data is committed
+            log.warning("ingest: could not record batch timing: %s", exc)
+

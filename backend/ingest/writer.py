@@ -1,0 +1,359 @@
+"""Validates a batch of received messages and commits it in one transaction.
+
+Exactly-once storage on top of at-least-once delivery:
+
+- events and telemetry are COPYed into a session-temporary staging table, then moved with one
+  ``INSERT ... SELECT`` that skips any ``(box_id, seq)`` already stored (whatever its timestamp)
+  and any repeat inside the batch. Only rows with ``seq <= box_state.last_seq`` need the existence
+  probe: a box's seq only grows, so anything above the newest committed seq is new by construction.
+- latest state in ``box_state`` only moves forward: newest seq, newest device time, telemetry only if
+  newer than what is stored, status only from an equal-or-newer session (a stale Last Will from an
+  older session never overwrites a newer birth).
+- anything that fails validation is written to ``dead_letters`` with its code, reason, topic and raw
+  bytes; a message the database itself refuses is isolated by retrying the batch one message at a
+  time and dead-lettered with code ``storage_rejected``.
+- per-worker counters are updated in the same transaction, so they are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from backend.ingest.mqtt import Received
+from contract import BoxLayout, ContractError, ErrorCode, MessageKind, parse_topic
+from contract.messages import (
+    BoxEvent,
+    CommandAck,
+    Status,
+    StatusReason,
+    Telemetry,
+    check_layout,
+    decode_command_ack,
+    decode_event,
+    decode_status,
+)
+
+log = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ("ts", "received_at", "box_id", "seq", "session", "type", "compartment", "parcel_id",
+                 "carrier", "size_class", "fraction", "weight_kg", "payload")
+TELEMETRY_COLUMNS = ("ts", "received_at", "box_id", "seq", "session", "power", "battery_pct",
+                     "temperature_c", "occupied", "compartments", "red_boxes")
+
+
+@dataclass
+class BatchResult:
+    messages: int = 0
+    events: int = 0
+    telemetry: int = 0
+    statuses: int = 0
+    command_acks: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    dead_letter_codes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    lag_seconds: float = 0.0
+
+
+@dataclass
+class _Decoded:
+    events: list[tuple[Received, BoxEvent]] = field(default_factory=list)
+    telemetry: list[tuple[Received, BoxEvent]] = field(default_factory=list)
+    statuses: list[tuple[Received, Status]] = field(default_factory=list)
+    acks: list[tuple[Received, CommandAck]] = field(default_factory=list)
+    dead: list[tuple[Received, str, str, str | None]] = field(default_factory=list)  # msg, code, reason, box
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _wall(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+class BatchWriter:
+    """Writes batches on one connection (owned by one ingest worker thread)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], worker_id: str) -> None:
+        self.conn = conn
+        self.worker_id = worker_id
+        self._layouts: dict[str, BoxLayout | None] = {}
+        self._months: set[tuple[str, datetime]] = set()
+        self._partitioned = bool(conn.execute(
+            "SELECT 1 FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid "
+            "WHERE c.relname = 'events'").fetchone())
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS staging_events "
+                         "(LIKE events INCLUDING DEFAULTS, idx integer NOT NULL) ON COMMIT DELETE ROWS")
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS staging_telemetry "
+                         "(LIKE telemetry INCLUDING DEFAULTS, idx integer NOT NULL) ON COMMIT DELETE ROWS")
+            conn.execute(
+                "INSERT INTO ingest_workers (worker_id, started_at, updated_at) VALUES (%s, now(), now()) "
+                "ON CONFLICT (worker_id) DO UPDATE SET started_at = now(), updated_at = now()",
+                (worker_id,))
+
+    # ------------------------------------------------------------------ decode
+
+    def _decode(self, batch: Sequence[Received]) -> _Decoded:
+        out = _Decoded()
+        for msg in batch:
+            box_id: str | None = None
+            try:
+                info = parse_topic(msg.topic)
+                box_id = info.box_id
+                if info.kind is MessageKind.STATUS:
+                    out.statuses.append((msg, decode_status(msg.payload, topic_box_id=box_id)))
+                elif info.kind is MessageKind.COMMAND_ACK:
+                    out.acks.append((msg, decode_command_ack(msg.payload, topic_box_id=box_id)))
+                elif info.kind in (MessageKind.EVENTS, MessageKind.TELEMETRY):
+                    event = decode_event(msg.payload, topic_box_id=box_id)
+                    is_telemetry = isinstance(event.payload, Telemetry)
+                    if is_telemetry != (info.kind is MessageKind.TELEMETRY):
+                        raise ContractError(
+                            ErrorCode.WRONG_TOPIC,
+                            f"{event.type} message on the {info.kind.value} topic "
+                            f"(telemetry goes on .../telemetry, everything else on .../events)")
+                    (out.telemetry if is_telemetry else out.events).append((msg, event))
+                else:
+                    raise ContractError(ErrorCode.UNKNOWN_TOPIC, f"ingest does not take {info.kind.value} messages")
+            except ContractError as exc:
+                out.dead.append((msg, exc.code.value, exc.detail, box_id))
+        return out
+
+    def _check_layouts(self, decoded: _Decoded) -> None:
+        for _, status in decoded.statuses:
+            if status.layout is not None:
+                self._layouts[status.box_id] = status.layout
+        boxes = {e.box_id for _, e in decoded.events + decoded.telemetry}
+        missing = [b for b in boxes if b not in self._layouts]
+        if missing:
+            rows = self.conn.execute("SELECT box_id, layout FROM boxes WHERE box_id = ANY(%s)", (missing,)).fetchall()
+            found = {r[0]: BoxLayout.model_validate(r[1]) for r in rows if r[1] is not None}
+            for b in missing:
+                # Unknown layout (no birth seen yet): accept, since the compartment cannot be checked.
+                self._layouts[b] = found.get(b)
+        for name in ("events", "telemetry"):
+            kept: list[tuple[Received, BoxEvent]] = []
+            for msg, event in getattr(decoded, name):
+                layout = self._layouts.get(event.box_id)
+                try:
+                    if layout is not None:
+                        check_layout(event, layout)
+                    kept.append((msg, event))
+                except ContractError as exc:
+                    decoded.dead.append((msg, exc.code.value, exc.detail, event.box_id))
+            setattr(decoded, name, kept)
+
+    # ------------------------------------------------------------------ write
+
+    def write(self, batch: Sequence[Received]) -> BatchResult:
+        """Validate and commit ``batch``. Raises only on database trouble (then nothing is committed)."""
+        started = time.perf_counter()
+        decoded = self._decode(batch)
+        self._check_layouts(decoded)
+        self._ensure_partitions(decoded)
+        try:
+            result = self._commit(decoded, len(batch))
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded) as exc:
+            if len(batch) == 1:
+                msg = batch[0]
+                log.error("storage refused a message on %s: %s", msg.topic, exc)
+                result = self._commit(_Decoded(dead=[(msg, ErrorCode.STORAGE_REJECTED.value, str(exc)[:500], _box(msg.topic))]), 1)
+            else:
+                log.warning("batch of %d refused by the database (%s); isolating the bad message", len(batch), exc)
+                result = BatchResult()
+                for msg in batch:
+                    merge_results(result, self.write([msg]))
+        result.seconds = time.perf_counter() - started
+        result.lag_seconds = time.time() - min((m.received_at for m in batch), default=time.time())
+        return result
+
+    def _ensure_partitions(self, decoded: _Decoded) -> None:
+        if not self._partitioned:
+            return
+        wanted: set[tuple[str, datetime]] = set()
+        for table, items in (("events", decoded.events), ("telemetry", decoded.telemetry)):
+            for _, e in items:
+                t = _ts(e.ts_ms)
+                wanted.add((table, datetime(t.year, t.month, 1, tzinfo=UTC)))
+        for table, month in sorted(wanted - self._months):
+            with self.conn.transaction():
+                self.conn.execute("SELECT molo_ensure_partitions(%s, %s, %s)", (table, month, month))
+            self._months.add((table, month))
+
+    def _commit(self, d: _Decoded, n_messages: int) -> BatchResult:
+        conn = self.conn
+        r = BatchResult(messages=n_messages)
+        with conn.transaction():
+            if d.events:
+                r.events = self._insert_series("events", EVENT_COLUMNS, [_event_row(i, m, e) for i, (m, e) in enumerate(d.events)])
+            if d.telemetry:
+                r.telemetry = self._insert_series("telemetry", TELEMETRY_COLUMNS, [_telemetry_row(i, m, e) for i, (m, e) in enumerate(d.telemetry)])
+            r.duplicates = len(d.events) + len(d.telemetry) - r.events - r.telemetry
+            self._update_box_state(d)
+            r.statuses = len(d.statuses)
+            r.command_acks = self._apply_command_acks(d.acks)
+            if d.dead:
+                with conn.cursor().copy("COPY dead_letters (received_at, topic, box_id, error_code, reason, payload, worker_id) FROM STDIN") as copy:
+                    for msg, code, reason, box_id in d.dead:
+                        copy.write_row((_wall(msg.received_at), msg.topic, box_id, code, reason, msg.payload, self.worker_id))
+                        r.dead_letter_codes[code] = r.dead_letter_codes.get(code, 0) + 1
+            r.dead_letters = len(d.dead)
+            conn.execute(
+                """UPDATE ingest_workers SET updated_at = now(), messages = messages + %s, events = events + %s,
+                       telemetry = telemetry + %s, statuses = statuses + %s, command_acks = command_acks + %s,
+                       duplicates = duplicates + %s, dead_letters = dead_letters + %s, batches = batches + 1
+                   WHERE worker_id = %s""",
+                (n_messages, r.events, r.telemetry, r.statuses, r.command_acks, r.duplicates, r.dead_letters, self.worker_id))
+        return r
+
+    def record_timing(self, seconds: float, lag_seconds: float) -> None:
+        """Store the last batch's duration and lag (outside the batch transaction, best effort)."""
+        self.conn.execute(
+            "UPDATE ingest_workers SET batch_seconds_sum = batch_seconds_sum + %s, last_batch_seconds = %s, "
+            "last_lag_seconds = %s WHERE worker_id = %s", (seconds, seconds, lag_seconds, self.worker_id))
+
+    def _insert_series(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> int:
+        cols = ", ".join(columns)
+        picked = ", ".join(f"s.{c}" for c in columns)
+        with self.conn.cursor() as cur:
+            with cur.copy(f"COPY staging_{table} (idx, {cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(
+                f"""INSERT INTO {table} ({cols})
+                    SELECT DISTINCT ON (s.box_id, s.seq) {picked}
+                    FROM staging_{table} s LEFT JOIN box_state b ON b.box_id = s.box_id
+                    WHERE s.seq > coalesce(b.last_seq, 0)
+                       OR NOT EXISTS (SELECT 1 FROM {table} t WHERE t.box_id = s.box_id AND t.seq = s.seq)
+                    ORDER BY s.box_id, s.seq, s.idx
+                    ON CONFLICT DO NOTHING""")
+            return cur.rowcount
+
+    def _update_box_state(self, d: _Decoded) -> None:
+        seen: dict[str, tuple[int, int, float]] = {}  # box -> (max seq, max ts_ms, max received)
+        newest_telemetry: dict[str, tuple[Received, BoxEvent]] = {}
+        for msg, e in d.events + d.telemetry:
+            s, t, rcv = seen.get(e.box_id, (0, 0, 0.0))
+            seen[e.box_id] = (max(s, e.seq), max(t, e.ts_ms), max(rcv, msg.received_at))
+        for msg, e in d.telemetry:
+            cur = newest_telemetry.get(e.box_id)
+            if cur is None or (e.ts_ms, e.seq) > (cur[1].ts_ms, cur[1].seq):
+                newest_telemetry[e.box_id] = (msg, e)
+        with self.conn.cursor() as cur:
+            for msg, status in d.statuses:
+                self._apply_status(cur, msg, status)
+            if seen:
+                cur.executemany(
+                    """INSERT INTO box_state AS b (box_id, last_seq, last_seen_at, last_received_at)
+                       VALUES (%s, %s, %s, %s)
+                       ON CONFLICT (box_id) DO UPDATE SET
+                           last_seq = greatest(b.last_seq, excluded.last_seq),
+                           last_seen_at = greatest(b.last_seen_at, excluded.last_seen_at),
+                           last_received_at = greatest(b.last_received_at, excluded.last_received_at),
+                           updated_at = now()""",
+                    [(box, s, _ts(t), _wall(rcv)) for box, (s, t, rcv) in sorted(seen.items())])
+            if newest_telemetry:
+                rows = []
+                for box, (_, e) in sorted(newest_telemetry.items()):
+                    p = e.payload
+                    assert isinstance(p, Telemetry)
+                    rows.append((_ts(e.ts_ms), e.seq, p.power.value, p.battery_pct, p.temperature_c,
+                                 Jsonb([c.model_dump(mode="json") for c in p.compartments]),
+                                 Jsonb([r.model_dump(mode="json") for r in p.red_boxes]), box))
+                cur.executemany(
+                    """UPDATE box_state SET telemetry_ts = %s, telemetry_seq = %s, power = %s, battery_pct = %s,
+                           temperature_c = %s, compartments = %s, red_boxes = %s, updated_at = now()
+                       WHERE box_id = %s AND (telemetry_ts IS NULL
+                             OR (telemetry_ts, telemetry_seq) < (%s, %s))""",
+                    [(*row, row[0], row[1]) for row in rows])
+
+    def _apply_status(self, cur: psycopg.Cursor[Any], msg: Received, status: Status) -> None:
+        reason = status.reason.value if status.reason else (
+            StatusReason.BIRTH.value if status.online else StatusReason.CONNECTION_LOST.value)
+        ts = _ts(status.ts_ms) if status.ts_ms is not None else None
+        received = _wall(msg.received_at)
+        cur.execute(
+            """INSERT INTO box_state AS b (box_id, status_online, status_session, status_ts, status_changed_at,
+                                          status_reason, last_received_at)
+               VALUES (%(box)s, %(online)s, %(session)s, %(ts)s, %(received)s, %(reason)s,
+                       CASE WHEN %(online)s THEN %(received)s END)
+               ON CONFLICT (box_id) DO UPDATE SET
+                   status_online = excluded.status_online,
+                   status_session = excluded.status_session,
+                   status_ts = excluded.status_ts,
+                   status_reason = excluded.status_reason,
+                   status_changed_at = CASE WHEN b.status_online IS DISTINCT FROM excluded.status_online
+                                            OR b.status_changed_at IS NULL
+                                            THEN excluded.status_changed_at ELSE b.status_changed_at END,
+                   last_received_at = CASE WHEN excluded.status_online
+                                           THEN greatest(b.last_received_at, excluded.last_received_at)
+                                           ELSE b.last_received_at END,
+                   updated_at = now()
+               WHERE excluded.status_session > b.status_session
+                  OR (excluded.status_session = b.status_session AND NOT excluded.status_online)""",
+            {"box": status.box_id, "online": status.online, "session": status.session, "ts": ts,
+             "received": received, "reason": reason})
+        if status.layout is not None or status.firmware is not None:
+            cur.execute(
+                """INSERT INTO boxes AS x (box_id, layout, firmware) VALUES (%s, %s, %s)
+                   ON CONFLICT (box_id) DO UPDATE SET layout = coalesce(excluded.layout, x.layout),
+                       firmware = coalesce(excluded.firmware, x.firmware), updated_at = now()""",
+                (status.box_id, Jsonb(status.layout.model_dump(mode="json")) if status.layout else None,
+                 status.firmware))
+
+    def _apply_command_acks(self, acks: list[tuple[Received, CommandAck]]) -> int:
+        if not acks:
+            return 0
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                """UPDATE commands SET status = %s, detail = %s, ack_ts = %s, acked_at = %s
+                   WHERE command_id = %s AND box_id = %s AND status IN ('pending', 'sent', 'timed_out')""",
+                [(a.result.value, a.detail, _ts(a.ts_ms), _wall(m.received_at), a.command_id, a.box_id)
+                 for m, a in acks])
+        return len(acks)
+
+
+def _event_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
+    p = e.payload
+    get = p.__dict__.get
+    size = get("size_class")
+    fraction = get("fraction")
+    return (idx, _ts(e.ts_ms), _wall(msg.received_at), e.box_id, e.seq, e.session, e.type, get("compartment"),
+            get("parcel_id"), get("carrier"), size.value if size is not None else None,
+            fraction.value if fraction is not None else None, get("weight_kg"),
+            json.dumps(p.model_dump(mode="json", exclude_none=True), separators=(",", ":")))
+
+
+def _telemetry_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
+    p = e.payload
+    assert isinstance(p, Telemetry)
+    return (idx, _ts(e.ts_ms), _wall(msg.received_at), e.box_id, e.seq, e.session, p.power.value, p.battery_pct,
+            p.temperature_c, sum(1 for c in p.compartments if c.occupied),
+            json.dumps([c.model_dump(mode="json") for c in p.compartments], separators=(",", ":")),
+            json.dumps([r.model_dump(mode="json") for r in p.red_boxes], separators=(",", ":")))
+
+
+def _box(topic: str) -> str | None:
+    try:
+        return parse_topic(topic).box_id
+    except ContractError:
+        return None
+
+
+def merge_results(total: BatchResult, part: BatchResult) -> None:
+    """Add the counts of ``part`` to ``total``."""
+    for name in ("messages", "events", "telemetry", "statuses", "command_acks", "duplicates", "dead_letters"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    for code, n in part.dead_letter_codes.items():
+        total.dead_letter_codes[code] = total.dead_letter_codes.get(code, 0) + n

@@ -1,0 +1,102 @@
+"""Settings of every backend process, from the environment (prefix ``MOLO_``) or a ``.env`` file.
+
+One ``Settings`` object, as in the FastAPI full-stack template: outside development it refuses
+missing or placeholder secrets, so a production deployment cannot start on a default password.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "password", "ingest"})
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class TimescaleMode(StrEnum):
+    """Whether to use TimescaleDB: ``auto`` uses it when the extension can be created."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOLO_", env_file=".env", extra="ignore")
+
+    environment: Environment = Environment.DEVELOPMENT
+
+    # --- storage
+    database_url: str | None = Field(
+        default=None, description="libpq URL; unset means the main job starts an embedded PostgreSQL"
+    )
+    timescale: TimescaleMode = TimescaleMode.AUTO
+    db_pool_min: Annotated[int, Field(ge=1)] = 1
+    db_pool_max: Annotated[int, Field(ge=1)] = 10
+
+    # --- broker
+    mqtt_host: str | None = Field(default=None, description="unset means the main job starts a broker")
+    mqtt_port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    mqtt_username: str = "ingest"
+    mqtt_password: SecretStr | None = None
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None
+    credentials_file: Path | None = Field(
+        default=None, description="credentials.json written by `molo provision` (fallback for the password)"
+    )
+
+    # --- ingest
+    worker_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "worker")
+    ingest_batch_max: Annotated[int, Field(ge=1, le=50_000)] = 2000
+    ingest_batch_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 50
+    #: Session expiry asked of the broker, so messages queue for a worker that is down.
+    ingest_session_expiry_s: Annotated[int, Field(ge=0)] = 7 * 24 * 3600
+    #: Unacknowledged messages the broker may have in flight to one worker (MQTT 5 receive maximum).
+    ingest_receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 5000
+    ingest_metrics_port: int | None = None
+
+    # --- state
+    #: A box that has sent nothing for this long is offline even without a Last Will
+    #: (3 missed telemetry intervals of the default firmware).
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 90.0
+
+    # --- API
+    api_host: str = "127.0.0.1"
+    api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_outside_development(self) -> Self:
+        if self.environment is Environment.DEVELOPMENT:
+            return self
+        if self.database_url is None:
+            raise ValueError("MOLO_DATABASE_URL must be set outside development")
+        if self.mqtt_host is None:
+            raise ValueError("MOLO_MQTT_HOST must be set outside development")
+        password = self.mqtt_password.get_secret_value() if self.mqtt_password else None
+        if password is None and self.credentials_file is None:
+            raise ValueError("MOLO_MQTT_PASSWORD (or MOLO_CREDENTIALS_FILE) must be set outside development")
+        if password is not None and password.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("MOLO_MQTT_PASSWORD is a placeholder; provision real credentials")
+        return self
+
+    def mqtt_secret(self) -> str:
+        """The ingest password: from ``MOLO_MQTT_PASSWORD`` or the provisioned credentials file."""
+        if self.mqtt_password is not None:
+            return self.mqtt_password.get_secret_value()
+        if self.credentials_file is not None:
+            data = json.loads(self.credentials_file.read_text())
+            services: dict[str, str] = data.get("services", {})
+            if self.mqtt_username in services:
+                return services[self.mqtt_username]
+            raise ValueError(f"{self.credentials_file} has no password for {self.mqtt_username!r}")
+        raise ValueError("no MQTT password: set MOLO_MQTT_PASSWORD or MOLO_CREDENTIALS_FILE")

@@ -1,0 +1,144 @@
+"""``molo``: one command line for everything a user runs.
+
+    molo demo        the main job: services, migrations, ingest, API and boxes publishing
+    molo migrate     apply the SQL migrations to MOLO_DATABASE_URL
+    molo ingest      run one ingest worker (several may run: they share the load)
+    molo api         serve the HTTP API
+    molo provision   create broker credentials for N boxes
+    molo box         run one box's firmware stub as its own process
+    molo schemas     write the JSON Schemas of the wire contract
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from molo import logs
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from backend.settings import Settings
+
+    return Settings()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from backend.migrate import migrate
+
+    settings = _settings()
+    url = args.database_url or settings.database_url
+    if not url:
+        print("molo migrate: set MOLO_DATABASE_URL or pass --database-url", file=sys.stderr)
+        return 2
+    report = migrate(url, settings.timescale)
+    print(f"schema at version {report.current} ({report.flavour}); applied now: {report.applied or 'none'}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from backend.ingest.run import run_forever
+
+    return run_forever(_settings(), retire=args.retire)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backend.api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
+                log_config=None)
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from molo.provision import box_ids, provision
+
+    ids = box_ids(args.boxes, prefix=args.prefix)
+    creds = provision(Path(args.out), ids)
+    print(f"{len(creds.boxes)} boxes and {len(creds.services)} service users in {args.out}/credentials.json; "
+          f"broker password file: {args.out}/passwd")
+    return 0
+
+
+def cmd_box(args: argparse.Namespace) -> int:
+    from firmware_stub.cli import main as box_main
+
+    return box_main(args.rest)
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from contract.messages import json_schemas
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        (out / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(json_schemas())} schemas to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from molo.demo import run_demo
+
+    return run_demo(boxes=args.boxes, duration_s=args.duration, api_port=args.port, rate=args.rate,
+                    var_dir=Path(args.var))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="molo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on embedded defaults")
+    p.add_argument("--boxes", type=int, default=10, help="boxes publishing (default 10)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--port", type=int, default=8000, help="API port (default 8000; 0 picks a free one)")
+    p.add_argument("--rate", type=float, default=0.5, help="events per second per box (default 0.5)")
+    p.add_argument("--var", default="var", help="where embedded services keep their data (default ./var)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("migrate", help="apply SQL migrations")
+    p.add_argument("--database-url", default=None)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("ingest", help="run one ingest worker (settings from MOLO_* variables)")
+    p.add_argument("--retire", action="store_true",
+                   help="drain this worker's share and end its broker session (when scaling down)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("api", help="serve the HTTP API")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("provision", help="create credentials for N boxes and the broker's password file")
+    p.add_argument("--boxes", type=int, required=True)
+    p.add_argument("--prefix", default="aal")
+    p.add_argument("--out", default="secrets")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("box", help="run one box's firmware stub (see `molo box -- --help`)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_box)
+
+    p = sub.add_parser("schemas", help="write JSON Schemas of the wire contract")
+    p.add_argument("--out", default="docs/schemas")
+    p.set_defaults(func=cmd_schemas)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
