@@ -161,6 +161,8 @@ class BatchWriter:
         started = time.perf_counter()
         decoded = self._decode(batch)
         self._check_layouts(decoded)
+        position = {id(msg): i for i, msg in enumerate(batch)}
+        decoded.dead.sort(key=lambda item: position[id(item[0])])  # keep arrival order
         self._ensure_partitions(decoded)
         try:
             result = self._commit(decoded, len(batch))

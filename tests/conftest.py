@@ -1,0 +1,3 @@
+"""Shared fixtures: a real Mosquitto with broker_config, a real PostgreSQL, the pipeline on top."""
+
+pytest_plugins = ["tests.fixtures.broker", "tests.fixtures.database", "tests.fixtures.pipeline"]

@@ -1,0 +1,279 @@
+"""End to end through the real broker and PostgreSQL: boxes publish, ingest stores, the API shows.
+
+Each test uses its own box ids (box-041 ..) so tests stay independent in the shared test database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import psycopg
+
+from backend.ingest.worker import IngestWorker
+from contract import MessageKind, SizeClass, default_layout, encode, make_event, topic_for
+from contract.messages import ParcelCollected, ParcelDeposited, Status, StatusReason, Telemetry, WasteDeposited
+from contract.messages import CompartmentReading, PowerSource, RedBoxReading
+from molo.brokers import RunningBroker
+from molo.provision import Credentials
+from tests.fixtures.broker import close, mqtt_client, publish
+from tests.fixtures.pipeline import scalar, settings_for, wait_for, wait_rows
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def box_client(broker: RunningBroker, credentials: Credentials, box_id: str) -> mqtt.Client:
+    return mqtt_client(broker, box_id, credentials.boxes[box_id])
+
+
+def deposited(box_id: str, seq: int, *, compartment: int = 5, session: int = 1, ts_ms: int | None = None) -> bytes:
+    payload = ParcelDeposited(compartment=compartment, size_class=SizeClass.A, parcel_id=f"P-{box_id}-{seq}",
+                              carrier="gls")
+    return encode(make_event(box_id=box_id, seq=seq, session=session, ts_ms=ts_ms or T0 + seq * 1000,
+                             payload=payload))
+
+
+def birth(box_id: str, session: int, online: bool = True, reason: StatusReason | None = None) -> bytes:
+    return encode(Status(v=1, box_id=box_id, online=online, session=session, reason=reason, ts_ms=T0,
+                         firmware="test", layout=default_layout() if online else None))
+
+
+def events_of(db: psycopg.Connection[Any], box_id: str) -> list[tuple[int, str]]:
+    return [(r[0], r[1]) for r in db.execute("SELECT seq, type FROM events WHERE box_id = %s ORDER BY seq",
+                                              (box_id,)).fetchall()]
+
+
+def test_event_flows_from_box_to_api(broker: RunningBroker, credentials: Credentials, ingest: IngestWorker,
+                                     db: psycopg.Connection[Any], api: httpx.Client) -> None:
+    """An event a box publishes is stored once and returned by the API with its payload."""
+    box = "box-041"
+    client = box_client(broker, credentials, box)
+    publish(client, topic_for(box, MessageKind.STATUS), birth(box, 1), retain=True)
+    publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, 1))
+    close(client)
+    wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
+
+    page = api.get(f"/api/v1/boxes/{box}/events").json()
+    assert [(e["seq"], e["type"]) for e in page["items"]] == [(1, "parcel.deposited")]
+    assert page["items"][0]["payload"]["parcel_id"] == f"P-{box}-1"
+    assert page["items"][0]["ts"].startswith("2026-01-01T00:00:01")
+    detail = api.get(f"/api/v1/boxes/{box}").json()
+    assert detail["online"] is True and detail["status_reason"] == "birth"
+    assert len(detail["compartments"]) == len(default_layout().compartments)
+    assert detail["last_seq"] == 1
+    listed = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}
+    assert listed[box]["online"] is True
+
+
+def test_redelivered_and_replayed_events_are_stored_once(broker: RunningBroker, credentials: Credentials,
+                                                         ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+    """The same event twice, and a whole outbox replayed after it, leave exactly one row per seq."""
+    box = "box-042"
+    client = box_client(broker, credentials, box)
+    topic = topic_for(box, MessageKind.EVENTS)
+    for seq in (1, 1, 2, 3):
+        publish(client, topic, deposited(box, seq))
+    wait_for(lambda: len(events_of(db, box)) == 3)
+    for seq in range(1, 11):  # a replayed outbox: 1..3 again, then new ones
+        publish(client, topic, deposited(box, seq))
+    close(client)
+    wait_for(lambda: len(events_of(db, box)) == 10)
+    time.sleep(0.3)  # let any stray duplicate land before counting
+    assert [s for s, _ in events_of(db, box)] == list(range(1, 11))
+    assert ingest.totals.duplicates >= 4
+
+
+def test_same_seq_with_another_timestamp_is_not_stored_twice(broker: RunningBroker, credentials: Credentials,
+                                                             ingest: IngestWorker,
+                                                             db: psycopg.Connection[Any]) -> None:
+    """A (box, seq) already stored is refused even if a buggy replay changes its device time."""
+    box = "box-043"
+    client = box_client(broker, credentials, box)
+    topic = topic_for(box, MessageKind.EVENTS)
+    publish(client, topic, deposited(box, 1))
+    publish(client, topic, deposited(box, 2))
+    wait_for(lambda: len(events_of(db, box)) == 2)
+    publish(client, topic, deposited(box, 1, ts_ms=T0 + 999_999_000))  # other month, other partition
+    publish(client, topic, deposited(box, 3))
+    close(client)
+    wait_for(lambda: len(events_of(db, box)) == 3)
+    assert scalar(db, "SELECT count(*) FROM events WHERE box_id = %s AND seq = 1", (box,)) == 1
+
+
+def test_malformed_payloads_are_dead_lettered_and_ingest_goes_on(
+        broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+    """Each malformed payload lands in dead_letters with its code and raw bytes; valid ones still flow."""
+    box = "box-044"
+    client = box_client(broker, credentials, box)
+    publish(client, topic_for(box, MessageKind.STATUS), birth(box, 1), retain=True)
+    topic = topic_for(box, MessageKind.EVENTS)
+    good = deposited(box, 1)
+    bad = {
+        b"{not json": "invalid_json",
+        good.replace(b'"seq":1', b'"seq":"1"'): "wrong_type",
+        good.replace(b'"carrier":"gls"', b'"carrier":"gls","extra":true'): "unknown_field",
+        good.replace(b'"compartment":5', b'"compartment":63'): "unknown_compartment",
+        good.replace(b'"compartment":5', b'"compartment":1'): "wrong_compartment_kind",
+        good.replace(b'"P-box-044-1"', b'"P\\u0000"'): "nul_byte",
+        good.replace(b'"box_id":"box-044"', b'"box_id":"box-045"'): "box_id_mismatch",
+        b"x" * 9000: "payload_too_large",
+    }
+    for payload in bad:
+        publish(client, topic, payload)
+    publish(client, topic, good)
+    close(client)
+    wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
+    rows = wait_rows(db, "SELECT error_code, payload, topic FROM dead_letters WHERE box_id = %s ORDER BY id",
+                     (box,), len(bad))
+    assert [r[0] for r in rows] == list(bad.values())
+    assert [bytes(r[1]) for r in rows] == list(bad)
+    assert all(r[2] == topic for r in rows)
+    reason = scalar(db, "SELECT reason FROM dead_letters WHERE box_id = %s AND error_code = 'unknown_compartment'",
+                    (box,))
+    assert "no compartment 63" in reason
+
+
+def test_telemetry_updates_latest_state_only_forward(broker: RunningBroker, credentials: Credentials,
+                                                     ingest: IngestWorker, api: httpx.Client,
+                                                     db: psycopg.Connection[Any]) -> None:
+    """Telemetry sets occupancy and red-box fill; an older reading arriving later does not overwrite it."""
+    box = "box-046"
+    client = box_client(broker, credentials, box)
+    publish(client, topic_for(box, MessageKind.STATUS), birth(box, 1), retain=True)
+
+    def reading(seq: int, ts: int, temp: float, occupied: set[int], waste: float) -> bytes:
+        payload = Telemetry(power=PowerSource.MAINS, temperature_c=temp,
+                            compartments=[CompartmentReading(id=i, occupied=i in occupied) for i in range(3, 17)],
+                            red_boxes=[RedBoxReading(compartment=1, weight_kg=waste),
+                                       RedBoxReading(compartment=2, weight_kg=0.0)])
+        return encode(make_event(box_id=box, seq=seq, session=1, ts_ms=ts, payload=payload))
+
+    topic = topic_for(box, MessageKind.TELEMETRY)
+    publish(client, topic, reading(2, T0 + 60_000, 21.5, {3, 7, 15}, 2.0))
+    wait_for(lambda: scalar(db, "SELECT telemetry_seq FROM box_state WHERE box_id = %s", (box,)) == 2)
+    publish(client, topic, reading(1, T0, 5.0, set(), 0.1))  # older, arrives late (e.g. replay)
+    wait_for(lambda: scalar(db, "SELECT count(*) FROM telemetry WHERE box_id = %s", (box,)) == 2)
+    close(client)
+    detail = api.get(f"/api/v1/boxes/{box}").json()
+    assert detail["temperature_c"] == 21.5
+    # default layout: doors 1-2 red boxes, 3-6 size A, 7-12 size B, 13-16 size C
+    assert detail["occupancy"]["A"] == {"total": 4, "occupied": 1, "out_of_service": 0, "free": 3}
+    assert detail["occupancy"]["B"] == {"total": 6, "occupied": 1, "out_of_service": 0, "free": 5}
+    assert detail["occupancy"]["C"] == {"total": 4, "occupied": 1, "out_of_service": 0, "free": 3}
+    assert detail["red_boxes"][0] == {"compartment": 1, "weight_kg": 2.0, "capacity_kg": 4.0, "fill_ratio": 0.5}
+    assert detail["telemetry"]["seq"] == 2
+
+
+def test_stale_last_will_never_overwrites_newer_birth(broker: RunningBroker, credentials: Credentials,
+                                                      ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+    """An offline status from an older session is ignored; one from the current session applies."""
+    box = "box-047"
+    client = box_client(broker, credentials, box)
+    status_topic = topic_for(box, MessageKind.STATUS)
+
+    def state() -> tuple[bool, int, str] | None:
+        row = db.execute("SELECT status_online, status_session, status_reason FROM box_state WHERE box_id = %s",
+                         (box,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    publish(client, status_topic, birth(box, 5), retain=True)
+    wait_for(lambda: state() == (True, 5, "birth"))
+    publish(client, status_topic, birth(box, 4, online=False, reason=StatusReason.CONNECTION_LOST), retain=True)
+    publish(client, status_topic, birth(box, 3), retain=True)
+    marker = deposited(box, 1)  # processed after the stale statuses: proves they were seen
+    publish(client, topic_for(box, MessageKind.EVENTS), marker)
+    wait_for(lambda: events_of(db, box))
+    assert state() == (True, 5, "birth")
+    publish(client, status_topic, birth(box, 5, online=False, reason=StatusReason.CONNECTION_LOST), retain=True)
+    wait_for(lambda: state() == (False, 5, "connection_lost"))
+    publish(client, status_topic, birth(box, 6), retain=True)
+    wait_for(lambda: state() == (True, 6, "birth"))
+    close(client)
+
+
+def test_heartbeat_timeout_shows_box_offline(broker: RunningBroker, credentials: Credentials,
+                                             ingest: IngestWorker, api: httpx.Client,
+                                             db: psycopg.Connection[Any]) -> None:
+    """A box online by its birth but silent past the heartbeat timeout is reported offline, then online again."""
+    box = "box-048"
+    client = box_client(broker, credentials, box)
+    publish(client, topic_for(box, MessageKind.STATUS), birth(box, 1), retain=True)
+    wait_for(lambda: api.get(f"/api/v1/boxes/{box}").json().get("online") is True)
+    offline = wait_for(lambda: (b := api.get(f"/api/v1/boxes/{box}").json())["online"] is False and b, timeout=5)
+    assert offline["status_reason"] == "heartbeat_timeout"
+    publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, 1))
+    wait_for(lambda: api.get(f"/api/v1/boxes/{box}").json()["online"] is True)
+    close(client)
+
+
+def test_ingest_killed_between_receive_and_commit_loses_nothing(
+        broker: RunningBroker, credentials: Credentials, database_url: str, db: psycopg.Connection[Any]) -> None:
+    """SIGKILL of an ingest process holding uncommitted messages, then a restart: every event stored once."""
+    box = "box-049"
+    settings = settings_for(database_url, broker, credentials)
+    env = {**os.environ, "MOLO_DATABASE_URL": database_url, "MOLO_MQTT_HOST": broker.host,
+           "MOLO_MQTT_PORT": str(broker.port), "MOLO_MQTT_PASSWORD": credentials.services["ingest"],
+           "MOLO_WORKER_ID": settings.worker_id, "MOLO_INGEST_BATCH_WAIT_MS": "20"}
+    app_name = f"molo-ingest-{settings.worker_id}"
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "ingest"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    proc = spawn()
+    client = box_client(broker, credentials, box)
+    topic = topic_for(box, MessageKind.EVENTS)
+    try:
+        # Warm-up: proves the worker is subscribed (messages to a share group nobody is in are dropped).
+        def warm() -> bool:
+            publish(client, topic, deposited(box, 1))
+            return events_of(db, box) == [(1, "parcel.deposited")]
+        wait_for(warm, timeout=20, interval=0.5)
+
+        with psycopg.connect(database_url) as blocker:
+            blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            for seq in range(2, 52):
+                publish(client, topic, deposited(box, seq))
+            wait_for(lambda: scalar(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                                        "AND wait_event_type = 'Lock'", (app_name,)) == 1)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            blocker.rollback()
+        assert events_of(db, box) == [(1, "parcel.deposited")]  # nothing of the killed batch committed
+
+        proc = spawn()
+        wait_for(lambda: len(events_of(db, box)) == 51, timeout=30)
+        time.sleep(0.3)
+        assert [s for s, _ in events_of(db, box)] == list(range(1, 52))
+    finally:
+        close(client)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        # Retire the worker id so its session stops taking a share of later tests' messages.
+        from backend.ingest.run import build_worker
+        leaver = build_worker(settings_for(database_url, broker, credentials, worker_id=settings.worker_id))
+        leaver.start()
+        leaver.mqtt.subscribed.wait(10)
+        leaver.retire(quiet_s=0.3)
+
+
+def test_collected_and_waste_events_keep_their_typed_columns(
+        broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+    """Typed columns (carrier, fraction, weight) are filled from the payload for KPI queries."""
+    box = "box-050"
+    client = box_client(broker, credentials, box)
+    topic = topic_for(box, MessageKind.EVENTS)
+    publish(client, topic, encode(make_event(box_id=box, seq=1, session=1, ts_ms=T0, payload=WasteDeposited(
+        compartment=1, fraction="batteries", weight_kg=0.33))))  # type: ignore[arg-type]
+    publish(client, topic, encode(make_event(box_id=box, seq=2, session=1, ts_ms=T0 + 1, payload=ParcelCollected(
+        compartment=4, parcel_id="P-9"))))
+    close(client)
+    rows = wait_rows(db, "SELECT seq, fraction, weight_kg, parcel_id, compartment FROM events "
+                         "WHERE box_id = %s ORDER BY seq", (box,), 2)
+    assert rows == [(1, "batteries", 0.33, None, 1), (2, None, None, "P-9", 4)]
