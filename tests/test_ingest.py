@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 
 from backend.ingest.worker import IngestWorker
-from contract import MessageKind, SizeClass, default_layout, encode, make_event, topic_for
+from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
 from contract.messages import ParcelCollected, ParcelDeposited, Status, StatusReason, Telemetry, WasteDeposited
 from contract.messages import CompartmentReading, PowerSource, RedBoxReading
 from molo.brokers import RunningBroker
@@ -270,7 +270,7 @@ def test_collected_and_waste_events_keep_their_typed_columns(
     client = box_client(broker, credentials, box)
     topic = topic_for(box, MessageKind.EVENTS)
     publish(client, topic, encode(make_event(box_id=box, seq=1, session=1, ts_ms=T0, payload=WasteDeposited(
-        compartment=1, fraction="batteries", weight_kg=0.33))))  # type: ignore[arg-type]
+        compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=0.33))))
     publish(client, topic, encode(make_event(box_id=box, seq=2, session=1, ts_ms=T0 + 1, payload=ParcelCollected(
         compartment=4, parcel_id="P-9"))))
     close(client)
