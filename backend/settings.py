@@ -10,7 +10,7 @@ import json
 import socket
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     mqtt_port: Annotated[int, Field(ge=1, le=65535)] = 1883
     mqtt_username: str = "ingest"
     mqtt_password: SecretStr | None = None
+    #: The backend's own MQTT connection (boxes speak MQTT 5 regardless). 3.1.1 by default: with
+    #: Mosquitto it has everything ingest needs (persistent session, shared subscription, the
+    #: broker's in-flight limit) and paho handles it ~25% cheaper per message, which is the
+    #: difference between 4.6k and 5.7k events/s on 2 cores (docs/benchmarks.md). "5" adds session
+    #: expiry and receive-maximum negotiation; both are tested.
+    mqtt_protocol: Literal["5", "3.1.1"] = "3.1.1"
     mqtt_tls: bool = False
     mqtt_ca_file: Path | None = None
     credentials_file: Path | None = Field(
@@ -64,6 +70,9 @@ class Settings(BaseSettings):
     #: Unacknowledged messages the broker may have in flight to one worker (MQTT 5 receive maximum).
     ingest_receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 5000
     ingest_metrics_port: int | None = None
+    #: Subscribe through the shared subscription (several workers split the load). Only a single
+    #: worker may run with this off.
+    ingest_shared: bool = True
 
     # --- state
     #: A box that has sent nothing for this long is offline even without a Last Will

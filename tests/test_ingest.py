@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -277,3 +278,17 @@ def test_collected_and_waste_events_keep_their_typed_columns(
     rows = wait_rows(db, "SELECT seq, fraction, weight_kg, parcel_id, compartment FROM events "
                          "WHERE box_id = %s ORDER BY seq", (box,), 2)
     assert rows == [(1, "batteries", 0.33, None, 1), (2, None, None, "P-9", 4)]
+
+
+def test_ingest_over_mqtt5_stores_events_and_retires(broker: RunningBroker, credentials: Credentials,
+                                                     start_ingest: Callable[..., IngestWorker],
+                                                     db: psycopg.Connection[Any]) -> None:
+    """The MQTT 5 ingest path (session expiry, receive maximum) stores events exactly like the default."""
+    worker = start_ingest(mqtt_protocol="5")
+    box = "box-051"
+    client = box_client(broker, credentials, box)
+    for seq in (1, 2, 2, 3):
+        publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, seq))
+    close(client)
+    wait_for(lambda: [s for s, _ in events_of(db, box)] == [1, 2, 3])
+    assert worker.totals.duplicates == 1

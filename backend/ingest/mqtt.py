@@ -1,7 +1,7 @@
 """The ingest side of MQTT: a persistent, manually acknowledged session on the shared subscription.
 
-- MQTT 5, ``clean_start=False`` with a session expiry: while a worker is down, the broker keeps its
-  session and queues its share of messages.
+- A persistent session (MQTT 3.1.1 ``clean_session=False`` by default, or MQTT 5 ``clean_start=False``
+  with a session expiry): while a worker is down, the broker keeps its session and queues its share.
 - ``manual_ack``: paho does not PUBACK on its own; :meth:`IngestMqtt.ack` is called after commit.
   A message unacknowledged when the connection drops is redelivered by the broker.
 - ``on_message`` only puts the message on a queue (paho runs it on its network thread).
@@ -56,6 +56,8 @@ class IngestMqtt:
         receive_maximum: int,
         tls_ca_file: str | None = None,
         use_tls: bool = False,
+        protocol: str = "3.1.1",
+        shared: bool = True,
         logger: logging.Logger | None = None,
     ) -> None:
         self.inbox: queue.Queue[Received] = queue.Queue()
@@ -64,6 +66,10 @@ class IngestMqtt:
         self._session_expiry_s = session_expiry_s
         self._receive_maximum = receive_maximum
         self._generation = 0
+        self._v5 = protocol == "5"
+        self._client_id, self._username, self._password = client_id, username, password
+        self._tls, self._tls_ca_file = use_tls or tls_ca_file is not None, tls_ca_file
+        self._group = INGEST_SHARE_GROUP if shared else None
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self.subscribed = threading.Event()
@@ -71,7 +77,9 @@ class IngestMqtt:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            # MQTT 3.1.1 has no session expiry: a persistent session is clean_session=False.
+            clean_session=None if self._v5 else False,
             manual_ack=True,
         )
         client.username_pw_set(username, password)
@@ -90,10 +98,13 @@ class IngestMqtt:
 
     def start(self) -> None:
         """Connect in the background (retrying until :meth:`stop`)."""
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._session_expiry_s
-        props.ReceiveMaximum = self._receive_maximum
-        self._client.connect_async(self._host, self._port, keepalive=30, clean_start=False, properties=props)
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._session_expiry_s
+            props.ReceiveMaximum = self._receive_maximum
+            self._client.connect_async(self._host, self._port, keepalive=30, clean_start=False, properties=props)
+        else:
+            self._client.connect_async(self._host, self._port, keepalive=30)
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -103,14 +114,32 @@ class IngestMqtt:
 
     def unsubscribe_all(self) -> None:
         """Leave the share group: the broker stops assigning new messages to this session."""
-        self._client.unsubscribe([subscription(kind, shared_group=INGEST_SHARE_GROUP) for kind in SUBSCRIBED_KINDS])
+        self._client.unsubscribe(self._topics())
 
     def end_session(self) -> None:
         """Disconnect and ask the broker to drop the session now (session expiry 0)."""
-        props = Properties(PacketTypes.DISCONNECT)
-        props.SessionExpiryInterval = 0
-        self._client.disconnect(properties=props)
+        if self._v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            self._client.disconnect(properties=props)
+            self._client.loop_stop()
+            return
+        self._client.disconnect()
         self._client.loop_stop()
+        # MQTT 3.1.1 has no expiry on DISCONNECT: a clean-session connect with the same client id
+        # discards the stored session.
+        cleaner = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv311,
+                              clean_session=True)
+        cleaner.username_pw_set(self._username, self._password)
+        if self._tls:
+            cleaner.tls_set(ca_certs=self._tls_ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        cleaner.connect(self._host, self._port, keepalive=10)
+        cleaner.loop_start()
+        cleaner.disconnect()
+        cleaner.loop_stop()
+
+    def _topics(self) -> list[str]:
+        return [subscription(kind, shared_group=self._group) for kind in SUBSCRIBED_KINDS]
 
     def ack(self, message: Received) -> bool:
         """PUBACK ``message`` if it came on the current connection; False if it was not acked."""
@@ -134,7 +163,7 @@ class IngestMqtt:
             self._generation += 1
         self.connected.set()
         self.log.info("ingest: connected (session present: %s)", flags.session_present)
-        client.subscribe([(subscription(kind, shared_group=INGEST_SHARE_GROUP), 1) for kind in SUBSCRIBED_KINDS])
+        client.subscribe([(topic, 1) for topic in self._topics()])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[mqtt.ReasonCode], properties: Properties | None) -> None:

@@ -33,6 +33,8 @@ def build_worker(settings: Settings, *, database_url: str | None = None, mqtt_ho
         session_expiry_s=settings.ingest_session_expiry_s,
         receive_maximum=settings.ingest_receive_maximum,
         use_tls=settings.mqtt_tls,
+        protocol=settings.mqtt_protocol,
+        shared=settings.ingest_shared,
         tls_ca_file=str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None,
     )
     return IngestWorker(database_url=url, mqtt=client, worker_id=settings.worker_id,

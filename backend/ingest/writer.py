@@ -17,7 +17,7 @@ Exactly-once storage on top of at-least-once delivery:
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -26,10 +26,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from pydantic import BaseModel
 from psycopg.types.json import Jsonb
 
 from backend.ingest.mqtt import Received
-from contract import BoxLayout, ContractError, ErrorCode, MessageKind, parse_topic
+from contract import BoxLayout, ContractError, ErrorCode, MessageKind, TopicInfo, parse_topic
 from contract.messages import (
     BoxEvent,
     CommandAck,
@@ -73,6 +74,11 @@ class _Decoded:
     dead: list[tuple[Received, str, str, str | None]] = field(default_factory=list)  # msg, code, reason, box
 
 
+@functools.lru_cache(maxsize=65_536)
+def _parse_topic(topic: str) -> TopicInfo:
+    return parse_topic(topic)  # cached: a box publishes on the same few topics all its life
+
+
 def _ts(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
@@ -109,7 +115,7 @@ class BatchWriter:
         for msg in batch:
             box_id: str | None = None
             try:
-                info = parse_topic(msg.topic)
+                info = _parse_topic(msg.topic)
                 box_id = info.box_id
                 if info.kind is MessageKind.STATUS:
                     out.statuses.append((msg, decode_status(msg.payload, topic_box_id=box_id)))
@@ -185,8 +191,9 @@ class BatchWriter:
             return
         wanted: set[tuple[str, datetime]] = set()
         for table, items in (("events", decoded.events), ("telemetry", decoded.telemetry)):
-            for _, e in items:
-                t = _ts(e.ts_ms)
+            # One datetime per distinct day, not per event.
+            for day in {e.ts_ms // 86_400_000 for _, e in items}:
+                t = _ts(day * 86_400_000)
                 wanted.add((table, datetime(t.year, t.month, 1, tzinfo=UTC)))
         for table, month in sorted(wanted - self._months):
             with self.conn.transaction():
@@ -334,7 +341,7 @@ def _event_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
     return (idx, _ts(e.ts_ms), _wall(msg.received_at), e.box_id, e.seq, e.session, e.type, get("compartment"),
             get("parcel_id"), get("carrier"), size.value if size is not None else None,
             fraction.value if fraction is not None else None, get("weight_kg"),
-            json.dumps(p.model_dump(mode="json", exclude_none=True), separators=(",", ":")))
+            p.model_dump_json(exclude_none=True))
 
 
 def _telemetry_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
@@ -342,8 +349,11 @@ def _telemetry_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
     assert isinstance(p, Telemetry)
     return (idx, _ts(e.ts_ms), _wall(msg.received_at), e.box_id, e.seq, e.session, p.power.value, p.battery_pct,
             p.temperature_c, sum(1 for c in p.compartments if c.occupied),
-            json.dumps([c.model_dump(mode="json") for c in p.compartments], separators=(",", ":")),
-            json.dumps([r.model_dump(mode="json") for r in p.red_boxes], separators=(",", ":")))
+            _json_list(p.compartments), _json_list(p.red_boxes))
+
+
+def _json_list(items: Sequence[BaseModel]) -> str:
+    return "[" + ",".join(item.model_dump_json() for item in items) + "]"
 
 
 def _box(topic: str) -> str | None:

@@ -1,0 +1,1 @@
+"""Benchmarks: each script prints its figures with the method beside them (see docs/benchmarks.md)."""

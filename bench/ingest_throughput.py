@@ -1,0 +1,172 @@
+"""Sustained ingest throughput: events/s from the first publish to the last committed row.
+
+Method (printed with the results):
+- A real Mosquitto started with broker_config/ (auth, ACL, limits), a fresh database on the local
+  PostgreSQL (or MOLO_BENCH_DATABASE_URL as admin URL), migrated on the plain path.
+- ``--boxes`` boxes, each its own MQTT v5 connection with its own credentials, spread over
+  ``--publishers`` processes; every box publishes ``--events`` pre-encoded contract events at QoS 1
+  with at most ``--window`` unacknowledged (paho's in-flight window), as fast as the broker takes them.
+- ``--workers`` ingest workers run as separate ``molo ingest`` processes on the shared subscription.
+- Throughput = events / (time of last committed row - time of first publish). Zero loss is checked
+  by counting rows (must equal boxes x events) and dead letters (must be 0).
+- Baseline in the same run: COPY of the same number of rows (same shape) into a table with the same
+  primary key, in one transaction: the raw write rate of this machine's PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+
+from backend.migrate import migrate
+from backend.settings import TimescaleMode
+from contract import MessageKind, SizeClass, encode, make_event, topic_for
+from contract.messages import ParcelDeposited
+from molo.brokers import start_mosquitto
+from molo.postgres import create_database, drop_database
+from molo.provision import box_ids, provision
+
+T0_MS = 1_767_225_600_000
+
+
+def publisher(host: str, port: int, boxes: list[tuple[str, str]], events: int, window: int,
+              start: mp.synchronize.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
+    clients = []
+    remaining = {"n": len(boxes) * events}
+    for box_id, password in boxes:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=box_id, protocol=mqtt.MQTTv5)
+        client.username_pw_set(box_id, password)
+        client.max_inflight_messages_set(window)
+
+        def on_publish(c: mqtt.Client, u: object, mid: int, rc: object, p: object) -> None:
+            remaining["n"] -= 1
+
+        client.on_publish = on_publish
+        client.connect(host, port, keepalive=60)
+        client.loop_start()
+        clients.append((box_id, client))
+    payloads = {
+        box_id: [encode(make_event(box_id=box_id, seq=seq, session=1, ts_ms=T0_MS + seq * 1000,
+                                   payload=ParcelDeposited(compartment=3, size_class=SizeClass.A,
+                                                           parcel_id=f"P{seq}", carrier="gls")))
+                 for seq in range(1, events + 1)]
+        for box_id, _ in clients
+    }
+    start.wait()
+    t0 = time.time()
+    for i in range(events):
+        for box_id, client in clients:
+            client.publish(topic_for(box_id, MessageKind.EVENTS), payloads[box_id][i], qos=1)
+    while remaining["n"] > 0:
+        time.sleep(0.01)
+    t1 = time.time()
+    for _, client in clients:
+        client.disconnect()
+        client.loop_stop()
+    done.put((t0, t1))
+
+
+def copy_baseline(url: str, rows: int) -> float:
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE copy_baseline (LIKE events INCLUDING DEFAULTS, PRIMARY KEY (box_id, seq, ts))")
+        ts = datetime.fromtimestamp(T0_MS / 1000, tz=UTC)
+        payload = '{"compartment":3,"size_class":"A","parcel_id":"P1","carrier":"gls"}'
+        data = [(ts, ts, f"box-{i % 100:03d}", i, 1, "parcel.deposited", 3, "P1", "gls", "A", None, None, payload)
+                for i in range(rows)]
+        t0 = time.perf_counter()
+        with conn.cursor().copy(
+            "COPY copy_baseline (ts, received_at, box_id, seq, session, type, compartment, parcel_id, carrier, "
+            "size_class, fraction, weight_kg, payload) FROM STDIN") as copy:
+            for row in data:
+                copy.write_row(row)
+        conn.commit()
+        return rows / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--boxes", type=int, default=100)
+    parser.add_argument("--events", type=int, default=1000, help="events per box")
+    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--window", type=int, default=100)
+    parser.add_argument("--batch-max", type=int, default=2000)
+    args = parser.parse_args()
+    total = args.boxes * args.events
+    admin = os.environ.get("MOLO_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    url = create_database(admin, "molo_bench")
+    work = Path(tempfile.mkdtemp(prefix="molo-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        migrate(url, TimescaleMode.OFF)
+        copy_rate = copy_baseline(url, total)
+        ids = box_ids(args.boxes, prefix="bench")
+        creds = provision(work / "creds", ids)
+        broker = start_mosquitto(work / "broker", creds)
+        env = {**os.environ, "MOLO_DATABASE_URL": url, "MOLO_MQTT_HOST": broker.host,
+               "MOLO_MQTT_PORT": str(broker.port), "MOLO_MQTT_PASSWORD": creds.services["ingest"],
+               "MOLO_INGEST_BATCH_MAX": str(args.batch_max)}
+        for w in range(args.workers):
+            procs.append(subprocess.Popen([sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "ingest"],
+                                          env={**env, "MOLO_WORKER_ID": f"bench-{w}"}))
+        with psycopg.connect(url, autocommit=True) as conn:
+            time.sleep(3)  # let workers connect and subscribe before anything is published
+            start = mp.Event()
+            done: mp.Queue[tuple[float, float]] = mp.Queue()
+            shares = [ids[i:: args.publishers] for i in range(args.publishers)]
+            pubs = [mp.Process(target=publisher, args=(broker.host, broker.port,
+                                                       [(b, creds.boxes[b]) for b in share],
+                                                       args.events, args.window, start, done))
+                    for share in shares]
+            for p in pubs:
+                p.start()
+            time.sleep(2 + args.boxes / 100)  # connections up, payloads encoded
+            start.set()
+            while True:
+                n = conn.execute("SELECT count(*) FROM events").fetchone()[0]  # type: ignore[index]
+                if n >= total:
+                    t_end = time.time()
+                    break
+                time.sleep(0.05)
+            spans = [done.get(timeout=60) for _ in pubs]
+            for p in pubs:
+                p.join()
+            t_first = min(s[0] for s in spans)
+            t_pub = max(s[1] for s in spans)
+            time.sleep(1)
+            rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]  # type: ignore[index]
+            distinct = conn.execute("SELECT count(*) FROM (SELECT DISTINCT box_id, seq FROM events) x").fetchone()[0]  # type: ignore[index]
+            dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]  # type: ignore[index]
+        ingest_rate = total / (t_end - t_first)
+        print(f"machine: {os.cpu_count()} cores; PostgreSQL COPY baseline and ingest measured in the same run; "
+              f"ingest MQTT {os.environ.get('MOLO_MQTT_PROTOCOL', '3.1.1')}, boxes MQTT 5")
+        print(f"raw COPY baseline     : {copy_rate:10,.0f} rows/s   ({total:,} rows, one COPY, PK (box_id, seq, ts))")
+        print(f"publish (QoS 1 acked) : {total / (t_pub - t_first):10,.0f} msgs/s   ({args.boxes} boxes in "
+              f"{args.publishers} processes, window {args.window})")
+        print(f"ingest, sustained     : {ingest_rate:10,.0f} events/s ({total:,} events, first publish -> last "
+              f"commit {t_end - t_first:.2f} s, {args.workers} worker(s), batch <= {args.batch_max})")
+        print(f"ratio ingest / COPY   : {ingest_rate / copy_rate:10.3f}")
+        print(f"zero loss             : rows={rows:,} distinct (box,seq)={distinct:,} expected={total:,} "
+              f"dead letters={dead} -> {'OK' if rows == distinct == total and dead == 0 else 'LOSS OR DUPLICATES'}")
+        broker.stop()
+        return 0 if rows == distinct == total and dead == 0 else 1
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        drop_database(url, admin)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

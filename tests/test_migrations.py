@@ -1,0 +1,126 @@
+"""The migration runner against a real PostgreSQL: both flavours' files, idempotence, strictness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from backend.migrate import MigrationError, discover, migrate, split_statements
+from backend.settings import TimescaleMode
+from molo.postgres import create_database, drop_database
+
+
+def test_discovered_migrations_have_both_flavours_where_needed() -> None:
+    """Every version has a common file or both a postgres and a timescale variant."""
+    for migration in discover():
+        assert None in migration.variants or {"postgres", "timescale"} <= set(migration.variants)
+
+
+def test_split_statements_respects_quotes_and_dollar_blocks() -> None:
+    """Semicolons inside strings, comments and $$ bodies do not split statements."""
+    script = "SELECT ';'; -- a; comment\nDO $x$ BEGIN PERFORM 1; END $x$;\nSELECT 'it''s';"
+    assert split_statements(script) == ["SELECT ';'", "-- a; comment\nDO $x$ BEGIN PERFORM 1; END $x$",
+                                        "SELECT 'it''s'"]
+
+
+def test_migrate_is_idempotent_and_builds_partitioned_tables(blank_database: str) -> None:
+    """A second run applies nothing; events and telemetry are partitioned on plain PostgreSQL."""
+    first = migrate(blank_database, TimescaleMode.OFF)
+    assert first.flavour == "postgres" and first.applied == [m.version for m in discover()]
+    assert migrate(blank_database, TimescaleMode.OFF).applied == []
+    with psycopg.connect(blank_database) as conn:
+        parts = {r[0] for r in conn.execute(
+            "SELECT c.relname FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid").fetchall()}
+        assert parts == {"events", "telemetry"}
+        made = conn.execute("SELECT molo_ensure_partitions('events', '2025-11-20', '2026-01-03')").fetchone()
+        assert made == (3,)
+        again = conn.execute("SELECT molo_ensure_partitions('events', '2025-11-20', '2026-01-03')").fetchone()
+        assert again == (0,)
+
+
+def test_changed_applied_migration_is_an_error(blank_database: str, tmp_path: Path) -> None:
+    """Editing a migration after it was applied is refused, not silently skipped."""
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (x int);")
+    migrate(blank_database, TimescaleMode.OFF, directory=tmp_path)
+    (tmp_path / "0001_first.sql").write_text("CREATE TABLE t (x bigint);")
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        migrate(blank_database, TimescaleMode.OFF, directory=tmp_path)
+
+
+def test_failed_migration_leaves_nothing_behind(blank_database: str, tmp_path: Path) -> None:
+    """A migration that fails half-way is rolled back whole and not recorded."""
+    (tmp_path / "0001_bad.sql").write_text("CREATE TABLE half (x int); SELECT no_such_function();")
+    with pytest.raises(psycopg.errors.UndefinedFunction):
+        migrate(blank_database, TimescaleMode.OFF, directory=tmp_path)
+    with psycopg.connect(blank_database) as conn:
+        assert conn.execute("SELECT to_regclass('half')").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (0,)
+
+
+def test_gaps_in_versions_are_refused(tmp_path: Path) -> None:
+    """Versions must run 1..N: a missing number is a packaging mistake."""
+    (tmp_path / "0001_a.sql").write_text("SELECT 1;")
+    (tmp_path / "0003_c.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match="without gaps"):
+        discover(tmp_path)
+
+
+def test_timescale_required_but_missing_is_a_clear_error(blank_database: str) -> None:
+    """MOLO_TIMESCALE=on on a server without the extension fails with a message saying so."""
+    with psycopg.connect(blank_database) as conn:
+        available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
+    if available:
+        pytest.skip("this server has TimescaleDB; the missing-extension error cannot be shown here")
+    with pytest.raises(MigrationError, match="not available"):
+        migrate(blank_database, TimescaleMode.ON)
+
+
+@pytest.mark.timescale
+def test_timescale_path_builds_hypertables_and_aggregate(timescale_admin_url: str) -> None:
+    """On TimescaleDB: hypertables, policies and the continuous aggregate answer the same query."""
+    url = create_database(timescale_admin_url, "molo_ts")
+    try:
+        report = migrate(url, TimescaleMode.ON)
+        assert report.flavour == "timescale"
+        with psycopg.connect(url, autocommit=True) as conn:
+            hypertables = {r[0] for r in conn.execute(
+                "SELECT hypertable_name FROM timescaledb_information.hypertables").fetchall()}
+            assert {"events", "telemetry"} <= hypertables
+            jobs = {r[0] for r in conn.execute("SELECT proc_name FROM timescaledb_information.jobs").fetchall()}
+            assert {"policy_compression", "policy_retention", "policy_refresh_continuous_aggregate"} <= jobs
+            _insert_two_events(conn)
+            rows = conn.execute("SELECT box_id, type, events FROM events_hourly ORDER BY 1").fetchall()
+            assert rows == [("aal-001", "waste.deposited", 2)]
+    finally:
+        drop_database(url, timescale_admin_url)
+
+
+def _insert_two_events(conn: psycopg.Connection[Any]) -> None:
+    for seq in (1, 2):
+        conn.execute(
+            "INSERT INTO events (ts, received_at, box_id, seq, session, type, compartment, fraction, weight_kg, "
+            "payload) VALUES (now() - interval '2 hours', now(), 'aal-001', %s, 1, 'waste.deposited', 1, "
+            "'batteries', 0.3, '{}')", (seq,))
+
+
+def test_plain_path_answers_the_same_aggregate_query(blank_database: str) -> None:
+    """events_hourly has the same columns and answer on plain PostgreSQL as on TimescaleDB."""
+    migrate(blank_database, TimescaleMode.OFF)
+    with psycopg.connect(blank_database, autocommit=True) as conn:
+        conn.execute("SELECT molo_ensure_partitions('events', now() - interval '1 day', now())")
+        _insert_two_events(conn)
+        rows = conn.execute("SELECT box_id, type, events FROM events_hourly ORDER BY 1").fetchall()
+        assert rows == [("aal-001", "waste.deposited", 2)]
+
+
+def test_fresh_database_helper_creates_and_drops(pg_admin_url: str) -> None:
+    """create_database gives a usable empty database; drop_database removes it."""
+    url = create_database(pg_admin_url, "molo_tmp")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    drop_database(url, pg_admin_url)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(url).close()
