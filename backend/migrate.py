@@ -105,8 +105,11 @@ def split_statements(script: str) -> list[str]:
             buf.append(ch)
             i += 1
     statements.append("".join(buf).strip())
-    return [s for s in statements if s and not all(line.strip().startswith("--") or not line.strip()
-                                                    for line in s.splitlines())]
+    return [
+        s
+        for s in statements
+        if s and not all(line.strip().startswith("--") or not line.strip() for line in s.splitlines())
+    ]
 
 
 def detect_flavour(conn: psycopg.Connection[tuple[object, ...]], mode: TimescaleMode) -> Flavour:
@@ -131,8 +134,9 @@ def detect_flavour(conn: psycopg.Connection[tuple[object, ...]], mode: Timescale
     return "postgres"
 
 
-def migrate(conninfo: str, mode: TimescaleMode = TimescaleMode.AUTO,
-            directory: Path = MIGRATIONS_DIR) -> MigrationReport:
+def migrate(
+    conninfo: str, mode: TimescaleMode = TimescaleMode.AUTO, directory: Path = MIGRATIONS_DIR
+) -> MigrationReport:
     """Bring the database at ``conninfo`` up to the newest migration."""
     migrations = discover(directory)
     with psycopg.connect(conninfo, autocommit=True) as conn:
@@ -143,20 +147,24 @@ def migrate(conninfo: str, mode: TimescaleMode = TimescaleMode.AUTO,
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
 
-def _migrate_locked(conn: psycopg.Connection[tuple[object, ...]], migrations: list[Migration],
-                    mode: TimescaleMode) -> MigrationReport:
+def _migrate_locked(
+    conn: psycopg.Connection[tuple[object, ...]], migrations: list[Migration], mode: TimescaleMode
+) -> MigrationReport:
     conn.execute(
         """CREATE TABLE IF NOT EXISTS schema_migrations (
                version integer PRIMARY KEY, name text NOT NULL, flavour text NOT NULL,
                checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"""
     )
-    applied = {int(str(r[0])): (str(r[1]), str(r[2])) for r in
-               conn.execute("SELECT version, flavour, checksum FROM schema_migrations").fetchall()}
+    applied = {
+        int(str(r[0])): (str(r[1]), str(r[2]))
+        for r in conn.execute("SELECT version, flavour, checksum FROM schema_migrations").fetchall()
+    }
     flavours = {f for f, _ in applied.values()}
     if len(flavours) > 1:
         raise MigrationError(f"schema_migrations mixes flavours {sorted(flavours)}")
-    flavour: Flavour = "timescale" if flavours == {"timescale"} else (
-        "postgres" if flavours else detect_flavour(conn, mode))
+    flavour: Flavour = (
+        "timescale" if flavours == {"timescale"} else ("postgres" if flavours else detect_flavour(conn, mode))
+    )
     report = MigrationReport(flavour=flavour)
     known = {m.version for m in migrations}
     if unknown := sorted(set(applied) - known):
@@ -175,18 +183,20 @@ def _migrate_locked(conn: psycopg.Connection[tuple[object, ...]], migrations: li
     return report
 
 
-def _apply(conn: psycopg.Connection[tuple[object, ...]], migration: Migration, path: Path,
-           flavour: Flavour, checksum: str) -> None:
+def _apply(
+    conn: psycopg.Connection[tuple[object, ...]], migration: Migration, path: Path, flavour: Flavour, checksum: str
+) -> None:
     script = path.read_text()
     record = sql.SQL("INSERT INTO schema_migrations (version, name, flavour, checksum) VALUES ({}, {}, {}, {})").format(
-        migration.version, migration.name, flavour, checksum)
+        migration.version, migration.name, flavour, checksum
+    )
     if script.startswith("-- molo:no-transaction"):
         conn.execute("SELECT set_config('molo.flavour', %s, false)", (flavour,))
         for statement in split_statements(script):
-            conn.execute(sql.SQL(statement))  # type: ignore[arg-type]  # trusted file from the repo
+            conn.execute(sql.SQL(statement))  # trusted file from the repo
         conn.execute(record)
         return
     with conn.transaction():
         conn.execute("SELECT set_config('molo.flavour', %s, true)", (flavour,))
-        conn.execute(sql.SQL(script))  # type: ignore[arg-type]
+        conn.execute(sql.SQL(script))
         conn.execute(record)

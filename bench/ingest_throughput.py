@@ -40,8 +40,15 @@ from molo.provision import box_ids, provision
 T0_MS = 1_767_225_600_000
 
 
-def publisher(host: str, port: int, boxes: list[tuple[str, str]], events: int, window: int,
-              start: mp.synchronize.Event, done: mp.Queue) -> None:  # type: ignore[type-arg]
+def publisher(
+    host: str,
+    port: int,
+    boxes: list[tuple[str, str]],
+    events: int,
+    window: int,
+    start: mp.synchronize.Event,
+    done: mp.Queue[tuple[float, float]],
+) -> None:
     clients = []
     remaining = {"n": len(boxes) * events}
     for box_id, password in boxes:
@@ -57,10 +64,18 @@ def publisher(host: str, port: int, boxes: list[tuple[str, str]], events: int, w
         client.loop_start()
         clients.append((box_id, client))
     payloads = {
-        box_id: [encode(make_event(box_id=box_id, seq=seq, session=1, ts_ms=T0_MS + seq * 1000,
-                                   payload=ParcelDeposited(compartment=3, size_class=SizeClass.A,
-                                                           parcel_id=f"P{seq}", carrier="gls")))
-                 for seq in range(1, events + 1)]
+        box_id: [
+            encode(
+                make_event(
+                    box_id=box_id,
+                    seq=seq,
+                    session=1,
+                    ts_ms=T0_MS + seq * 1000,
+                    payload=ParcelDeposited(compartment=3, size_class=SizeClass.A, parcel_id=f"P{seq}", carrier="gls"),
+                )
+            )
+            for seq in range(1, events + 1)
+        ]
         for box_id, _ in clients
     }
     start.wait()
@@ -77,17 +92,25 @@ def publisher(host: str, port: int, boxes: list[tuple[str, str]], events: int, w
     done.put((t0, t1))
 
 
+def _count(conn: psycopg.Connection[tuple[int]], query: str) -> int:
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row else 0
+
+
 def copy_baseline(url: str, rows: int) -> float:
     with psycopg.connect(url) as conn:
         conn.execute("CREATE TABLE copy_baseline (LIKE events INCLUDING DEFAULTS, PRIMARY KEY (box_id, seq, ts))")
         ts = datetime.fromtimestamp(T0_MS / 1000, tz=UTC)
         payload = '{"compartment":3,"size_class":"A","parcel_id":"P1","carrier":"gls"}'
-        data = [(ts, ts, f"box-{i % 100:03d}", i, 1, "parcel.deposited", 3, "P1", "gls", "A", None, None, payload)
-                for i in range(rows)]
+        data = [
+            (ts, ts, f"box-{i % 100:03d}", i, 1, "parcel.deposited", 3, "P1", "gls", "A", None, None, payload)
+            for i in range(rows)
+        ]
         t0 = time.perf_counter()
         with conn.cursor().copy(
             "COPY copy_baseline (ts, received_at, box_id, seq, session, type, compartment, parcel_id, carrier, "
-            "size_class, fraction, weight_kg, payload) FROM STDIN") as copy:
+            "size_class, fraction, weight_kg, payload) FROM STDIN"
+        ) as copy:
             for row in data:
                 copy.write_row(row)
         conn.commit()
@@ -114,27 +137,47 @@ def main() -> int:
         ids = box_ids(args.boxes, prefix="bench")
         creds = provision(work / "creds", ids)
         broker = start_mosquitto(work / "broker", creds)
-        env = {**os.environ, "MOLO_DATABASE_URL": url, "MOLO_MQTT_HOST": broker.host,
-               "MOLO_MQTT_PORT": str(broker.port), "MOLO_MQTT_PASSWORD": creds.services["ingest"],
-               "MOLO_INGEST_BATCH_MAX": str(args.batch_max)}
-        for w in range(args.workers):
-            procs.append(subprocess.Popen([sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "ingest"],
-                                          env={**env, "MOLO_WORKER_ID": f"bench-{w}"}))
+        env = {
+            **os.environ,
+            "MOLO_DATABASE_URL": url,
+            "MOLO_MQTT_HOST": broker.host,
+            "MOLO_MQTT_PORT": str(broker.port),
+            "MOLO_MQTT_PASSWORD": creds.services["ingest"],
+            "MOLO_INGEST_BATCH_MAX": str(args.batch_max),
+        }
+        procs.extend(
+            subprocess.Popen(
+                [sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "ingest"],
+                env={**env, "MOLO_WORKER_ID": f"bench-{w}"},
+            )
+            for w in range(args.workers)
+        )
         with psycopg.connect(url, autocommit=True) as conn:
             time.sleep(3)  # let workers connect and subscribe before anything is published
             start = mp.Event()
             done: mp.Queue[tuple[float, float]] = mp.Queue()
-            shares = [ids[i:: args.publishers] for i in range(args.publishers)]
-            pubs = [mp.Process(target=publisher, args=(broker.host, broker.port,
-                                                       [(b, creds.boxes[b]) for b in share],
-                                                       args.events, args.window, start, done))
-                    for share in shares]
+            shares = [ids[i :: args.publishers] for i in range(args.publishers)]
+            pubs = [
+                mp.Process(
+                    target=publisher,
+                    args=(
+                        broker.host,
+                        broker.port,
+                        [(b, creds.boxes[b]) for b in share],
+                        args.events,
+                        args.window,
+                        start,
+                        done,
+                    ),
+                )
+                for share in shares
+            ]
             for p in pubs:
                 p.start()
             time.sleep(2 + args.boxes / 100)  # connections up, payloads encoded
             start.set()
             while True:
-                n = conn.execute("SELECT count(*) FROM events").fetchone()[0]  # type: ignore[index]
+                n = _count(conn, "SELECT count(*) FROM events")
                 if n >= total:
                     t_end = time.time()
                     break
@@ -145,26 +188,34 @@ def main() -> int:
             t_first = min(s[0] for s in spans)
             t_pub = max(s[1] for s in spans)
             time.sleep(1)
-            rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]  # type: ignore[index]
-            distinct = conn.execute("SELECT count(*) FROM (SELECT DISTINCT box_id, seq FROM events) x").fetchone()[0]  # type: ignore[index]
-            dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]  # type: ignore[index]
+            rows = _count(conn, "SELECT count(*) FROM events")
+            distinct = _count(conn, "SELECT count(*) FROM (SELECT DISTINCT box_id, seq FROM events) x")
+            dead = _count(conn, "SELECT count(*) FROM dead_letters")
         ingest_rate = total / (t_end - t_first)
-        print(f"machine: {os.cpu_count()} cores; PostgreSQL COPY baseline and ingest measured in the same run; "
-              f"ingest MQTT {os.environ.get('MOLO_MQTT_PROTOCOL', '3.1.1')}, boxes MQTT 5")
+        print(
+            f"machine: {os.cpu_count()} cores; PostgreSQL COPY baseline and ingest measured in the same run; "
+            f"ingest MQTT {os.environ.get('MOLO_MQTT_PROTOCOL', '3.1.1')}, boxes MQTT 5"
+        )
         print(f"raw COPY baseline     : {copy_rate:10,.0f} rows/s   ({total:,} rows, one COPY, PK (box_id, seq, ts))")
-        print(f"publish (QoS 1 acked) : {total / (t_pub - t_first):10,.0f} msgs/s   ({args.boxes} boxes in "
-              f"{args.publishers} processes, window {args.window})")
-        print(f"ingest, sustained     : {ingest_rate:10,.0f} events/s ({total:,} events, first publish -> last "
-              f"commit {t_end - t_first:.2f} s, {args.workers} worker(s), batch <= {args.batch_max})")
+        print(
+            f"publish (QoS 1 acked) : {total / (t_pub - t_first):10,.0f} msgs/s   ({args.boxes} boxes in "
+            f"{args.publishers} processes, window {args.window})"
+        )
+        print(
+            f"ingest, sustained     : {ingest_rate:10,.0f} events/s ({total:,} events, first publish -> last "
+            f"commit {t_end - t_first:.2f} s, {args.workers} worker(s), batch <= {args.batch_max})"
+        )
         print(f"ratio ingest / COPY   : {ingest_rate / copy_rate:10.3f}")
-        print(f"zero loss             : rows={rows:,} distinct (box,seq)={distinct:,} expected={total:,} "
-              f"dead letters={dead} -> {'OK' if rows == distinct == total and dead == 0 else 'LOSS OR DUPLICATES'}")
+        print(
+            f"zero loss             : rows={rows:,} distinct (box,seq)={distinct:,} expected={total:,} "
+            f"dead letters={dead} -> {'OK' if rows == distinct == total and dead == 0 else 'LOSS OR DUPLICATES'}"
+        )
         broker.stop()
         return 0 if rows == distinct == total and dead == 0 else 1
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
         drop_database(url, admin)
 
 

@@ -46,7 +46,7 @@ from contract.domain import (
 from contract.errors import ContractError, ErrorCode
 from contract.topics import BOX_ID_PATTERN
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 #: Events and telemetry larger than this are refused before parsing.
 MAX_EVENT_BYTES = 8 * 1024
 #: Status messages carry the box layout and may be larger.
@@ -264,7 +264,7 @@ class BoxEvent(WireModel):
 
 def _envelope_class(payload_cls: type[EventPayload]) -> type[BoxEvent]:
     name = "".join(part.title() for part in re.split(r"[._]", payload_cls.TYPE)) + "Event"
-    tag = Literal[payload_cls.TYPE]  # type: ignore[valid-type]
+    tag: Any = Literal[payload_cls.TYPE]  # a Literal built at runtime from the table
     cls = create_model(
         name,
         __base__=BoxEvent,
@@ -284,13 +284,12 @@ EventUnion: TypeAlias = Annotated[  # type: ignore[valid-type]
 EVENT_ADAPTER: TypeAdapter[BoxEvent] = cast(TypeAdapter[BoxEvent], TypeAdapter(EventUnion))
 
 
-def make_event(
-    *, box_id: str, seq: int, session: int, ts_ms: int, payload: EventPayload
-) -> BoxEvent:
+def make_event(*, box_id: str, seq: int, session: int, ts_ms: int, payload: EventPayload) -> BoxEvent:
     """Wrap ``payload`` in its envelope (validating everything, as the receiver will)."""
     cls = EVENT_CLASSES[payload.TYPE]
-    return cls(v=SCHEMA_VERSION, box_id=box_id, seq=seq, session=session, ts_ms=ts_ms,
-               type=payload.TYPE, payload=payload)
+    return cls(
+        v=SCHEMA_VERSION, box_id=box_id, seq=seq, session=session, ts_ms=ts_ms, type=payload.TYPE, payload=payload
+    )
 
 
 # --------------------------------------------------------------------------- status
@@ -496,11 +495,11 @@ def check_layout(event: BoxEvent, layout: BoxLayout) -> None:
         for reading in payload.red_boxes:
             _expect_kind(event, layout, reading.compartment, CompartmentKind.RED_BOX)
         return
-    compartment_id: int = payload.compartment
+    compartment_id: int | None = getattr(payload, "compartment", None)  # every non-telemetry payload has one
+    if compartment_id is None:
+        return
     if layout.get(compartment_id) is None:
-        raise ContractError(
-            ErrorCode.UNKNOWN_COMPARTMENT, f"box {event.box_id} has no compartment {compartment_id}"
-        )
+        raise ContractError(ErrorCode.UNKNOWN_COMPARTMENT, f"box {event.box_id} has no compartment {compartment_id}")
     if isinstance(payload, WasteDeposited | WasteCollected):
         _expect_kind(event, layout, compartment_id, CompartmentKind.RED_BOX)
     elif event.type.startswith("parcel."):

@@ -1,13 +1,13 @@
 """``molo``: one command line for everything a user runs.
 
-    molo demo        the main job: services, migrations, ingest, API and boxes publishing
-    molo migrate     apply the SQL migrations to MOLO_DATABASE_URL
-    molo ingest      run one ingest worker (several may run: they share the load)
-    molo api         serve the HTTP API
-    molo provision   create broker credentials for N boxes
-    molo box         run one box's firmware stub as its own process
-    molo boxes       run N stand-in boxes against a broker
-    molo schemas     write the JSON Schemas of the wire contract
+molo demo        the main job: services, migrations, ingest, API and boxes publishing
+molo migrate     apply the SQL migrations to MOLO_DATABASE_URL
+molo ingest      run one ingest worker (several may run: they share the load)
+molo api         serve the HTTP API
+molo provision   create broker credentials for N boxes
+molo box         run one box's firmware stub as its own process
+molo boxes       run N stand-in boxes against a broker
+molo schemas     write the JSON Schemas of the wire contract
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from molo import logs
 
+if TYPE_CHECKING:
+    from backend.settings import Settings
 
-def _settings():  # type: ignore[no-untyped-def]
+
+def _settings() -> Settings:
     from backend.settings import Settings
 
     return Settings()
@@ -51,8 +55,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     from backend.api.app import create_app
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port,
-                log_config=None)
+    uvicorn.run(
+        create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port, log_config=None
+    )
     return 0
 
 
@@ -61,8 +66,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     ids = box_ids(args.boxes, prefix=args.prefix)
     creds = provision(Path(args.out), ids)
-    print(f"{len(creds.boxes)} boxes and {len(creds.services)} service users in {args.out}/credentials.json; "
-          f"broker password file: {args.out}/passwd")
+    print(
+        f"{len(creds.boxes)} boxes and {len(creds.services)} service users in {args.out}/credentials.json; "
+        f"broker password file: {args.out}/passwd"
+    )
     return 0
 
 
@@ -103,8 +110,9 @@ def cmd_boxes(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    fleet = Fleet({b: creds.boxes[b] for b in ids}, settings.mqtt_host, settings.mqtt_port, Path(args.state_dir),
-                  rate=args.rate).start()
+    fleet = Fleet(
+        {b: creds.boxes[b] for b in ids}, settings.mqtt_host, settings.mqtt_port, Path(args.state_dir), rate=args.rate
+    ).start()
     stop.wait()
     fleet.stop()
     return 0
@@ -113,13 +121,15 @@ def cmd_boxes(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from molo.demo import run_demo
 
-    return run_demo(boxes=args.boxes, duration_s=args.duration, api_port=args.port, rate=args.rate,
-                    var_dir=Path(args.var))
+    return run_demo(
+        boxes=args.boxes, duration_s=args.duration, api_port=args.port, rate=args.rate, var_dir=Path(args.var)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="molo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("ingest", help="run one ingest worker (settings from MOLO_* variables)")
-    p.add_argument("--retire", action="store_true",
-                   help="drain this worker's share and end its broker session (when scaling down)")
+    p.add_argument(
+        "--retire", action="store_true", help="drain this worker's share and end its broker session (when scaling down)"
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("api", help="serve the HTTP API")

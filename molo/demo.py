@@ -66,7 +66,11 @@ def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float
                 log.error("MOLO_MQTT_HOST is set: also set MOLO_CREDENTIALS_FILE (from `molo provision`)")
                 return 2
             creds = Credentials.load(settings.credentials_file)
-            host, port, where_broker = settings.mqtt_host, settings.mqtt_port, f"{settings.mqtt_host}:{settings.mqtt_port}"
+            host, port, where_broker = (
+                settings.mqtt_host,
+                settings.mqtt_port,
+                f"{settings.mqtt_host}:{settings.mqtt_port}",
+            )
             missing = [b for b in ids if b not in creds.boxes]
             if missing:
                 log.error("the credentials file has no password for %s", ", ".join(missing[:5]))
@@ -85,10 +89,12 @@ def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float
         ingest_password = creds.services.get(settings.mqtt_username) or settings.mqtt_secret()
 
         # -- ingest
-        worker_settings = settings.model_copy(update={"mqtt_protocol": protocol, "ingest_shared": shared,
-                                                      "worker_id": "demo"})
-        worker = build_worker(worker_settings, database_url=url, mqtt_host=host, mqtt_port=port,
-                              password=ingest_password)
+        worker_settings = settings.model_copy(
+            update={"mqtt_protocol": protocol, "ingest_shared": shared, "worker_id": "demo"}
+        )
+        worker = build_worker(
+            worker_settings, database_url=url, mqtt_host=host, mqtt_port=port, password=ingest_password
+        )
         worker.start()
         stack.callback(worker.stop)
         if not worker.mqtt.subscribed.wait(15):
@@ -107,12 +113,15 @@ def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float
         fleet = Fleet({b: creds.boxes[b] for b in ids}, host, port, var_dir / "boxes", rate=rate).start()
         stack.callback(fleet.stop)
 
-        print(f"\nMoLo Hubs demo running\n"
-              f"  API          {server.url}/api/v1/boxes   (OpenAPI: {server.url}/docs, metrics: {server.url}/metrics)\n"
-              f"  database     {where_db}\n"
-              f"  broker       {where_broker}\n"
-              f"  boxes        {len(ids)} stand-in boxes ({ids[0]} .. {ids[-1]}), {rate} events/s each\n"
-              f"Ctrl-C stops.\n", flush=True)
+        print(
+            f"\nMoLo Hubs demo running\n"
+            f"  API          {server.url}/api/v1/boxes   (OpenAPI: {server.url}/docs, metrics: {server.url}/metrics)\n"
+            f"  database     {where_db}\n"
+            f"  broker       {where_broker}\n"
+            f"  boxes        {len(ids)} stand-in boxes ({ids[0]} .. {ids[-1]}), {rate} events/s each\n"
+            f"Ctrl-C stops.\n",
+            flush=True,
+        )
         _report_until(stop, url, fleet, duration_s)
         print("stopping: boxes, ingest, API, services ...", flush=True)
     print("stopped cleanly.")
@@ -126,10 +135,15 @@ def _report_until(stop: threading.Event, url: str, fleet: Fleet, duration_s: flo
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM telemetry), "
                 "(SELECT count(*) FROM dead_letters), "
-                "(SELECT count(*) FROM box_state WHERE status_online)").fetchone()
-            assert row is not None
-            print(f"[{time.monotonic() - started:6.0f}s] boxes connected {fleet.connected()}/{len(fleet.firmware)}"
-                  f" | stored: {row[0]} events, {row[1]} telemetry | dead letters {row[2]}"
-                  f" | online {row[3]} | box outboxes {fleet.pending()}", flush=True)
+                "(SELECT count(*) FROM box_state WHERE status_online)"
+            ).fetchone()
+            if row is None:
+                continue
+            print(
+                f"[{time.monotonic() - started:6.0f}s] boxes connected {fleet.connected()}/{len(fleet.firmware)}"
+                f" | stored: {row[0]} events, {row[1]} telemetry | dead letters {row[2]}"
+                f" | online {row[3]} | box outboxes {fleet.pending()}",
+                flush=True,
+            )
             if duration_s is not None and time.monotonic() - started >= duration_s:
                 return

@@ -34,12 +34,23 @@ class Fleet:
     def start(self) -> Fleet:
         rng = random.Random(self.seed)
         for box_id, password in sorted(self.boxes.items()):
-            box = BoxFirmware(box_id, password, self.host, self.port, self.state_dir / box_id,
-                              rng=random.Random(rng.random()), logger=logging.getLogger(f"box.{box_id}"))
+            box = BoxFirmware(
+                box_id,
+                password,
+                self.host,
+                self.port,
+                self.state_dir / box_id,
+                rng=random.Random(rng.random()),
+                logger=logging.getLogger(f"box.{box_id}"),
+            )
             box.start()
-            driver = DemoDriver(box, random.Random(rng.random()), rate=self.rate,
-                                telemetry_interval=self.telemetry_interval,
-                                logger=logging.getLogger(f"box.{box_id}.demo"))
+            driver = DemoDriver(
+                box,
+                random.Random(rng.random()),
+                rate=self.rate,
+                telemetry_interval=self.telemetry_interval,
+                logger=logging.getLogger(f"box.{box_id}.demo"),
+            )
             thread = threading.Thread(target=driver.run, args=(self._stop,), name=f"demo-{box_id}", daemon=True)
             thread.start()
             self.firmware.append(box)

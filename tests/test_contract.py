@@ -25,6 +25,7 @@ from contract import (
     parse_topic,
     topic_for,
 )
+from contract.domain import WasteFraction
 from contract.messages import (
     EVENT_TYPES,
     Command,
@@ -36,11 +37,17 @@ from contract.messages import (
     check_layout,
     json_schemas,
 )
-from contract.domain import WasteFraction
 
 T0 = 1_767_225_600_000
-GOOD = encode(make_event(box_id="aal-001", seq=7, session=2, ts_ms=T0, payload=ParcelDeposited(
-    compartment=5, size_class=SizeClass.B, parcel_id="P-1", carrier="gls")))
+GOOD = encode(
+    make_event(
+        box_id="aal-001",
+        seq=7,
+        session=2,
+        ts_ms=T0,
+        payload=ParcelDeposited(compartment=5, size_class=SizeClass.B, parcel_id="P-1", carrier="gls"),
+    )
+)
 
 
 def refused(raw: bytes, **kwargs: str) -> ContractError:
@@ -95,9 +102,15 @@ def test_malformed_events_are_refused_with_a_precise_code(raw: bytes, code: Erro
 
 def test_negative_waste_weight_is_out_of_range() -> None:
     """A waste deposit with a negative weight is refused before it can distort KPIs."""
-    raw = encode(make_event(box_id="aal-001", seq=1, session=1, ts_ms=T0, payload=WasteDeposited(
-        compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=0.5))).replace(b'"weight_kg":0.5',
-                                                                                 b'"weight_kg":-0.5')
+    raw = encode(
+        make_event(
+            box_id="aal-001",
+            seq=1,
+            session=1,
+            ts_ms=T0,
+            payload=WasteDeposited(compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=0.5),
+        )
+    ).replace(b'"weight_kg":0.5', b'"weight_kg":-0.5')
     assert refused(raw).code is ErrorCode.OUT_OF_RANGE
 
 
@@ -156,8 +169,9 @@ def test_status_and_command_decode_and_validate() -> None:
     """Birth carries the layout; a command missing a needed parameter is refused."""
     birth = Status(v=1, box_id="aal-001", online=True, session=3, layout=default_layout())
     assert decode_status(encode(birth), topic_box_id="aal-001") == birth
-    cmd = Command(v=1, command_id=uuid4(), box_id="aal-001", ts_ms=T0, action=CommandAction.OPEN_COMPARTMENT,
-                  compartment=4)
+    cmd = Command(
+        v=1, command_id=uuid4(), box_id="aal-001", ts_ms=T0, action=CommandAction.OPEN_COMPARTMENT, compartment=4
+    )
     assert decode_command(encode(cmd)) == cmd
     bad = encode(cmd).replace(b',"compartment":4', b"")
     with pytest.raises(ContractError) as info:

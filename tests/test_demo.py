@@ -17,9 +17,27 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path) -> No
     """`molo demo` starts its own PostgreSQL and broker, stores events, serves the API, stops on SIGINT."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOLO_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "demo", "--boxes", "3", "--port", "0",
-         "--rate", "3", "--var", str(tmp_path / "var")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "molo.cli",
+            "--log-level",
+            "WARNING",
+            "demo",
+            "--boxes",
+            "3",
+            "--port",
+            "0",
+            "--rate",
+            "3",
+            "--var",
+            str(tmp_path / "var"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     url = None

@@ -19,8 +19,17 @@ import psycopg
 
 from backend.ingest.worker import IngestWorker
 from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
-from contract.messages import ParcelCollected, ParcelDeposited, Status, StatusReason, Telemetry, WasteDeposited
-from contract.messages import CompartmentReading, PowerSource, RedBoxReading
+from contract.messages import (
+    CompartmentReading,
+    ParcelCollected,
+    ParcelDeposited,
+    PowerSource,
+    RedBoxReading,
+    Status,
+    StatusReason,
+    Telemetry,
+    WasteDeposited,
+)
 from molo.brokers import RunningBroker
 from molo.provision import Credentials
 from tests.fixtures.broker import close, mqtt_client, publish
@@ -34,24 +43,41 @@ def box_client(broker: RunningBroker, credentials: Credentials, box_id: str) -> 
 
 
 def deposited(box_id: str, seq: int, *, compartment: int = 5, session: int = 1, ts_ms: int | None = None) -> bytes:
-    payload = ParcelDeposited(compartment=compartment, size_class=SizeClass.A, parcel_id=f"P-{box_id}-{seq}",
-                              carrier="gls")
-    return encode(make_event(box_id=box_id, seq=seq, session=session, ts_ms=ts_ms or T0 + seq * 1000,
-                             payload=payload))
+    payload = ParcelDeposited(
+        compartment=compartment, size_class=SizeClass.A, parcel_id=f"P-{box_id}-{seq}", carrier="gls"
+    )
+    return encode(make_event(box_id=box_id, seq=seq, session=session, ts_ms=ts_ms or T0 + seq * 1000, payload=payload))
 
 
 def birth(box_id: str, session: int, online: bool = True, reason: StatusReason | None = None) -> bytes:
-    return encode(Status(v=1, box_id=box_id, online=online, session=session, reason=reason, ts_ms=T0,
-                         firmware="test", layout=default_layout() if online else None))
+    return encode(
+        Status(
+            v=1,
+            box_id=box_id,
+            online=online,
+            session=session,
+            reason=reason,
+            ts_ms=T0,
+            firmware="test",
+            layout=default_layout() if online else None,
+        )
+    )
 
 
 def events_of(db: psycopg.Connection[Any], box_id: str) -> list[tuple[int, str]]:
-    return [(r[0], r[1]) for r in db.execute("SELECT seq, type FROM events WHERE box_id = %s ORDER BY seq",
-                                              (box_id,)).fetchall()]
+    return [
+        (r[0], r[1])
+        for r in db.execute("SELECT seq, type FROM events WHERE box_id = %s ORDER BY seq", (box_id,)).fetchall()
+    ]
 
 
-def test_event_flows_from_box_to_api(broker: RunningBroker, credentials: Credentials, ingest: IngestWorker,
-                                     db: psycopg.Connection[Any], api: httpx.Client) -> None:
+def test_event_flows_from_box_to_api(
+    broker: RunningBroker,
+    credentials: Credentials,
+    ingest: IngestWorker,
+    db: psycopg.Connection[Any],
+    api: httpx.Client,
+) -> None:
     """An event a box publishes is stored once and returned by the API with its payload."""
     box = "box-041"
     client = box_client(broker, credentials, box)
@@ -65,15 +91,17 @@ def test_event_flows_from_box_to_api(broker: RunningBroker, credentials: Credent
     assert page["items"][0]["payload"]["parcel_id"] == f"P-{box}-1"
     assert page["items"][0]["ts"].startswith("2026-01-01T00:00:01")
     detail = api.get(f"/api/v1/boxes/{box}").json()
-    assert detail["online"] is True and detail["status_reason"] == "birth"
+    assert detail["online"] is True
+    assert detail["status_reason"] == "birth"
     assert len(detail["compartments"]) == len(default_layout().compartments)
     assert detail["last_seq"] == 1
     listed = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}
     assert listed[box]["online"] is True
 
 
-def test_redelivered_and_replayed_events_are_stored_once(broker: RunningBroker, credentials: Credentials,
-                                                         ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+def test_redelivered_and_replayed_events_are_stored_once(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
     """The same event twice, and a whole outbox replayed after it, leave exactly one row per seq."""
     box = "box-042"
     client = box_client(broker, credentials, box)
@@ -90,9 +118,9 @@ def test_redelivered_and_replayed_events_are_stored_once(broker: RunningBroker, 
     assert ingest.totals.duplicates >= 4
 
 
-def test_same_seq_with_another_timestamp_is_not_stored_twice(broker: RunningBroker, credentials: Credentials,
-                                                             ingest: IngestWorker,
-                                                             db: psycopg.Connection[Any]) -> None:
+def test_same_seq_with_another_timestamp_is_not_stored_twice(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
     """A (box, seq) already stored is refused even if a buggy replay changes its device time."""
     box = "box-043"
     client = box_client(broker, credentials, box)
@@ -108,7 +136,8 @@ def test_same_seq_with_another_timestamp_is_not_stored_twice(broker: RunningBrok
 
 
 def test_malformed_payloads_are_dead_lettered_and_ingest_goes_on(
-        broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
     """Each malformed payload lands in dead_letters with its code and raw bytes; valid ones still flow."""
     box = "box-044"
     client = box_client(broker, credentials, box)
@@ -130,29 +159,37 @@ def test_malformed_payloads_are_dead_lettered_and_ingest_goes_on(
     publish(client, topic, good)
     close(client)
     wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
-    rows = wait_rows(db, "SELECT error_code, payload, topic FROM dead_letters WHERE box_id = %s ORDER BY id",
-                     (box,), len(bad))
+    rows = wait_rows(
+        db, "SELECT error_code, payload, topic FROM dead_letters WHERE box_id = %s ORDER BY id", (box,), len(bad)
+    )
     assert [r[0] for r in rows] == list(bad.values())
     assert [bytes(r[1]) for r in rows] == list(bad)
     assert all(r[2] == topic for r in rows)
-    reason = scalar(db, "SELECT reason FROM dead_letters WHERE box_id = %s AND error_code = 'unknown_compartment'",
-                    (box,))
+    reason = scalar(
+        db, "SELECT reason FROM dead_letters WHERE box_id = %s AND error_code = 'unknown_compartment'", (box,)
+    )
     assert "no compartment 63" in reason
 
 
-def test_telemetry_updates_latest_state_only_forward(broker: RunningBroker, credentials: Credentials,
-                                                     ingest: IngestWorker, api: httpx.Client,
-                                                     db: psycopg.Connection[Any]) -> None:
+def test_telemetry_updates_latest_state_only_forward(
+    broker: RunningBroker,
+    credentials: Credentials,
+    ingest: IngestWorker,
+    api: httpx.Client,
+    db: psycopg.Connection[Any],
+) -> None:
     """Telemetry sets occupancy and red-box fill; an older reading arriving later does not overwrite it."""
     box = "box-046"
     client = box_client(broker, credentials, box)
     publish(client, topic_for(box, MessageKind.STATUS), birth(box, 1), retain=True)
 
     def reading(seq: int, ts: int, temp: float, occupied: set[int], waste: float) -> bytes:
-        payload = Telemetry(power=PowerSource.MAINS, temperature_c=temp,
-                            compartments=[CompartmentReading(id=i, occupied=i in occupied) for i in range(3, 17)],
-                            red_boxes=[RedBoxReading(compartment=1, weight_kg=waste),
-                                       RedBoxReading(compartment=2, weight_kg=0.0)])
+        payload = Telemetry(
+            power=PowerSource.MAINS,
+            temperature_c=temp,
+            compartments=[CompartmentReading(id=i, occupied=i in occupied) for i in range(3, 17)],
+            red_boxes=[RedBoxReading(compartment=1, weight_kg=waste), RedBoxReading(compartment=2, weight_kg=0.0)],
+        )
         return encode(make_event(box_id=box, seq=seq, session=1, ts_ms=ts, payload=payload))
 
     topic = topic_for(box, MessageKind.TELEMETRY)
@@ -171,16 +208,18 @@ def test_telemetry_updates_latest_state_only_forward(broker: RunningBroker, cred
     assert detail["telemetry"]["seq"] == 2
 
 
-def test_stale_last_will_never_overwrites_newer_birth(broker: RunningBroker, credentials: Credentials,
-                                                      ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+def test_stale_last_will_never_overwrites_newer_birth(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
     """An offline status from an older session is ignored; one from the current session applies."""
     box = "box-047"
     client = box_client(broker, credentials, box)
     status_topic = topic_for(box, MessageKind.STATUS)
 
     def state() -> tuple[bool, int, str] | None:
-        row = db.execute("SELECT status_online, status_session, status_reason FROM box_state WHERE box_id = %s",
-                         (box,)).fetchone()
+        row = db.execute(
+            "SELECT status_online, status_session, status_reason FROM box_state WHERE box_id = %s", (box,)
+        ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
     publish(client, status_topic, birth(box, 5), retain=True)
@@ -198,9 +237,13 @@ def test_stale_last_will_never_overwrites_newer_birth(broker: RunningBroker, cre
     close(client)
 
 
-def test_heartbeat_timeout_shows_box_offline(broker: RunningBroker, credentials: Credentials,
-                                             ingest: IngestWorker, api: httpx.Client,
-                                             db: psycopg.Connection[Any]) -> None:
+def test_heartbeat_timeout_shows_box_offline(
+    broker: RunningBroker,
+    credentials: Credentials,
+    ingest: IngestWorker,
+    api: httpx.Client,
+    db: psycopg.Connection[Any],
+) -> None:
     """A box online by its birth but silent past the heartbeat timeout is reported offline, then online again."""
     box = "box-048"
     client = box_client(broker, credentials, box)
@@ -214,18 +257,29 @@ def test_heartbeat_timeout_shows_box_offline(broker: RunningBroker, credentials:
 
 
 def test_ingest_killed_between_receive_and_commit_loses_nothing(
-        broker: RunningBroker, credentials: Credentials, database_url: str, db: psycopg.Connection[Any]) -> None:
+    broker: RunningBroker, credentials: Credentials, database_url: str, db: psycopg.Connection[Any]
+) -> None:
     """SIGKILL of an ingest process holding uncommitted messages, then a restart: every event stored once."""
     box = "box-049"
     settings = settings_for(database_url, broker, credentials)
-    env = {**os.environ, "MOLO_DATABASE_URL": database_url, "MOLO_MQTT_HOST": broker.host,
-           "MOLO_MQTT_PORT": str(broker.port), "MOLO_MQTT_PASSWORD": credentials.services["ingest"],
-           "MOLO_WORKER_ID": settings.worker_id, "MOLO_INGEST_BATCH_WAIT_MS": "20"}
+    env = {
+        **os.environ,
+        "MOLO_DATABASE_URL": database_url,
+        "MOLO_MQTT_HOST": broker.host,
+        "MOLO_MQTT_PORT": str(broker.port),
+        "MOLO_MQTT_PASSWORD": credentials.services["ingest"],
+        "MOLO_WORKER_ID": settings.worker_id,
+        "MOLO_INGEST_BATCH_WAIT_MS": "20",
+    }
     app_name = f"molo-ingest-{settings.worker_id}"
 
     def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "ingest"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "ingest"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     proc = spawn()
     client = box_client(broker, credentials, box)
@@ -235,14 +289,24 @@ def test_ingest_killed_between_receive_and_commit_loses_nothing(
         def warm() -> bool:
             publish(client, topic, deposited(box, 1))
             return events_of(db, box) == [(1, "parcel.deposited")]
+
         wait_for(warm, timeout=20, interval=0.5)
 
         with psycopg.connect(database_url) as blocker:
             blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
             for seq in range(2, 52):
                 publish(client, topic, deposited(box, seq))
-            wait_for(lambda: scalar(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                                        "AND wait_event_type = 'Lock'", (app_name,)) == 1)
+            wait_for(
+                lambda: (
+                    scalar(
+                        db,
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                        "AND wait_event_type = 'Lock'",
+                        (app_name,),
+                    )
+                    == 1
+                )
+            )
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             blocker.rollback()
@@ -258,6 +322,7 @@ def test_ingest_killed_between_receive_and_commit_loses_nothing(
         proc.wait(15)
         # Retire the worker id so its session stops taking a share of later tests' messages.
         from backend.ingest.run import build_worker
+
         leaver = build_worker(settings_for(database_url, broker, credentials, worker_id=settings.worker_id))
         leaver.start()
         leaver.mqtt.subscribed.wait(10)
@@ -265,24 +330,50 @@ def test_ingest_killed_between_receive_and_commit_loses_nothing(
 
 
 def test_collected_and_waste_events_keep_their_typed_columns(
-        broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]) -> None:
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
     """Typed columns (carrier, fraction, weight) are filled from the payload for KPI queries."""
     box = "box-050"
     client = box_client(broker, credentials, box)
     topic = topic_for(box, MessageKind.EVENTS)
-    publish(client, topic, encode(make_event(box_id=box, seq=1, session=1, ts_ms=T0, payload=WasteDeposited(
-        compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=0.33))))
-    publish(client, topic, encode(make_event(box_id=box, seq=2, session=1, ts_ms=T0 + 1, payload=ParcelCollected(
-        compartment=4, parcel_id="P-9"))))
+    publish(
+        client,
+        topic,
+        encode(
+            make_event(
+                box_id=box,
+                seq=1,
+                session=1,
+                ts_ms=T0,
+                payload=WasteDeposited(compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=0.33),
+            )
+        ),
+    )
+    publish(
+        client,
+        topic,
+        encode(
+            make_event(
+                box_id=box, seq=2, session=1, ts_ms=T0 + 1, payload=ParcelCollected(compartment=4, parcel_id="P-9")
+            )
+        ),
+    )
     close(client)
-    rows = wait_rows(db, "SELECT seq, fraction, weight_kg, parcel_id, compartment FROM events "
-                         "WHERE box_id = %s ORDER BY seq", (box,), 2)
+    rows = wait_rows(
+        db,
+        "SELECT seq, fraction, weight_kg, parcel_id, compartment FROM events WHERE box_id = %s ORDER BY seq",
+        (box,),
+        2,
+    )
     assert rows == [(1, "batteries", 0.33, None, 1), (2, None, None, "P-9", 4)]
 
 
-def test_ingest_over_mqtt5_stores_events_and_retires(broker: RunningBroker, credentials: Credentials,
-                                                     start_ingest: Callable[..., IngestWorker],
-                                                     db: psycopg.Connection[Any]) -> None:
+def test_ingest_over_mqtt5_stores_events_and_retires(
+    broker: RunningBroker,
+    credentials: Credentials,
+    start_ingest: Callable[..., IngestWorker],
+    db: psycopg.Connection[Any],
+) -> None:
     """The MQTT 5 ingest path (session expiry, receive maximum) stores events exactly like the default."""
     worker = start_ingest(mqtt_protocol="5")
     box = "box-051"

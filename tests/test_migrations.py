@@ -22,18 +22,26 @@ def test_discovered_migrations_have_both_flavours_where_needed() -> None:
 def test_split_statements_respects_quotes_and_dollar_blocks() -> None:
     """Semicolons inside strings, comments and $$ bodies do not split statements."""
     script = "SELECT ';'; -- a; comment\nDO $x$ BEGIN PERFORM 1; END $x$;\nSELECT 'it''s';"
-    assert split_statements(script) == ["SELECT ';'", "-- a; comment\nDO $x$ BEGIN PERFORM 1; END $x$",
-                                        "SELECT 'it''s'"]
+    assert split_statements(script) == [
+        "SELECT ';'",
+        "-- a; comment\nDO $x$ BEGIN PERFORM 1; END $x$",
+        "SELECT 'it''s'",
+    ]
 
 
 def test_migrate_is_idempotent_and_builds_partitioned_tables(blank_database: str) -> None:
     """A second run applies nothing; events and telemetry are partitioned on plain PostgreSQL."""
     first = migrate(blank_database, TimescaleMode.OFF)
-    assert first.flavour == "postgres" and first.applied == [m.version for m in discover()]
+    assert first.flavour == "postgres"
+    assert first.applied == [m.version for m in discover()]
     assert migrate(blank_database, TimescaleMode.OFF).applied == []
     with psycopg.connect(blank_database) as conn:
-        parts = {r[0] for r in conn.execute(
-            "SELECT c.relname FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid").fetchall()}
+        parts = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid"
+            ).fetchall()
+        }
         assert parts == {"events", "telemetry"}
         made = conn.execute("SELECT molo_ensure_partitions('events', '2025-11-20', '2026-01-03')").fetchone()
         assert made == (3,)
@@ -86,8 +94,9 @@ def test_timescale_path_builds_hypertables_and_aggregate(timescale_admin_url: st
         report = migrate(url, TimescaleMode.ON)
         assert report.flavour == "timescale"
         with psycopg.connect(url, autocommit=True) as conn:
-            hypertables = {r[0] for r in conn.execute(
-                "SELECT hypertable_name FROM timescaledb_information.hypertables").fetchall()}
+            hypertables = {
+                r[0] for r in conn.execute("SELECT hypertable_name FROM timescaledb_information.hypertables").fetchall()
+            }
             assert {"events", "telemetry"} <= hypertables
             jobs = {r[0] for r in conn.execute("SELECT proc_name FROM timescaledb_information.jobs").fetchall()}
             assert {"policy_compression", "policy_retention", "policy_refresh_continuous_aggregate"} <= jobs
@@ -103,7 +112,9 @@ def _insert_two_events(conn: psycopg.Connection[Any]) -> None:
         conn.execute(
             "INSERT INTO events (ts, received_at, box_id, seq, session, type, compartment, fraction, weight_kg, "
             "payload) VALUES (now() - interval '2 hours', now(), 'aal-001', %s, 1, 'waste.deposited', 1, "
-            "'batteries', 0.3, '{}')", (seq,))
+            "'batteries', 0.3, '{}')",
+            (seq,),
+        )
 
 
 def test_plain_path_answers_the_same_aggregate_query(blank_database: str) -> None:

@@ -25,8 +25,12 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-            url, min_size=settings.db_pool_min, max_size=settings.db_pool_max, open=False,
-            kwargs={"autocommit": True, "application_name": "molo-api"})
+            url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            open=False,
+            kwargs={"autocommit": True, "application_name": "molo-api"},
+        )
         await pool.open(wait=False)
         app.state.pool = pool
         try:

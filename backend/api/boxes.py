@@ -6,20 +6,20 @@ import base64
 import binascii
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 
-from contract.messages import EVENT_TYPES
-from contract.topics import BOX_ID_PATTERN
 from backend.api import repository, service
 from backend.api.deps import ConnDep, SettingsDep
 from backend.api.errors import ApiError
 from backend.api.schemas import BoxDetail, BoxSummary, EventOut, EventPage
+from contract.messages import EVENT_TYPES
+from contract.topics import BOX_ID_PATTERN
 
 router = APIRouter(prefix="/api/v1/boxes", tags=["boxes"])
 BoxIdPath = Annotated[str, Path(pattern=BOX_ID_PATTERN, description="the box id, e.g. aal-001")]
-_NOT_FOUND = {404: {"description": "no such box (code `box_not_found`)"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such box (code `box_not_found`)"}}
 
 
 def _now() -> datetime:
@@ -34,8 +34,12 @@ async def list_boxes(conn: ConnDep, settings: SettingsDep) -> list[BoxSummary]:
     return [service.summarize(r, now, timeout) for r in rows]
 
 
-@router.get("/{box_id}", response_model=BoxDetail, responses=_NOT_FOUND,
-            summary="One box with its compartments and latest telemetry")
+@router.get(
+    "/{box_id}",
+    response_model=BoxDetail,
+    responses=_NOT_FOUND,
+    summary="One box with its compartments and latest telemetry",
+)
 async def get_box(box_id: BoxIdPath, conn: ConnDep, settings: SettingsDep) -> BoxDetail:
     row = await repository.get_box(conn, box_id)
     if row is None:
@@ -66,15 +70,21 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-@router.get("/{box_id}/events", response_model=EventPage, summary="A box's events over a time range",
-            responses={**_NOT_FOUND, 400: {"description": "`invalid_range` or `invalid_cursor`"}})
+@router.get(
+    "/{box_id}/events",
+    response_model=EventPage,
+    summary="A box's events over a time range",
+    responses={**_NOT_FOUND, 400: {"description": "`invalid_range` or `invalid_cursor`"}},
+)
 async def box_events(
     box_id: BoxIdPath,
     conn: ConnDep,
     since: Annotated[datetime | None, Query(description="inclusive, device time (UTC if no offset)")] = None,
     until: Annotated[datetime | None, Query(description="exclusive, device time (UTC if no offset)")] = None,
-    type: Annotated[list[Literal[EVENT_TYPES]] | None,  # type: ignore[valid-type]
-                    Query(description="only these event types (repeatable)")] = None,
+    type: Annotated[
+        list[Literal[EVENT_TYPES]] | None,  # type: ignore[valid-type]
+        Query(description="only these event types (repeatable)"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     order: Literal["asc", "desc"] = "asc",
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -85,8 +95,9 @@ async def box_events(
     if await repository.get_box(conn, box_id) is None:
         raise ApiError(404, "box_not_found", f"no box {box_id!r}")
     after = _decode_cursor(cursor) if cursor else None
-    rows = await repository.box_events(conn, box_id, since=since, until=until, types=type, after=after,
-                                       limit=limit + 1, descending=order == "desc")
+    rows = await repository.box_events(
+        conn, box_id, since=since, until=until, types=type, after=after, limit=limit + 1, descending=order == "desc"
+    )
     more = len(rows) > limit
     rows = rows[:limit]
     items = [EventOut(**r) for r in rows]

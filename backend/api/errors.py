@@ -1,6 +1,6 @@
 """Precise API errors: an HTTP status and a machine-readable code, always in the same JSON shape::
 
-    {"error": {"code": "box_not_found", "message": "no box 'aal-999'", "details": null}}
+{"error": {"code": "box_not_found", "message": "no box 'aal-999'", "details": null}}
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"loc": list(e["loc"]), "type": e["type"], "msg": e["msg"]} for e in exc.errors()]
-        return JSONResponse(error_body("invalid_request", "the request parameters are invalid", details),
-                            status_code=422)
+        return JSONResponse(
+            error_body("invalid_request", "the request parameters are invalid", details), status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )

@@ -29,15 +29,21 @@ async def health() -> Health:
     return Health(status="ok")
 
 
-@router.get("/ready", response_model=Readiness, summary="Readiness: database reachable and schema current",
-            responses={503: {"description": "`database_unavailable` or `schema_outdated`"}})
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    summary="Readiness: database reachable and schema current",
+    responses={503: {"description": "`database_unavailable` or `schema_outdated`"}},
+)
 async def ready(conn: ConnDep) -> Readiness | JSONResponse:
     state = await repository.schema_state(conn)
     expected = len(discover())
     if state is None or state[0] < expected:
         have = 0 if state is None else state[0]
-        return JSONResponse(error_body("schema_outdated", f"schema at version {have}, code needs {expected}; "
-                                       "run `molo migrate`"), status_code=503)
+        return JSONResponse(
+            error_body("schema_outdated", f"schema at version {have}, code needs {expected}; run `molo migrate`"),
+            status_code=503,
+        )
     return Readiness(status="ready", schema_version=state[0], flavour=state[1])
 
 
@@ -46,13 +52,16 @@ class _Snapshot(Collector):
         self.snap = snap
         self.timeout = heartbeat_timeout_s
 
-    def collect(self) -> list[Metric]:  # type: ignore[override]
+    def collect(self) -> list[Metric]:
         counters = {
-            "messages": "Messages committed (any kind)", "events": "Events stored",
-            "telemetry": "Telemetry readings stored", "statuses": "Status messages applied",
+            "messages": "Messages committed (any kind)",
+            "events": "Events stored",
+            "telemetry": "Telemetry readings stored",
+            "statuses": "Status messages applied",
             "command_acks": "Command acknowledgements applied",
             "duplicates": "Redelivered or replayed events recognised and stored once",
-            "dead_letters": "Messages dead-lettered", "batches": "Batches committed",
+            "dead_letters": "Messages dead-lettered",
+            "batches": "Batches committed",
         }
         out: list[Metric] = []
         for key, doc in counters.items():
@@ -62,10 +71,12 @@ class _Snapshot(Collector):
             out.append(fam)
         batch = GaugeMetricFamily("molo_ingest_batch_seconds_avg", "Mean batch commit time", labels=["worker"])
         last = GaugeMetricFamily("molo_ingest_last_batch_seconds", "Last batch commit time", labels=["worker"])
-        lag = GaugeMetricFamily("molo_ingest_lag_seconds", "Receive-to-commit time of the last batch",
-                                labels=["worker"])
-        age = GaugeMetricFamily("molo_ingest_last_batch_age_seconds", "Seconds since the worker last committed",
-                                labels=["worker"])
+        lag = GaugeMetricFamily(
+            "molo_ingest_lag_seconds", "Receive-to-commit time of the last batch", labels=["worker"]
+        )
+        age = GaugeMetricFamily(
+            "molo_ingest_last_batch_age_seconds", "Seconds since the worker last committed", labels=["worker"]
+        )
         now = datetime.now(UTC)
         for w in self.snap["workers"]:
             if w["batches"]:
@@ -79,8 +90,13 @@ class _Snapshot(Collector):
         for d in self.snap["dead_letters"]:
             dead.add_metric([d["error_code"]], float(d["n"]))
         boxes = GaugeMetricFamily("molo_boxes", "Boxes by live status", labels=["status"])
-        online = sum(1 for b in self.snap["boxes"] if b["status_online"] and b["last_received_at"] is not None
-                     and (now - b["last_received_at"]).total_seconds() <= self.timeout)
+        online = sum(
+            1
+            for b in self.snap["boxes"]
+            if b["status_online"]
+            and b["last_received_at"] is not None
+            and (now - b["last_received_at"]).total_seconds() <= self.timeout
+        )
         boxes.add_metric(["online"], float(online))
         boxes.add_metric(["offline"], float(len(self.snap["boxes"]) - online))
         return [*out, batch, last, lag, age, dead, boxes]

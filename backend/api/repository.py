@@ -32,8 +32,15 @@ async def get_box(conn: AsyncConnection[Any], box_id: str) -> Row | None:
 
 
 async def box_events(
-    conn: AsyncConnection[Any], box_id: str, *, since: datetime | None, until: datetime | None,
-    types: list[str] | None, after: tuple[datetime, int] | None, limit: int, descending: bool,
+    conn: AsyncConnection[Any],
+    box_id: str,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    types: list[str] | None,
+    after: tuple[datetime, int] | None,
+    limit: int,
+    descending: bool,
 ) -> list[Row]:
     """Events of one box in ``[since, until)``, keyset-paginated on ``(ts, seq)``."""
     where = ["box_id = %(box)s"]
@@ -51,10 +58,12 @@ async def box_events(
         where.append("(ts, seq) < (%(a_ts)s, %(a_seq)s)" if descending else "(ts, seq) > (%(a_ts)s, %(a_seq)s)")
         params["a_ts"], params["a_seq"] = after
     order = "DESC" if descending else "ASC"
-    query = (f"SELECT box_id, seq, session, ts, received_at, type, payload FROM events "
-             f"WHERE {' AND '.join(where)} ORDER BY ts {order}, seq {order} LIMIT %(limit)s")
+    query = (
+        f"SELECT box_id, seq, session, ts, received_at, type, payload FROM events "
+        f"WHERE {' AND '.join(where)} ORDER BY ts {order}, seq {order} LIMIT %(limit)s"
+    )
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query, params)  # type: ignore[arg-type]  # composed only from constants above
+        await cur.execute(query, params)  # query composed only from constants above
         return await cur.fetchall()
 
 
@@ -79,7 +88,6 @@ async def metrics_snapshot(conn: AsyncConnection[Any]) -> dict[str, list[Row]]:
         out["workers"] = await cur.fetchall()
         await cur.execute("SELECT error_code, count(*) AS n FROM dead_letters GROUP BY 1 ORDER BY 1")
         out["dead_letters"] = await cur.fetchall()
-        await cur.execute(
-            "SELECT box_id, status_online, last_received_at FROM box_state ORDER BY box_id")
+        await cur.execute("SELECT box_id, status_online, last_received_at FROM box_state ORDER BY box_id")
         out["boxes"] = await cur.fetchall()
     return out

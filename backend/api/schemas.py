@@ -24,13 +24,16 @@ class RedBoxView(BaseModel):
     fill_ratio: float | None
 
 
+StatusReasonOut = Literal["birth", "shutdown", "connection_lost", "heartbeat_timeout", "never_seen"]
+
+
 class BoxSummary(BaseModel):
     box_id: str
     name: str | None
     latitude: float | None
     longitude: float | None
     online: bool
-    status_reason: Literal["birth", "shutdown", "connection_lost", "heartbeat_timeout", "never_seen"]
+    status_reason: StatusReasonOut
     status_since: datetime | None = Field(description="when the box went online or offline, as the backend saw it")
     session: int
     last_seen_at: datetime | None = Field(description="newest device timestamp of any message")

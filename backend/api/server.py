@@ -20,8 +20,9 @@ class ApiServer:
         self.host, self.port = self._sock.getsockname()[:2]
         config = uvicorn.Config(app, log_config=None, lifespan="on", access_log=False)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="api", daemon=True
+        )
 
     @property
     def url(self) -> str:

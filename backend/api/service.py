@@ -8,27 +8,30 @@ shown offline with reason ``heartbeat_timeout`` from the moment the timeout ran 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast, get_args
 
-from contract import SIZE_DIMENSIONS_MM, BoxLayout, CompartmentKind, SizeClass
-from contract.domain import RED_BOX_MAX_KG
 from backend.api.schemas import (
     BoxDetail,
     BoxSummary,
     CompartmentView,
     RedBoxView,
     SizeOccupancy,
+    StatusReasonOut,
     TelemetryView,
 )
+from contract import SIZE_DIMENSIONS_MM, BoxLayout, CompartmentKind, SizeClass
+from contract.domain import RED_BOX_MAX_KG
 
 Row = dict[str, Any]
+_REASONS = set(get_args(StatusReasonOut))
 
 
-def online_state(row: Row, now: datetime, timeout: timedelta) -> tuple[bool, str, datetime | None]:
+def online_state(row: Row, now: datetime, timeout: timedelta) -> tuple[bool, StatusReasonOut, datetime | None]:
     """(online, reason, since) for a box row."""
     if row.get("status_session") is None:
         return False, "never_seen", None
-    reason = row.get("status_reason") or "never_seen"
+    stored = row.get("status_reason")
+    reason = cast(StatusReasonOut, stored) if stored in _REASONS else "never_seen"
     since: datetime | None = row.get("status_changed_at")
     if not row.get("status_online"):
         return False, reason, since
@@ -61,21 +64,40 @@ def summarize(row: Row, now: datetime, timeout: timedelta) -> BoxSummary:
                 continue
             occupied = sum(1 for c in doors if readings.get(c.id, {}).get("occupied"))
             broken = sum(1 for c in doors if readings.get(c.id, {}).get("in_service") is False)
-            free = sum(1 for c in doors if not readings.get(c.id, {}).get("occupied")
-                       and readings.get(c.id, {}).get("in_service") is not False)
+            free = sum(
+                1
+                for c in doors
+                if not readings.get(c.id, {}).get("occupied") and readings.get(c.id, {}).get("in_service") is not False
+            )
             occupancy[size] = SizeOccupancy(total=len(doors), occupied=occupied, out_of_service=broken, free=free)
         for rb in layout.red_boxes:
             weight = weights.get(rb.id)
             cap = rb.red_box_capacity_kg
-            red_boxes.append(RedBoxView(compartment=rb.id, weight_kg=weight, capacity_kg=cap,
-                                        fill_ratio=None if weight is None else round(weight / cap, 4)))
+            red_boxes.append(
+                RedBoxView(
+                    compartment=rb.id,
+                    weight_kg=weight,
+                    capacity_kg=cap,
+                    fill_ratio=None if weight is None else round(weight / cap, 4),
+                )
+            )
     return BoxSummary(
-        box_id=row["box_id"], name=row.get("name"), latitude=row.get("latitude"), longitude=row.get("longitude"),
-        online=online, status_reason=reason, status_since=since,  # type: ignore[arg-type]
-        session=int(row.get("status_session") or 0), last_seen_at=row.get("last_seen_at"),
-        last_received_at=row.get("last_received_at"), last_seq=int(row.get("last_seq") or 0),
-        occupancy=occupancy, red_boxes=red_boxes, temperature_c=row.get("temperature_c"),
-        power=row.get("power"), battery_pct=row.get("battery_pct"),
+        box_id=row["box_id"],
+        name=row.get("name"),
+        latitude=row.get("latitude"),
+        longitude=row.get("longitude"),
+        online=online,
+        status_reason=reason,
+        status_since=since,
+        session=int(row.get("status_session") or 0),
+        last_seen_at=row.get("last_seen_at"),
+        last_received_at=row.get("last_received_at"),
+        last_seq=int(row.get("last_seq") or 0),
+        occupancy=occupancy,
+        red_boxes=red_boxes,
+        temperature_c=row.get("temperature_c"),
+        power=row.get("power"),
+        battery_pct=row.get("battery_pct"),
     )
 
 
@@ -88,17 +110,28 @@ def detail(row: Row, now: datetime, timeout: timedelta) -> BoxDetail:
         reading = readings.get(c.id)
         dims = SIZE_DIMENSIONS_MM[c.size_class].model_dump() if c.size_class else None
         is_red = c.kind is CompartmentKind.RED_BOX
-        compartments.append(CompartmentView(
-            id=c.id, kind=c.kind, size_class=c.size_class, dimensions_mm=dims,
-            occupied=reading.get("occupied") if reading else None,
-            door_open=reading.get("door_open") if reading else None,
-            in_service=reading.get("in_service") if reading else None,
-            weight_kg=weights.get(c.id) if is_red else None,
-            capacity_kg=(c.capacity_kg or RED_BOX_MAX_KG) if is_red else None,
-        ))
+        compartments.append(
+            CompartmentView(
+                id=c.id,
+                kind=c.kind,
+                size_class=c.size_class,
+                dimensions_mm=dims,
+                occupied=reading.get("occupied") if reading else None,
+                door_open=reading.get("door_open") if reading else None,
+                in_service=reading.get("in_service") if reading else None,
+                weight_kg=weights.get(c.id) if is_red else None,
+                capacity_kg=(c.capacity_kg or RED_BOX_MAX_KG) if is_red else None,
+            )
+        )
     telemetry = None
     if row.get("telemetry_ts") is not None:
-        telemetry = TelemetryView(ts=row["telemetry_ts"], seq=int(row["telemetry_seq"]), power=row.get("power"),
-                                  battery_pct=row.get("battery_pct"), temperature_c=row.get("temperature_c"))
-    return BoxDetail(**summary.model_dump(), firmware=row.get("firmware"), compartments=compartments,
-                     telemetry=telemetry)
+        telemetry = TelemetryView(
+            ts=row["telemetry_ts"],
+            seq=int(row["telemetry_seq"]),
+            power=row.get("power"),
+            battery_pct=row.get("battery_pct"),
+            temperature_c=row.get("temperature_c"),
+        )
+    return BoxDetail(
+        **summary.model_dump(), firmware=row.get("firmware"), compartments=compartments, telemetry=telemetry
+    )

@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from contract.topics import INGEST_SHARE_GROUP, MessageKind, subscription
 
@@ -100,7 +101,7 @@ class IngestMqtt:
     def start(self) -> None:
         """Connect in the background (retrying until :meth:`stop`)."""
         if self._v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._session_expiry_s
             props.ReceiveMaximum = self._receive_maximum
             self._client.connect_async(self._host, self._port, keepalive=30, clean_start=False, properties=props)
@@ -122,7 +123,7 @@ class IngestMqtt:
         """Disconnect and ask the broker to drop the session now (session expiry 0)."""
         self._closing = True
         if self._v5:
-            props = Properties(PacketTypes.DISCONNECT)
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
             self._client.disconnect(properties=props)
             self._client.loop_stop()
@@ -131,8 +132,9 @@ class IngestMqtt:
         self._client.loop_stop()
         # MQTT 3.1.1 has no expiry on DISCONNECT: a clean-session connect with the same client id
         # discards the stored session.
-        cleaner = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv311,
-                              clean_session=True)
+        cleaner = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv311, clean_session=True
+        )
         cleaner.username_pw_set(self._username, self._password)
         if self._tls:
             cleaner.tls_set(ca_certs=self._tls_ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -156,8 +158,14 @@ class IngestMqtt:
 
     # -- paho callbacks: network thread, keep them short
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                    reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason_code.is_failure:
             self.last_error = f"connect refused: {reason_code}"
             self.log.error("ingest: broker refused the connection: %s", reason_code)
@@ -168,8 +176,14 @@ class IngestMqtt:
         self.log.info("ingest: connected (session present: %s)", flags.session_present)
         client.subscribe([(topic, 1) for topic in self._topics()])
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
-                      reason_codes: list[mqtt.ReasonCode], properties: Properties | None) -> None:
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
         failed = [str(rc) for rc in reason_codes if rc.is_failure]
         if failed:
             self.last_error = f"subscribe refused: {failed}"
@@ -177,8 +191,14 @@ class IngestMqtt:
         else:
             self.subscribed.set()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
-                       reason_code: mqtt.ReasonCode, properties: Properties | None) -> None:
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         self.connected.clear()
         self.subscribed.clear()
         if self._closing:
@@ -187,4 +207,4 @@ class IngestMqtt:
             self.log.warning("ingest: connection lost (%s); unacknowledged messages will be redelivered", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Received(self._generation, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))
+        self.inbox.put(Received(self._generation, msg.mid, msg.qos, msg.topic, bytes(msg.payload), time.time()))

@@ -16,8 +16,14 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_worker(settings: Settings, *, database_url: str | None = None, mqtt_host: str | None = None,
-                 mqtt_port: int | None = None, password: str | None = None) -> IngestWorker:
+def build_worker(
+    settings: Settings,
+    *,
+    database_url: str | None = None,
+    mqtt_host: str | None = None,
+    mqtt_port: int | None = None,
+    password: str | None = None,
+) -> IngestWorker:
     """An ingest worker for ``settings``; keyword arguments override (the main job passes the
     services it started itself)."""
     url = database_url or settings.database_url
@@ -37,8 +43,13 @@ def build_worker(settings: Settings, *, database_url: str | None = None, mqtt_ho
         shared=settings.ingest_shared,
         tls_ca_file=str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None,
     )
-    return IngestWorker(database_url=url, mqtt=client, worker_id=settings.worker_id,
-                        batch_max=settings.ingest_batch_max, batch_wait_s=settings.ingest_batch_wait_ms / 1000)
+    return IngestWorker(
+        database_url=url,
+        mqtt=client,
+        worker_id=settings.worker_id,
+        batch_max=settings.ingest_batch_max,
+        batch_wait_s=settings.ingest_batch_wait_ms / 1000,
+    )
 
 
 def run_forever(settings: Settings, *, retire: bool = False) -> int:

@@ -30,18 +30,32 @@ class IngestMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.messages = Counter("molo_ingest_messages", "Messages received and committed", ["kind"], registry=registry)
-        self.duplicates = Counter("molo_ingest_duplicates", "Redelivered or replayed events stored once", registry=registry)
+        self.duplicates = Counter(
+            "molo_ingest_duplicates", "Redelivered or replayed events stored once", registry=registry
+        )
         self.dead_letters = Counter("molo_ingest_dead_letters", "Messages dead-lettered", ["code"], registry=registry)
         self.batch_seconds = Histogram(
-            "molo_ingest_batch_seconds", "Time to validate and commit one batch", registry=registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-        self.lag = Gauge("molo_ingest_lag_seconds", "Receive-to-commit time of the oldest message in the last batch",
-                         registry=registry)
-        self.db_errors = Counter("molo_ingest_database_errors", "Batches retried after a database error", registry=registry)
+            "molo_ingest_batch_seconds",
+            "Time to validate and commit one batch",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.lag = Gauge(
+            "molo_ingest_lag_seconds",
+            "Receive-to-commit time of the oldest message in the last batch",
+            registry=registry,
+        )
+        self.db_errors = Counter(
+            "molo_ingest_database_errors", "Batches retried after a database error", registry=registry
+        )
 
     def observe(self, r: BatchResult) -> None:
-        for kind, n in (("event", r.events), ("telemetry", r.telemetry), ("status", r.statuses),
-                        ("command_ack", r.command_acks)):
+        for kind, n in (
+            ("event", r.events),
+            ("telemetry", r.telemetry),
+            ("status", r.statuses),
+            ("command_ack", r.command_acks),
+        ):
             if n:
                 self.messages.labels(kind).inc(n)
         if r.duplicates:
@@ -150,8 +164,9 @@ class IngestWorker:
 
     def _connect(self) -> BatchWriter:
         if self._writer is None or self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, autocommit=True,
-                                         application_name=f"molo-ingest-{self.worker_id}")
+            self._conn = psycopg.connect(
+                self.database_url, autocommit=True, application_name=f"molo-ingest-{self.worker_id}"
+            )
             self._writer = BatchWriter(self._conn, self.worker_id)
         return self._writer
 
@@ -166,8 +181,9 @@ class IngestWorker:
                 self.metrics.db_errors.inc()
                 attempt += 1
                 delay = random.uniform(0, min(30.0, 0.5 * 2**attempt))
-                log.error("ingest: database error (%s); retrying batch of %d in %.1fs, nothing acked",
-                          exc, len(batch), delay)
+                log.error(
+                    "ingest: database error (%s); retrying batch of %d in %.1fs, nothing acked", exc, len(batch), delay
+                )
                 if self._conn is not None:
                     self._conn.close()
                 self._writer = None
@@ -175,12 +191,14 @@ class IngestWorker:
                     return  # shutting down: the broker redelivers the unacked batch later
         not_acked = sum(1 for m in batch if not self.mqtt.ack(m))
         if not_acked:
-            log.warning("ingest: %d committed messages came on an older connection; the broker will "
-                        "redeliver them and they will be stored once", not_acked)
+            log.warning(
+                "ingest: %d committed messages came on an older connection; the broker will "
+                "redeliver them and they will be stored once",
+                not_acked,
+            )
         self.metrics.observe(result)
         merge_results(self.totals, result)
         try:
             writer.record_timing(result.seconds, result.lag_seconds)
         except psycopg.Error as exc:  # timing is best effort; the data is committed
             log.warning("ingest: could not record batch timing: %s", exc)
-

@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from pydantic import BaseModel
 from psycopg.types.json import Jsonb
+from pydantic import BaseModel
 
 from backend.ingest.mqtt import Received
 from contract import BoxLayout, ContractError, ErrorCode, MessageKind, TopicInfo, parse_topic
@@ -45,10 +45,34 @@ from contract.messages import (
 
 log = logging.getLogger(__name__)
 
-EVENT_COLUMNS = ("ts", "received_at", "box_id", "seq", "session", "type", "compartment", "parcel_id",
-                 "carrier", "size_class", "fraction", "weight_kg", "payload")
-TELEMETRY_COLUMNS = ("ts", "received_at", "box_id", "seq", "session", "power", "battery_pct",
-                     "temperature_c", "occupied", "compartments", "red_boxes")
+EVENT_COLUMNS = (
+    "ts",
+    "received_at",
+    "box_id",
+    "seq",
+    "session",
+    "type",
+    "compartment",
+    "parcel_id",
+    "carrier",
+    "size_class",
+    "fraction",
+    "weight_kg",
+    "payload",
+)
+TELEMETRY_COLUMNS = (
+    "ts",
+    "received_at",
+    "box_id",
+    "seq",
+    "session",
+    "power",
+    "battery_pct",
+    "temperature_c",
+    "occupied",
+    "compartments",
+    "red_boxes",
+)
 
 
 @dataclass
@@ -95,18 +119,25 @@ class BatchWriter:
         self.worker_id = worker_id
         self._layouts: dict[str, BoxLayout | None] = {}
         self._months: set[tuple[str, datetime]] = set()
-        self._partitioned = bool(conn.execute(
-            "SELECT 1 FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid "
-            "WHERE c.relname = 'events'").fetchone())
+        self._partitioned = bool(
+            conn.execute(
+                "SELECT 1 FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid WHERE c.relname = 'events'"
+            ).fetchone()
+        )
         with conn.transaction():
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS staging_events "
-                         "(LIKE events INCLUDING DEFAULTS, idx integer NOT NULL) ON COMMIT DELETE ROWS")
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS staging_telemetry "
-                         "(LIKE telemetry INCLUDING DEFAULTS, idx integer NOT NULL) ON COMMIT DELETE ROWS")
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS staging_events "
+                "(LIKE events INCLUDING DEFAULTS, idx integer NOT NULL) ON COMMIT DELETE ROWS"
+            )
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS staging_telemetry "
+                "(LIKE telemetry INCLUDING DEFAULTS, idx integer NOT NULL) ON COMMIT DELETE ROWS"
+            )
             conn.execute(
                 "INSERT INTO ingest_workers (worker_id, started_at, updated_at) VALUES (%s, now(), now()) "
                 "ON CONFLICT (worker_id) DO UPDATE SET started_at = now(), updated_at = now()",
-                (worker_id,))
+                (worker_id,),
+            )
 
     # ------------------------------------------------------------------ decode
 
@@ -128,7 +159,8 @@ class BatchWriter:
                         raise ContractError(
                             ErrorCode.WRONG_TOPIC,
                             f"{event.type} message on the {info.kind.value} topic "
-                            f"(telemetry goes on .../telemetry, everything else on .../events)")
+                            f"(telemetry goes on .../telemetry, everything else on .../events)",
+                        )
                     (out.telemetry if is_telemetry else out.events).append((msg, event))
                 else:
                     raise ContractError(ErrorCode.UNKNOWN_TOPIC, f"ingest does not take {info.kind.value} messages")
@@ -176,7 +208,9 @@ class BatchWriter:
             if len(batch) == 1:
                 msg = batch[0]
                 log.error("storage refused a message on %s: %s", msg.topic, exc)
-                result = self._commit(_Decoded(dead=[(msg, ErrorCode.STORAGE_REJECTED.value, str(exc)[:500], _box(msg.topic))]), 1)
+                result = self._commit(
+                    _Decoded(dead=[(msg, ErrorCode.STORAGE_REJECTED.value, str(exc)[:500], _box(msg.topic))]), 1
+                )
             else:
                 log.warning("batch of %d refused by the database (%s); isolating the bad message", len(batch), exc)
                 result = BatchResult()
@@ -205,17 +239,25 @@ class BatchWriter:
         r = BatchResult(messages=n_messages)
         with conn.transaction():
             if d.events:
-                r.events = self._insert_series("events", EVENT_COLUMNS, [_event_row(i, m, e) for i, (m, e) in enumerate(d.events)])
+                r.events = self._insert_series(
+                    "events", EVENT_COLUMNS, [_event_row(i, m, e) for i, (m, e) in enumerate(d.events)]
+                )
             if d.telemetry:
-                r.telemetry = self._insert_series("telemetry", TELEMETRY_COLUMNS, [_telemetry_row(i, m, e) for i, (m, e) in enumerate(d.telemetry)])
+                r.telemetry = self._insert_series(
+                    "telemetry", TELEMETRY_COLUMNS, [_telemetry_row(i, m, e) for i, (m, e) in enumerate(d.telemetry)]
+                )
             r.duplicates = len(d.events) + len(d.telemetry) - r.events - r.telemetry
             self._update_box_state(d)
             r.statuses = len(d.statuses)
             r.command_acks = self._apply_command_acks(d.acks)
             if d.dead:
-                with conn.cursor().copy("COPY dead_letters (received_at, topic, box_id, error_code, reason, payload, worker_id) FROM STDIN") as copy:
+                with conn.cursor().copy(
+                    "COPY dead_letters (received_at, topic, box_id, error_code, reason, payload, worker_id) FROM STDIN"
+                ) as copy:
                     for msg, code, reason, box_id in d.dead:
-                        copy.write_row((_wall(msg.received_at), msg.topic, box_id, code, reason, msg.payload, self.worker_id))
+                        copy.write_row(
+                            (_wall(msg.received_at), msg.topic, box_id, code, reason, msg.payload, self.worker_id)
+                        )
                         r.dead_letter_codes[code] = r.dead_letter_codes.get(code, 0) + 1
             r.dead_letters = len(d.dead)
             conn.execute(
@@ -223,14 +265,26 @@ class BatchWriter:
                        telemetry = telemetry + %s, statuses = statuses + %s, command_acks = command_acks + %s,
                        duplicates = duplicates + %s, dead_letters = dead_letters + %s, batches = batches + 1
                    WHERE worker_id = %s""",
-                (n_messages, r.events, r.telemetry, r.statuses, r.command_acks, r.duplicates, r.dead_letters, self.worker_id))
+                (
+                    n_messages,
+                    r.events,
+                    r.telemetry,
+                    r.statuses,
+                    r.command_acks,
+                    r.duplicates,
+                    r.dead_letters,
+                    self.worker_id,
+                ),
+            )
         return r
 
     def record_timing(self, seconds: float, lag_seconds: float) -> None:
         """Store the last batch's duration and lag (outside the batch transaction, best effort)."""
         self.conn.execute(
             "UPDATE ingest_workers SET batch_seconds_sum = batch_seconds_sum + %s, last_batch_seconds = %s, "
-            "last_lag_seconds = %s WHERE worker_id = %s", (seconds, seconds, lag_seconds, self.worker_id))
+            "last_lag_seconds = %s WHERE worker_id = %s",
+            (seconds, seconds, lag_seconds, self.worker_id),
+        )
 
     def _insert_series(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> int:
         cols = ", ".join(columns)
@@ -246,7 +300,8 @@ class BatchWriter:
                     WHERE s.seq > coalesce(b.last_seq, 0)
                        OR NOT EXISTS (SELECT 1 FROM {table} t WHERE t.box_id = s.box_id AND t.seq = s.seq)
                     ORDER BY s.box_id, s.seq, s.idx
-                    ON CONFLICT DO NOTHING""")
+                    ON CONFLICT DO NOTHING"""
+            )
             return cur.rowcount
 
     def _update_box_state(self, d: _Decoded) -> None:
@@ -256,8 +311,8 @@ class BatchWriter:
             s, t, rcv = seen.get(e.box_id, (0, 0, 0.0))
             seen[e.box_id] = (max(s, e.seq), max(t, e.ts_ms), max(rcv, msg.received_at))
         for msg, e in d.telemetry:
-            cur = newest_telemetry.get(e.box_id)
-            if cur is None or (e.ts_ms, e.seq) > (cur[1].ts_ms, cur[1].seq):
+            current = newest_telemetry.get(e.box_id)
+            if current is None or (e.ts_ms, e.seq) > (current[1].ts_ms, current[1].seq):
                 newest_telemetry[e.box_id] = (msg, e)
         with self.conn.cursor() as cur:
             for msg, status in d.statuses:
@@ -271,25 +326,38 @@ class BatchWriter:
                            last_seen_at = greatest(b.last_seen_at, excluded.last_seen_at),
                            last_received_at = greatest(b.last_received_at, excluded.last_received_at),
                            updated_at = now()""",
-                    [(box, s, _ts(t), _wall(rcv)) for box, (s, t, rcv) in sorted(seen.items())])
+                    [(box, s, _ts(t), _wall(rcv)) for box, (s, t, rcv) in sorted(seen.items())],
+                )
             if newest_telemetry:
                 rows = []
                 for box, (_, e) in sorted(newest_telemetry.items()):
-                    p = e.payload
-                    assert isinstance(p, Telemetry)
-                    rows.append((_ts(e.ts_ms), e.seq, p.power.value, p.battery_pct, p.temperature_c,
-                                 Jsonb([c.model_dump(mode="json") for c in p.compartments]),
-                                 Jsonb([r.model_dump(mode="json") for r in p.red_boxes]), box))
+                    p = _telemetry(e)
+                    rows.append(
+                        (
+                            _ts(e.ts_ms),
+                            e.seq,
+                            p.power.value,
+                            p.battery_pct,
+                            p.temperature_c,
+                            Jsonb([c.model_dump(mode="json") for c in p.compartments]),
+                            Jsonb([r.model_dump(mode="json") for r in p.red_boxes]),
+                            box,
+                        )
+                    )
                 cur.executemany(
                     """UPDATE box_state SET telemetry_ts = %s, telemetry_seq = %s, power = %s, battery_pct = %s,
                            temperature_c = %s, compartments = %s, red_boxes = %s, updated_at = now()
                        WHERE box_id = %s AND (telemetry_ts IS NULL
                              OR (telemetry_ts, telemetry_seq) < (%s, %s))""",
-                    [(*row, row[0], row[1]) for row in rows])
+                    [(*row, row[0], row[1]) for row in rows],
+                )
 
     def _apply_status(self, cur: psycopg.Cursor[Any], msg: Received, status: Status) -> None:
-        reason = status.reason.value if status.reason else (
-            StatusReason.BIRTH.value if status.online else StatusReason.CONNECTION_LOST.value)
+        reason = (
+            status.reason.value
+            if status.reason
+            else (StatusReason.BIRTH.value if status.online else StatusReason.CONNECTION_LOST.value)
+        )
         ts = _ts(status.ts_ms) if status.ts_ms is not None else None
         received = _wall(msg.received_at)
         cur.execute(
@@ -311,15 +379,26 @@ class BatchWriter:
                    updated_at = now()
                WHERE excluded.status_session > b.status_session
                   OR (excluded.status_session = b.status_session AND NOT excluded.status_online)""",
-            {"box": status.box_id, "online": status.online, "session": status.session, "ts": ts,
-             "received": received, "reason": reason})
+            {
+                "box": status.box_id,
+                "online": status.online,
+                "session": status.session,
+                "ts": ts,
+                "received": received,
+                "reason": reason,
+            },
+        )
         if status.layout is not None or status.firmware is not None:
             cur.execute(
                 """INSERT INTO boxes AS x (box_id, layout, firmware) VALUES (%s, %s, %s)
                    ON CONFLICT (box_id) DO UPDATE SET layout = coalesce(excluded.layout, x.layout),
                        firmware = coalesce(excluded.firmware, x.firmware), updated_at = now()""",
-                (status.box_id, Jsonb(status.layout.model_dump(mode="json")) if status.layout else None,
-                 status.firmware))
+                (
+                    status.box_id,
+                    Jsonb(status.layout.model_dump(mode="json")) if status.layout else None,
+                    status.firmware,
+                ),
+            )
 
     def _apply_command_acks(self, acks: list[tuple[Received, CommandAck]]) -> int:
         if not acks:
@@ -328,8 +407,11 @@ class BatchWriter:
             cur.executemany(
                 """UPDATE commands SET status = %s, detail = %s, ack_ts = %s, acked_at = %s
                    WHERE command_id = %s AND box_id = %s AND status IN ('pending', 'sent', 'timed_out')""",
-                [(a.result.value, a.detail, _ts(a.ts_ms), _wall(m.received_at), a.command_id, a.box_id)
-                 for m, a in acks])
+                [
+                    (a.result.value, a.detail, _ts(a.ts_ms), _wall(m.received_at), a.command_id, a.box_id)
+                    for m, a in acks
+                ],
+            )
         return len(acks)
 
 
@@ -338,18 +420,46 @@ def _event_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
     get = p.__dict__.get
     size = get("size_class")
     fraction = get("fraction")
-    return (idx, _ts(e.ts_ms), _wall(msg.received_at), e.box_id, e.seq, e.session, e.type, get("compartment"),
-            get("parcel_id"), get("carrier"), size.value if size is not None else None,
-            fraction.value if fraction is not None else None, get("weight_kg"),
-            p.model_dump_json(exclude_none=True))
+    return (
+        idx,
+        _ts(e.ts_ms),
+        _wall(msg.received_at),
+        e.box_id,
+        e.seq,
+        e.session,
+        e.type,
+        get("compartment"),
+        get("parcel_id"),
+        get("carrier"),
+        size.value if size is not None else None,
+        fraction.value if fraction is not None else None,
+        get("weight_kg"),
+        p.model_dump_json(exclude_none=True),
+    )
 
 
 def _telemetry_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
-    p = e.payload
-    assert isinstance(p, Telemetry)
-    return (idx, _ts(e.ts_ms), _wall(msg.received_at), e.box_id, e.seq, e.session, p.power.value, p.battery_pct,
-            p.temperature_c, sum(1 for c in p.compartments if c.occupied),
-            _json_list(p.compartments), _json_list(p.red_boxes))
+    p = _telemetry(e)
+    return (
+        idx,
+        _ts(e.ts_ms),
+        _wall(msg.received_at),
+        e.box_id,
+        e.seq,
+        e.session,
+        p.power.value,
+        p.battery_pct,
+        p.temperature_c,
+        sum(1 for c in p.compartments if c.occupied),
+        _json_list(p.compartments),
+        _json_list(p.red_boxes),
+    )
+
+
+def _telemetry(event: BoxEvent) -> Telemetry:
+    if not isinstance(event.payload, Telemetry):  # the decoder sorted events by payload type
+        raise TypeError(f"{event.type} is not telemetry")
+    return event.payload
 
 
 def _json_list(items: Sequence[BaseModel]) -> str:
