@@ -1,0 +1,92 @@
+"""docker-compose.yml read against the code it starts (no Docker engine runs here).
+
+Every service that runs our image must run a real `molo` subcommand, every MOLO_* variable must be a
+setting the code reads, and every file mounted from the repo must exist (or be one that
+`molo provision` creates). The services themselves are tested elsewhere by running the same commands:
+migrate (test_migrations), ingest as a process (test_ingest), the API (test_ingest, test_demo) and
+Mosquitto with this very broker_config (test_broker).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backend.settings import Settings
+from molo.cli import build_parser
+
+ROOT = Path(__file__).parent.parent
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+OURS = {name: s for name, s in SERVICES.items() if s.get("build") == "."}
+#: Files `molo provision` and the TLS instructions create; never committed.
+GENERATED = {"secrets/passwd", "secrets/credentials.json", "secrets/certs"}
+
+
+def test_stack_has_the_services_the_design_names() -> None:
+    """TimescaleDB, Mosquitto, migrations, at least two ingest workers and the API are all there."""
+    assert SERVICES["timescaledb"]["image"].startswith("timescale/timescaledb:")
+    assert SERVICES["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
+    assert {"migrate", "api"} <= set(OURS)
+    assert len([n for n in OURS if n.startswith("ingest")]) >= 2
+
+
+def test_every_backend_service_runs_a_real_molo_command() -> None:
+    """Each service's command parses with the molo CLI (so a renamed option breaks this test)."""
+    parser = build_parser()
+    for name, service in OURS.items():
+        args = parser.parse_args(service["command"])
+        assert callable(args.func), name
+
+
+def test_environment_variables_are_settings_the_code_reads() -> None:
+    """Every MOLO_* variable set in compose is a field of backend.settings.Settings."""
+    fields = {f"MOLO_{name.upper()}" for name in Settings.model_fields}
+    for name, service in OURS.items():
+        for key in service.get("environment", {}):
+            assert key in fields, f"{name}: {key} is not a setting"
+
+
+def test_ingest_workers_have_stable_distinct_ids() -> None:
+    """Worker ids are fixed and unique: the broker queues each worker's share by its id."""
+    ids = [s["environment"]["MOLO_WORKER_ID"] for n, s in OURS.items() if n.startswith("ingest")]
+    assert len(ids) == len(set(ids))
+
+
+def test_mounted_files_exist_or_are_generated() -> None:
+    """Bind mounts point at broker_config/ files that exist, or at files provisioning generates."""
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                path = source[2:]
+                assert (ROOT / path).exists() or path in GENERATED, f"{name}: {source} missing"
+    for secret in COMPOSE["secrets"].values():
+        assert secret["file"][2:] in GENERATED
+
+
+def test_broker_config_in_compose_is_the_one_the_tests_start() -> None:
+    """Mosquitto in compose mounts broker_config/mosquitto.conf, the file the test broker is built from."""
+    mounts = SERVICES["mosquitto"]["volumes"]
+    assert "./broker_config/mosquitto.conf:/mosquitto/config/mosquitto.conf:ro" in mounts
+    conf = (ROOT / "broker_config" / "mosquitto.conf").read_text()
+    assert "password_file /mosquitto/config/passwd" in conf
+    assert "acl_file /mosquitto/config/acl" in conf
+    assert "allow_anonymous false" in conf
+
+
+def test_production_settings_refuse_placeholders() -> None:
+    """In production the settings refuse a placeholder broker password and missing services."""
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings(environment="production", database_url="postgresql://db/molo", mqtt_host="mq",
+                 mqtt_password="changeme")
+    with pytest.raises(ValidationError, match="MOLO_DATABASE_URL"):
+        Settings(environment="production", mqtt_host="mq", mqtt_password="s3cr3t-but-real")
+    ok = Settings(environment="production", database_url="postgresql://db/molo", mqtt_host="mq",
+                  mqtt_password="a-real-random-secret")
+    assert ok.mqtt_secret() == "a-real-random-secret"
