@@ -415,18 +415,18 @@ class BatchWriter:
         return len(acks)
 
 
+def _envelope(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
+    """The leading columns every series row shares: staging index, ts, received_at, box, seq, session."""
+    return (idx, _ts(e.ts_ms), _wall(msg.received_at), e.box_id, e.seq, e.session)
+
+
 def _event_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
     p = e.payload
     get = p.__dict__.get
     size = get("size_class")
     fraction = get("fraction")
     return (
-        idx,
-        _ts(e.ts_ms),
-        _wall(msg.received_at),
-        e.box_id,
-        e.seq,
-        e.session,
+        *_envelope(idx, msg, e),
         e.type,
         get("compartment"),
         get("parcel_id"),
@@ -441,12 +441,7 @@ def _event_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
 def _telemetry_row(idx: int, msg: Received, e: BoxEvent) -> tuple[Any, ...]:
     p = _telemetry(e)
     return (
-        idx,
-        _ts(e.ts_ms),
-        _wall(msg.received_at),
-        e.box_id,
-        e.seq,
-        e.session,
+        *_envelope(idx, msg, e),
         p.power.value,
         p.battery_pct,
         p.temperature_c,
