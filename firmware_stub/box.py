@@ -1,0 +1,868 @@
+"""One box's firmware: outbox, MQTT link, birth and Last Will, command handling.
+
+Where it sits in a message's journey (see ``shared/DESIGN.md``)::
+
+    simulator / demo ──emit()──> Outbox (SQLite) ──sender──> paho ──QoS 1──> Mosquitto ──> ingest
+                                    ^ deleted on PUBACK                          │
+    BoxState <──execute── command worker <──on_message── paho <──QoS 1──────────┘ (commands)
+
+Threads, each with one job (paho runs callbacks on the network thread, so nothing slow runs there):
+
+``network``   connects, reconnects with jittered backoff (:mod:`.backoff`), and drives paho's
+              read/write/keepalive through paho's *external event loop* interface (the same one
+              aiomqtt uses), so that only this thread ever writes to the socket;
+``sender``    hands outbox rows to paho in ``seq`` order while the link is up and fewer than the
+              in-flight window are unacknowledged, and deletes a row when its PUBACK arrives;
+``commands``  decodes, journals, executes and acknowledges commands.
+
+Birth and Last Will: every connection -- the first after a start and every reconnect -- takes a
+new ``session`` from the outbox's persistent counter. Its will (retained, QoS 1, set in the
+CONNECT) says ``online=false, reason=connection_lost`` with that session; once connected the box
+publishes a retained birth (``online=true, reason=birth``, same session, its layout).
+:meth:`BoxFirmware.stop` publishes ``online=false, reason=shutdown`` itself and disconnects cleanly
+(the broker then drops the will); :meth:`BoxFirmware.kill` closes the socket without a DISCONNECT,
+and the broker publishes the will.
+
+Why a new session per connection and not only per boot: the backend moves a box's status forward
+only for a newer session, or for an offline status of the same session (the will of a connection
+always comes after its birth). After a network blip within one boot, the broker publishes the will
+of session S; a birth that said S again would be taken for stale and the box would look offline
+until its next reboot. With S+1 the birth wins, and a late will of S still cannot overwrite it.
+Events carry the session current when they were emitted.
+
+Delivery rules of the sender:
+
+- rows are handed to paho once per process, in ``seq`` order; after a reconnect paho itself
+  re-sends what it still holds (with the DUP flag), so the sender does not hand them again;
+- at process start everything still in the outbox is handed again (a replay, in order);
+- a PUBACK with a failure reason code (e.g. 135, not authorised) is logged as an error and
+  counted, and the row is kept (it is retried at the next start): nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import random
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+from uuid import UUID
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from contract import (
+    BoxLayout,
+    ContractError,
+    EventPayload,
+    MessageKind,
+    Status,
+    decode_command,
+    default_layout,
+    encode,
+    make_event,
+    topic_for,
+)
+from contract.messages import (
+    SCHEMA_VERSION,
+    Command,
+    CommandAck,
+    CommandResult,
+    PowerSource,
+    StatusReason,
+    Telemetry,
+    check_layout,
+)
+from firmware_stub.backoff import Backoff
+from firmware_stub.commands import CommandJournal, Outcome, clip_detail, execute
+from firmware_stub.db import DB_FILE, Synchronous
+from firmware_stub.errors import BrokerRefusedError, FirmwareError, FirmwareStateError
+from firmware_stub.outbox import Outbox
+from firmware_stub.state import BoxState
+
+__all__ = ["FIRMWARE_VERSION", "BoxFirmware", "FirmwareStats", "wall_clock_ms"]
+
+FIRMWARE_VERSION: Final = "molo-stub/0.1"
+#: In-flight slots kept free below the broker's Receive Maximum for the birth, command acks and
+#: the offline status, which do not go through the outbox window.
+_RESERVED_INFLIGHT: Final = 4
+_NO_RECEIVE_MAXIMUM: Final = 65535  # MQTT v5 default when CONNACK carries none
+_JOIN_TIMEOUT_S: Final = 10.0
+
+
+def wall_clock_ms() -> int:
+    """The device clock of a real box: UTC wall time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class FirmwareStats:
+    """Counters since this :class:`BoxFirmware` was created (a snapshot; see ``stats``)."""
+
+    connects: int = 0
+    #: Rows handed to the MQTT client (replays at start included, paho's own re-sends not).
+    handed: int = 0
+    #: Rows deleted from the outbox after a successful PUBACK.
+    acked: int = 0
+    #: PUBACKs carrying a failure reason code; the rows were kept.
+    refused: int = 0
+    commands_executed: int = 0
+    #: Commands whose id was already journalled: answered with the stored ack, not executed.
+    commands_repeated: int = 0
+    #: Commands that did not validate but whose id could be read: answered ``rejected``.
+    commands_invalid: int = 0
+    #: Messages on the command topic without a readable id: logged and dropped (nobody to answer).
+    commands_unreadable: int = 0
+
+
+# --------------------------------------------------------------------------- sender mailbox
+
+
+@dataclass(frozen=True, slots=True)
+class _PubAck:
+    mid: int
+    reason: ReasonCode
+
+
+@dataclass(frozen=True, slots=True)
+class _LinkUp:
+    receive_maximum: int
+
+
+class _Signal(Enum):
+    WAKE = "wake"
+    LINK_DOWN = "link_down"
+    HALT = "halt"
+
+
+_SenderEvent = _PubAck | _LinkUp | _Signal
+
+
+class _Phase(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class BoxFirmware:
+    """The reference firmware of one box, speaking the wire contract over MQTT v5.
+
+    :param box_id: the box id, also its MQTT username and client id.
+    :param password: its MQTT password (from provisioning).
+    :param host, port: the broker.
+    :param state_dir: directory of the box's SQLite file (outbox, counters, command journal);
+        a new ``BoxFirmware`` on the same directory is the same box after a reboot.
+    :param layout: the doors of the box, announced in the birth message.
+    :param clock: device time in epoch ms (the simulator passes simulated time).
+    :param keepalive: MQTT keepalive in seconds (the broker declares the box lost after 1.5x).
+    :param max_inflight: at most this many outbox rows unacknowledged at once (also capped by
+        the broker's Receive Maximum).
+    :param reconnect_min_delay, reconnect_max_delay: backoff ceiling of the first retry and the
+        largest ceiling, in seconds (full jitter below the ceiling).
+    :param rng: randomness for the backoff jitter (inject a seeded one for reproducible runs).
+    :param session_expiry_s: MQTT v5 session expiry. 0 (default): the broker forgets the box's
+        session when the link drops, so commands sent while it is offline are not queued for it
+        (the backend re-sends commands that got no ack). >0 queues them across short outages.
+    :param synchronous: SQLite durability, see :mod:`firmware_stub.db`.
+    :param logger: where to log (default ``firmware_stub.<box_id>``).
+    """
+
+    def __init__(
+        self,
+        box_id: str,
+        password: str,
+        host: str,
+        port: int,
+        state_dir: Path,
+        *,
+        layout: BoxLayout | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+        keepalive: int = 10,
+        max_inflight: int = 100,
+        reconnect_min_delay: float = 0.5,
+        reconnect_max_delay: float = 30.0,
+        rng: random.Random | None = None,
+        session_expiry_s: int = 0,
+        synchronous: Synchronous = "FULL",
+        firmware_version: str = FIRMWARE_VERSION,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        if keepalive < 1:
+            raise ValueError(f"keepalive must be >= 1 s, got {keepalive}")
+        self.box_id = box_id
+        self.host = host
+        self.port = port
+        self.state_dir = state_dir
+        self.layout = layout if layout is not None else default_layout()
+        self.keepalive = keepalive
+        self.max_inflight = max_inflight
+        self.session_expiry_s = session_expiry_s
+        self.firmware_version = firmware_version
+        self._password = password
+        self._clock = clock
+        self._log = logger if logger is not None else logging.getLogger("firmware_stub").getChild(box_id)
+        self._topic = {kind: topic_for(box_id, kind) for kind in MessageKind}  # validates box_id
+        self._backoff = Backoff(reconnect_min_delay, reconnect_max_delay, rng)
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._outbox = Outbox(state_dir / DB_FILE, synchronous=synchronous)
+        self._journal = CommandJournal(state_dir / DB_FILE, synchronous=synchronous)
+        self._state = BoxState(self.layout)
+
+        self._phase = _Phase.NEW
+        self._phase_lock = threading.Lock()
+        self._session = 0
+        self._stats = FirmwareStats()
+        self._client: mqtt.Client | None = None
+        self._events: queue.SimpleQueue[_SenderEvent] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._closing = threading.Event()  # graceful stop: no more reconnects, no more sends
+        self._halt = threading.Event()  # kill: leave now, no DISCONNECT
+        self._interrupt = threading.Event()  # cuts a backoff wait short
+        self._conn_cv = threading.Condition()
+        self._connected = False  # CONNACK accepted
+        self._subscribed = False  # ... and the commands subscription acknowledged
+        self._subscribe_mid: int | None = None
+        self._refusal: BrokerRefusedError | None = None
+        self._drained = threading.Condition()
+        self._link_up_pending: int | None = None  # set by on_connect, announced by the network thread
+        self._connected_at: float | None = None  # monotonic time of the last CONNACK (network thread)
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._threads: dict[str, threading.Thread] = {}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def session(self) -> int:
+        """The session of the current (or next) connection; 0 before :meth:`start`."""
+        return self._session
+
+    @property
+    def state(self) -> BoxState:
+        """The live compartment state (the simulator drives it; commands change it)."""
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker has accepted the connection."""
+        with self._conn_cv:
+            return self._connected
+
+    @property
+    def pending_count(self) -> int:
+        """Rows in the outbox: not yet acknowledged by the broker (or refused by it)."""
+        return len(self._outbox)
+
+    @property
+    def stats(self) -> FirmwareStats:
+        """A snapshot of the counters."""
+        return replace(self._stats)
+
+    def topic(self, kind: MessageKind) -> str:
+        """This box's topic for ``kind``."""
+        return self._topic[kind]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Boot: take a new session, then connect in the background (returns at once).
+
+        A ``BoxFirmware`` starts once; after :meth:`stop` or :meth:`kill`, build a new one on the
+        same ``state_dir``.
+        """
+        with self._phase_lock:
+            if self._phase is not _Phase.NEW:
+                raise FirmwareStateError(f"box {self.box_id} was already started ({self._phase.value})")
+            self._phase = _Phase.RUNNING
+        self._session = self._outbox.next_session()  # the first connection's; emit() needs one now
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._client = self._make_client()
+        self._log.info(
+            "box %s: boot, first session %d, %d messages in the outbox", self.box_id, self._session, len(self._outbox)
+        )
+        for name, target in (
+            ("network", self._network_main),
+            ("sender", self._sender_main),
+            ("commands", self._commands_main),
+        ):
+            thread = threading.Thread(target=target, name=f"{self.box_id}-{name}", daemon=True)
+            self._threads[name] = thread
+            thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until the box is online -- connection accepted and subscribed to its commands
+        (so a command sent now reaches it): True, or False after ``timeout``.
+
+        Raises :class:`BrokerRefusedError` (with the CONNACK reason code) if the broker refused
+        the last attempt, e.g. for a wrong password -- waiting longer would not help.
+        """
+        with self._conn_cv:
+            self._conn_cv.wait_for(lambda: self._subscribed or self._refusal is not None, timeout)
+            if self._subscribed:
+                return True
+            if self._refusal is not None:
+                raise self._refusal
+            return False
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (every message acknowledged): True, or False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._drained:
+            while len(self._outbox) > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._drained.wait(min(remaining, 0.5))
+        return True
+
+    def stop(self, *, timeout: float = 5.0, flush_timeout: float = 0.0) -> None:
+        """Shut down gracefully.
+
+        Optionally wait up to ``flush_timeout`` for the outbox to drain; then, if connected,
+        publish the retained offline status of this session (waiting up to ``timeout`` for its
+        PUBACK) and send DISCONNECT, so the broker discards the Last Will. What is left in the
+        outbox stays on disk for the next start. Idempotent.
+        """
+        if not self._begin_shutdown():
+            return
+        if flush_timeout > 0 and self.connected:
+            self.flush(flush_timeout)
+        self._closing.set()
+        self._interrupt.set()
+        client = self._require_client()
+        if self.connected:
+            info = client.publish(self._topic[MessageKind.STATUS], self._status(online=False), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                self._log.warning("box %s: offline status not confirmed: %s", self.box_id, exc)
+            client.disconnect()
+            self._wake()
+        network = self._threads["network"]
+        network.join(timeout)
+        if network.is_alive():
+            self._log.warning(
+                "box %s: network thread did not finish in %.1f s; dropping the link", self.box_id, timeout
+            )
+            self._halt.set()
+            self._wake()
+            network.join(_JOIN_TIMEOUT_S)
+        left = self._shutdown_workers()
+        self._log.info("box %s: stopped, %d messages left in the outbox", self.box_id, left)
+
+    def kill(self) -> None:
+        """Simulate a crash or power cut: drop the TCP connection without DISCONNECT (the broker
+        then publishes the Last Will), stop every thread, keep the outbox on disk. Idempotent."""
+        if not self._begin_shutdown():
+            return
+        self._halt.set()
+        self._closing.set()
+        self._interrupt.set()
+        self._wake()
+        self._threads["network"].join(_JOIN_TIMEOUT_S)
+        left = self._shutdown_workers()
+        self._log.warning("box %s: killed, %d messages left in the outbox", self.box_id, left)
+
+    def _begin_shutdown(self) -> bool:
+        """Move RUNNING -> STOPPING and return True; otherwise (never started, already stopping
+        or stopped) close what needs closing and return False."""
+        with self._phase_lock:
+            phase = self._phase
+            if phase is _Phase.RUNNING:
+                self._phase = _Phase.STOPPING
+                return True
+            if phase is _Phase.NEW:
+                self._phase = _Phase.STOPPED
+        if phase is _Phase.NEW:
+            self._close_storage()
+        return False
+
+    def _shutdown_workers(self) -> int:
+        """Stop the worker threads and close the database; returns the rows left in the outbox."""
+        self._inbox.put(None)
+        self._threads["commands"].join(_JOIN_TIMEOUT_S)
+        # Every PUBACK the network thread saw is already in the mailbox, ahead of HALT.
+        self._events.put(_Signal.HALT)
+        self._threads["sender"].join(_JOIN_TIMEOUT_S)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        left = self._pending_or_unknown()
+        self._close_storage()
+        with self._conn_cv:
+            self._connected = self._subscribed = False
+            self._conn_cv.notify_all()
+        self._phase = _Phase.STOPPED
+        return left
+
+    def _close_storage(self) -> None:
+        self._outbox.close()
+        self._journal.close()
+
+    def _pending_or_unknown(self) -> int:
+        try:
+            return len(self._outbox)
+        except FirmwareError:
+            return -1
+
+    # ------------------------------------------------------------------ emitting
+
+    def emit(self, payload: EventPayload) -> int:
+        """Store an event (or a :class:`Telemetry` reading) in the outbox and queue it for sending.
+
+        Builds the envelope with the next ``seq``, the current ``session`` and ``ts_ms=clock()``;
+        returns the seq. Works while disconnected (it waits in the outbox). Raises ``ValueError``
+        (:class:`contract.ContractError` or pydantic's ``ValidationError``) if the receiver would
+        refuse the event -- e.g. a compartment this box does not have -- and then stores nothing.
+        """
+        if self._phase is not _Phase.RUNNING:
+            raise FirmwareStateError(f"box {self.box_id} is not running ({self._phase.value}); call start()")
+        kind = MessageKind.TELEMETRY if isinstance(payload, Telemetry) else MessageKind.EVENTS
+
+        def build(seq: int) -> bytes:
+            event = make_event(
+                box_id=self.box_id, seq=seq, session=self._session, ts_ms=self._clock(), payload=payload
+            )
+            check_layout(event, self.layout)
+            return encode(event)
+
+        seq = self._outbox.enqueue(self._topic[kind], build)
+        self._events.put(_Signal.WAKE)
+        return seq
+
+    def telemetry(
+        self,
+        *,
+        temperature_c: float = 15.0,
+        power: PowerSource = PowerSource.MAINS,
+        battery_pct: float | None = None,
+    ) -> int:
+        """Emit a telemetry reading of the whole box from :attr:`state`; returns its seq."""
+        return self.emit(
+            Telemetry(
+                power=power,
+                battery_pct=battery_pct,
+                temperature_c=temperature_c,
+                compartments=self._state.readings(),
+                red_boxes=self._state.red_box_readings(),
+            )
+        )
+
+    # ------------------------------------------------------------------ MQTT client
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.box_id, protocol=mqtt.MQTTv5)
+        client.username_pw_set(self.box_id, self._password)
+        client.enable_logger(self._log.getChild("paho"))
+        # The sender keeps its own window; paho must not queue behind a second one.
+        client.max_inflight_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        # External event loop: publish() from other threads only queues the packet and calls this,
+        # and the network thread does every socket write.
+        client.on_socket_register_write = self._on_register_write
+        properties: Properties | None = None
+        if self.session_expiry_s > 0:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+            properties.SessionExpiryInterval = self.session_expiry_s
+        client.connect_async(self.host, self.port, self.keepalive, properties=properties)
+        return client
+
+    def _require_client(self) -> mqtt.Client:
+        if self._client is None:
+            raise FirmwareStateError(f"box {self.box_id} was never started")
+        return self._client
+
+    def _status(self, *, online: bool) -> bytes:
+        return encode(
+            Status(
+                v=SCHEMA_VERSION,
+                box_id=self.box_id,
+                online=online,
+                session=self._session,
+                reason=StatusReason.BIRTH if online else StatusReason.SHUTDOWN,
+                ts_ms=self._clock(),
+                firmware=self.firmware_version,
+                layout=self.layout if online else None,
+            )
+        )
+
+    def _will(self) -> bytes:
+        # No ts_ms: the will is written at connect time but published whenever the link dies.
+        return encode(
+            Status(
+                v=SCHEMA_VERSION, box_id=self.box_id, online=False, session=self._session,
+                reason=StatusReason.CONNECTION_LOST, firmware=self.firmware_version,
+            )
+        )
+
+    def _wake(self) -> None:
+        sock = self._wake_w
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # full (already woken) or closed (shutting down)
+            sock.send(b"\0")
+
+    # paho callbacks: all on the network thread, except on_socket_register_write, which runs on
+    # whichever thread queued a packet. Each only records and hands off.
+
+    def _on_register_write(self, client: mqtt.Client, userdata: object, sock: object) -> None:
+        self._wake()
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            error = BrokerRefusedError(f"broker {self.host}:{self.port} refused box {self.box_id}", reason)
+            self._log.error("box %s: %s", self.box_id, error)
+            with self._conn_cv:
+                self._refusal = error
+                self._conn_cv.notify_all()
+            return
+        receive_maximum = int(getattr(properties, "ReceiveMaximum", _NO_RECEIVE_MAXIMUM))
+        # Subscribe before the birth: the broker handles both in order, so whoever reacts to the
+        # birth by sending a command reaches a box that is already listening.
+        _, self._subscribe_mid = client.subscribe(self._topic[MessageKind.COMMANDS], qos=1)
+        client.publish(self._topic[MessageKind.STATUS], self._status(online=True), qos=1, retain=True)
+        self._connected_at = time.monotonic()
+        self._stats.connects += 1
+        self._link_up_pending = receive_maximum
+        with self._conn_cv:
+            self._connected = True
+            self._refusal = None
+            self._conn_cv.notify_all()
+        self._log.info(
+            "box %s: connected to %s:%d (session %d, receive maximum %d)",
+            self.box_id, self.host, self.port, self._session, receive_maximum,
+        )
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        if self._subscribe_mid is None or mid != self._subscribe_mid:
+            return
+        if any(reason.is_failure for reason in reasons):
+            self._log.error("box %s: subscription to its commands refused: %s", self.box_id, reasons)
+        with self._conn_cv:
+            self._subscribed = True
+            self._conn_cv.notify_all()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._conn_cv:
+            was_connected, self._connected, self._subscribed = self._connected, False, False
+            self._conn_cv.notify_all()
+        self._events.put(_Signal.LINK_DOWN)
+        if was_connected and not self._closing.is_set():
+            self._log.warning("box %s: connection lost: %s", self.box_id, reason)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode, properties: Properties
+    ) -> None:
+        self._events.put(_PubAck(mid, reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self._topic[MessageKind.COMMANDS]:
+            self._inbox.put(bytes(message.payload))
+        else:
+            self._log.warning("box %s: unexpected message on %s ignored", self.box_id, message.topic)
+
+    # ------------------------------------------------------------------ network thread
+
+    def _network_main(self) -> None:
+        client = self._require_client()
+        session_used = False  # start() allocated the first connection's session
+        try:
+            while not self._closing.is_set():
+                if session_used:
+                    self._session = self._outbox.next_session()
+                # The will goes out in the CONNECT, so it names the session of this connection.
+                client.will_set(self._topic[MessageKind.STATUS], self._will(), qos=1, retain=True)
+                try:
+                    client.reconnect()
+                except OSError as exc:
+                    # No CONNECT was sent (the socket never opened): the session is still unused.
+                    self._log.warning("box %s: cannot reach %s:%d: %s", self.box_id, self.host, self.port, exc)
+                else:
+                    session_used = True
+                    self._connected_at = None
+                    self._pump(client)
+                    # Back off from scratch only after a connection that held: a broker that
+                    # accepts and then drops the box at once (say, a second box with the same id
+                    # taking over the session) must not be hammered.
+                    if self._connected_at is not None and time.monotonic() - self._connected_at >= self.keepalive:
+                        self._backoff.reset()
+                if self._closing.is_set():
+                    break
+                delay = self._backoff.next_delay()
+                self._log.debug("box %s: reconnecting in %.2f s", self.box_id, delay)
+                self._interrupt.wait(delay)
+        except Exception:
+            self._log.exception("box %s: network thread failed", self.box_id)
+        finally:
+            if self._halt.is_set():
+                # Power cut: the socket goes away without a DISCONNECT; the broker sends the will.
+                sock = client.socket()
+                if sock is not None:
+                    sock.close()
+            self._events.put(_Signal.LINK_DOWN)
+
+    def _pump(self, client: mqtt.Client) -> None:
+        """Drive one connection until it is lost, closed, or the box is killed."""
+        wake = self._wake_r
+        if wake is None:
+            raise FirmwareStateError("network thread started without its wake-up socket")
+        while not self._halt.is_set():
+            sock = client.socket()
+            if sock is None:
+                return
+            try:
+                readable, _, _ = select.select([sock, wake], [sock] if client.want_write() else [], [], 1.0)
+            except (OSError, ValueError) as exc:
+                self._log.warning("box %s: socket error: %s", self.box_id, exc)
+                return
+            if self._halt.is_set():
+                return
+            if wake in readable:
+                with contextlib.suppress(BlockingIOError):
+                    wake.recv(4096)
+            if sock in readable:
+                rc = client.loop_read()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                    self._link_up_pending = None
+                    return
+            if self._link_up_pending is not None:
+                # Announced only now, after paho queued its re-sends of unacknowledged messages
+                # (it does so right after on_connect returns), so new rows go out behind them.
+                self._events.put(_LinkUp(self._link_up_pending))
+                self._link_up_pending = None
+            if client.want_write():
+                rc = client.loop_write()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                    return
+            rc = client.loop_misc()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
+                return
+
+    # ------------------------------------------------------------------ sender thread
+
+    def _sender_main(self) -> None:
+        link_up = False
+        window = self.max_inflight
+        in_flight: dict[int, int] = {}  # paho mid -> outbox seq; touched by this thread only
+        handed_upto = 0  # highest seq handed to paho by this process
+        while True:
+            try:
+                batch: list[_SenderEvent] = [self._events.get(timeout=1.0)]
+            except queue.Empty:
+                batch = [_Signal.WAKE]
+            while True:
+                try:
+                    batch.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                acked: list[int] = []
+                halt = False
+                for event in batch:
+                    if isinstance(event, _PubAck):
+                        # PUBACKs of the birth, acks and status carry mids not in this map.
+                        seq = in_flight.pop(event.mid, None)
+                        if seq is None:
+                            if event.reason.is_failure:
+                                self._log.error(
+                                    "box %s: broker refused mid %d: %s", self.box_id, event.mid, event.reason
+                                )
+                        elif event.reason.is_failure:
+                            self._refused(seq, event.reason)
+                        else:
+                            acked.append(seq)
+                    elif isinstance(event, _LinkUp):
+                        link_up = True
+                        window = min(self.max_inflight, max(1, event.receive_maximum - _RESERVED_INFLIGHT))
+                    elif event is _Signal.LINK_DOWN:
+                        link_up = False
+                    elif event is _Signal.HALT:
+                        halt = True
+                if acked:
+                    self._outbox.ack_many(acked)
+                    self._stats.acked += len(acked)
+                    with self._drained:
+                        self._drained.notify_all()
+                if halt:
+                    return
+                if link_up and not self._closing.is_set():
+                    handed_upto = self._hand(in_flight, handed_upto, window)
+            except FirmwareError as exc:  # the outbox was closed under us: nothing left to do
+                self._log.debug("box %s: sender stops: %s", self.box_id, exc)
+                return
+            except Exception:
+                self._log.exception("box %s: sender error; retrying", self.box_id)
+                time.sleep(0.1)
+
+    def _hand(self, in_flight: dict[int, int], handed_upto: int, window: int) -> int:
+        room = window - len(in_flight)
+        if room <= 0:
+            return handed_upto
+        client = self._require_client()
+        for row in self._outbox.pending(after_seq=handed_upto, limit=room):
+            try:
+                info = client.publish(row.topic, row.payload, qos=row.qos)
+            except ValueError as exc:  # a row paho cannot send at all (say, a wildcard in its topic)
+                self._stats.refused += 1
+                self._log.error(
+                    "box %s: seq %d cannot be published (%s); it stays in the outbox", self.box_id, row.seq, exc
+                )
+                handed_upto = row.seq
+                continue
+            # NO_CONN: the link just dropped, but paho keeps the message and sends it on reconnect.
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                self._log.warning(
+                    "box %s: MQTT client did not take seq %d: %s", self.box_id, row.seq, mqtt.error_string(info.rc)
+                )
+                break
+            in_flight[info.mid] = row.seq
+            handed_upto = row.seq
+            self._stats.handed += 1
+        return handed_upto
+
+    def _refused(self, seq: int, reason: ReasonCode) -> None:
+        self._stats.refused += 1
+        self._log.error(
+            "box %s: broker REFUSED seq %d (reason code %d %s); the message stays in the outbox and "
+            "is retried at the next start -- check the broker ACL",
+            self.box_id, seq, reason.value, reason,
+        )
+
+    # ------------------------------------------------------------------ command thread
+
+    def _commands_main(self) -> None:
+        while True:
+            raw = self._inbox.get()
+            if raw is None:
+                return
+            try:
+                self._handle_command(raw)
+            except FirmwareError as exc:
+                self._log.debug("box %s: command worker stops: %s", self.box_id, exc)
+                return
+            except Exception:
+                self._log.exception("box %s: command failed", self.box_id)
+
+    def _handle_command(self, raw: bytes) -> None:
+        try:
+            command = decode_command(raw, topic_box_id=self.box_id)
+        except ContractError as exc:
+            command_id = _readable_command_id(raw)
+            if command_id is None:
+                self._stats.commands_unreadable += 1
+                self._log.warning("box %s: command without a readable id dropped: %s", self.box_id, exc)
+                return
+            self._stats.commands_invalid += 1
+            self._log.warning("box %s: invalid command %s rejected: %s", self.box_id, command_id, exc)
+            detail = clip_detail(f"{exc.code.value}: {exc.detail}")
+            self._answer(command_id, lambda: Outcome(CommandResult.REJECTED, detail))
+            return
+        self._answer(command.command_id, lambda: self._execute(command))
+
+    def _execute(self, command: Command) -> Outcome:
+        outcome = execute(command, self._state)
+        self._stats.commands_executed += 1
+        self._log.info(
+            "box %s: command %s %s -> %s (%s)",
+            self.box_id, command.command_id, command.action.value, outcome.result.value, outcome.detail,
+        )
+        for payload in outcome.events:
+            self.emit(payload)
+        return outcome
+
+    def _answer(self, command_id: UUID, run: Callable[[], Outcome]) -> None:
+        entry = self._journal.get(command_id)
+        if entry is not None and entry.ack is not None:
+            self._stats.commands_repeated += 1
+            self._log.info("box %s: command %s repeated; sending the stored ack", self.box_id, command_id)
+            self._publish_ack(entry.ack)
+            return
+        if entry is not None:
+            outcome = Outcome(CommandResult.FAILED, "interrupted by a restart before it finished; not executed again")
+        else:
+            self._journal.begin(command_id)
+            outcome = run()
+        ack = encode(
+            CommandAck(
+                v=SCHEMA_VERSION,
+                command_id=command_id,
+                box_id=self.box_id,
+                ts_ms=self._clock(),
+                result=outcome.result,
+                detail=outcome.detail,
+            )
+        )
+        self._journal.finish(command_id, ack)
+        self._publish_ack(ack)
+
+    def _publish_ack(self, ack: bytes) -> None:
+        client = self._require_client()
+        # QoS 1 through paho (not the outbox): paho re-sends it after a reconnect, and after a
+        # reboot the journal answers the backend's retry with the same bytes.
+        client.publish(self._topic[MessageKind.COMMAND_ACK], ack, qos=1)
+
+    def __enter__(self) -> BoxFirmware:
+        """``with BoxFirmware(...) as box:`` starts the box and stops it gracefully at the end."""
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<BoxFirmware {self.box_id} session={self._session} {self._phase.value}>"
+
+
+def _readable_command_id(raw: bytes) -> UUID | None:
+    """The ``command_id`` of a command that failed validation, if it can still be read."""
+    try:
+        data: Any = json.loads(raw)
+        return UUID(data["command_id"]) if isinstance(data, dict) and isinstance(data.get("command_id"), str) else None
+    except (ValueError, TypeError, KeyError):
+        return None
