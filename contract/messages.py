@@ -307,8 +307,10 @@ class StatusReason(StrEnum):
 class Status(WireModel):
     """Retained on ``.../status``: the birth (online, with the layout) or the Last Will (offline).
 
-    ``session`` orders them: a will or birth with a lower session than the newest seen is stale and
-    must not overwrite it (the backend enforces this).
+    ``session`` orders them: it grows with every connection of the box (not only every boot), and
+    the will registered for a connection carries that connection's session. A status with a lower
+    session than the newest seen is stale and must not overwrite it; an offline status of the same
+    session ends that session (the backend enforces both).
     """
 
     v: Literal[1]

@@ -55,7 +55,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 from uuid import UUID
 
 import paho.mqtt.client as mqtt
@@ -199,6 +199,7 @@ class BoxFirmware:
         session_expiry_s: int = 0,
         synchronous: Synchronous = "FULL",
         firmware_version: str = FIRMWARE_VERSION,
+        protocol: Literal["5", "3.1.1"] = "5",
         logger: logging.Logger | None = None,
     ) -> None:
         if max_inflight < 1:
@@ -211,6 +212,7 @@ class BoxFirmware:
         self.state_dir = state_dir
         self.layout = layout if layout is not None else default_layout()
         self.keepalive = keepalive
+        self.protocol = protocol
         self.max_inflight = max_inflight
         self.session_expiry_s = session_expiry_s
         self.firmware_version = firmware_version
@@ -470,7 +472,14 @@ class BoxFirmware:
     # ------------------------------------------------------------------ MQTT client
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.box_id, protocol=mqtt.MQTTv5)
+        v5 = self.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.box_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            # MQTT 3.1.1 (only for the development broker): a clean session, as with expiry 0 on v5.
+            clean_session=None if v5 else True,
+        )
         client.username_pw_set(self.box_id, self._password)
         client.enable_logger(self._log.getChild("paho"))
         # The sender keeps its own window; paho must not queue behind a second one.
@@ -484,7 +493,7 @@ class BoxFirmware:
         # and the network thread does every socket write.
         client.on_socket_register_write = self._on_register_write
         properties: Properties | None = None
-        if self.session_expiry_s > 0:
+        if v5 and self.session_expiry_s > 0:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
             properties.SessionExpiryInterval = self.session_expiry_s
         client.connect_async(self.host, self.port, self.keepalive, properties=properties)

@@ -18,6 +18,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import psycopg
 
@@ -34,7 +35,9 @@ from molo.provision import Credentials, box_ids, provision
 log = logging.getLogger("molo.demo")
 
 
-def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float, var_dir: Path) -> int:
+def run_demo(
+    *, boxes: int, duration_s: float | None, api_port: int, rate: float, var_dir: Path, broker_kind: str = "auto"
+) -> int:
     settings = Settings()
     var_dir = var_dir.resolve()
     stop = threading.Event()
@@ -61,6 +64,7 @@ def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float
         # -- broker and credentials
         ids = box_ids(boxes)
         protocol, shared = settings.mqtt_protocol, settings.ingest_shared
+        box_protocol: Literal["5", "3.1.1"] = "5"
         if settings.mqtt_host:
             if settings.credentials_file is None:
                 log.error("MOLO_MQTT_HOST is set: also set MOLO_CREDENTIALS_FILE (from `molo provision`)")
@@ -77,13 +81,18 @@ def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float
                 return 2
         else:
             creds = provision(var_dir / "secrets", ids)
-            if mosquitto_available():
+            if broker_kind == "mosquitto" and not mosquitto_available():
+                log.error("--broker mosquitto: the mosquitto binary was not found (apt-get install mosquitto)")
+                return 2
+            if broker_kind != "amqtt" and mosquitto_available():
                 broker = start_mosquitto(var_dir / "mosquitto", creds)
                 where_broker = f"Mosquitto (broker_config/) on {broker.host}:{broker.port}"
             else:
                 broker = start_amqtt()  # type: ignore[assignment]
-                protocol, shared = "3.1.1", False
-                where_broker = f"in-process amqtt on {broker.host}:{broker.port} (no Mosquitto found; dev only)"
+                # amqtt speaks MQTT 3.1.1 only and has no shared subscriptions: one worker, v3 boxes.
+                protocol, shared, box_protocol = "3.1.1", False, "3.1.1"
+                why = "chosen" if broker_kind == "amqtt" else "no Mosquitto found"
+                where_broker = f"in-process amqtt on {broker.host}:{broker.port} ({why}; development only: no auth)"
             stack.callback(broker.stop)
             host, port = broker.host, broker.port
         ingest_password = creds.services.get(settings.mqtt_username) or settings.mqtt_secret()
@@ -110,7 +119,9 @@ def run_demo(*, boxes: int, duration_s: float | None, api_port: int, rate: float
         stack.callback(server.stop)
 
         # -- boxes
-        fleet = Fleet({b: creds.boxes[b] for b in ids}, host, port, var_dir / "boxes", rate=rate).start()
+        fleet = Fleet(
+            {b: creds.boxes[b] for b in ids}, host, port, var_dir / "boxes", rate=rate, protocol=box_protocol
+        ).start()
         stack.callback(fleet.stop)
 
         print(

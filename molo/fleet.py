@@ -11,6 +11,7 @@ import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from firmware_stub.box import BoxFirmware
 from firmware_stub.demo import DemoDriver
@@ -27,6 +28,7 @@ class Fleet:
     rate: float = 0.5
     telemetry_interval: float = 15.0
     seed: int = 2026
+    protocol: Literal["5", "3.1.1"] = "5"
     firmware: list[BoxFirmware] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -41,6 +43,7 @@ class Fleet:
                 self.port,
                 self.state_dir / box_id,
                 rng=random.Random(rng.random()),
+                protocol=self.protocol,
                 logger=logging.getLogger(f"box.{box_id}"),
             )
             box.start()

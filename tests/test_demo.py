@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 
-def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path) -> None:
-    """`molo demo` starts its own PostgreSQL and broker, stores events, serves the API, stops on SIGINT."""
+@pytest.mark.parametrize("broker", ["auto", "amqtt"])
+def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path, broker: str) -> None:
+    """`molo demo` starts its own PostgreSQL and broker (Mosquitto, or the amqtt fallback), stores
+    events, serves the API, and stops cleanly on SIGINT."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOLO_")}
     proc = subprocess.Popen(
         [
@@ -32,6 +35,8 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path) -> No
             "3",
             "--var",
             str(tmp_path / "var"),
+            "--broker",
+            broker,
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -66,4 +71,5 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path) -> No
     output = "".join(lines)
     assert proc.returncode == 0, output
     assert "stopped cleanly" in output
+    assert ("in-process amqtt" in output) == (broker == "amqtt")
     assert "Traceback" not in output
