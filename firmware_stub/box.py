@@ -441,9 +441,7 @@ class BoxFirmware:
         kind = MessageKind.TELEMETRY if isinstance(payload, Telemetry) else MessageKind.EVENTS
 
         def build(seq: int) -> bytes:
-            event = make_event(
-                box_id=self.box_id, seq=seq, session=self._session, ts_ms=self._clock(), payload=payload
-            )
+            event = make_event(box_id=self.box_id, seq=seq, session=self._session, ts_ms=self._clock(), payload=payload)
             check_layout(event, self.layout)
             return encode(event)
 
@@ -522,8 +520,12 @@ class BoxFirmware:
         # No ts_ms: the will is written at connect time but published whenever the link dies.
         return encode(
             Status(
-                v=SCHEMA_VERSION, box_id=self.box_id, online=False, session=self._session,
-                reason=StatusReason.CONNECTION_LOST, firmware=self.firmware_version,
+                v=SCHEMA_VERSION,
+                box_id=self.box_id,
+                online=False,
+                session=self._session,
+                reason=StatusReason.CONNECTION_LOST,
+                firmware=self.firmware_version,
             )
         )
 
@@ -569,7 +571,11 @@ class BoxFirmware:
             self._conn_cv.notify_all()
         self._log.info(
             "box %s: connected to %s:%d (session %d, receive maximum %d)",
-            self.box_id, self.host, self.port, self._session, receive_maximum,
+            self.box_id,
+            self.host,
+            self.port,
+            self._session,
+            receive_maximum,
         )
 
     def _on_subscribe(
@@ -778,7 +784,10 @@ class BoxFirmware:
         self._log.error(
             "box %s: broker REFUSED seq %d (reason code %d %s); the message stays in the outbox and "
             "is retried at the next start -- check the broker ACL",
-            self.box_id, seq, reason.value, reason,
+            self.box_id,
+            seq,
+            reason.value,
+            reason,
         )
 
     # ------------------------------------------------------------------ command thread
@@ -817,7 +826,11 @@ class BoxFirmware:
         self._stats.commands_executed += 1
         self._log.info(
             "box %s: command %s %s -> %s (%s)",
-            self.box_id, command.command_id, command.action.value, outcome.result.value, outcome.detail,
+            self.box_id,
+            command.command_id,
+            command.action.value,
+            outcome.result.value,
+            outcome.detail,
         )
         for payload in outcome.events:
             self.emit(payload)

@@ -45,31 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--box-id", required=True, help=f"the box id and MQTT username ({BOX_ID_PATTERN})")
     parser.add_argument(
-        "--credentials", type=Path,
+        "--credentials",
+        type=Path,
         help=f"credentials.json from provisioning (else the password is read from ${PASSWORD_ENV})",
     )
     parser.add_argument("--host", default="127.0.0.1", help="broker host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=1883, help="broker port (default 1883)")
     parser.add_argument(
-        "--state-dir", type=Path,
+        "--state-dir",
+        type=Path,
         help="directory for the box's outbox and counters (default var/boxes/<box-id>)",
     )
     parser.add_argument(
-        "--telemetry-interval", type=float, default=30.0,
+        "--telemetry-interval",
+        type=float,
+        default=30.0,
         help="seconds between telemetry readings; 0 turns telemetry off (default 30)",
     )
     parser.add_argument(
-        "--demo-rate", type=float, default=0.0,
+        "--demo-rate",
+        type=float,
+        default=0.0,
         help="make up parcel and waste events at this many per second (Poisson); 0 = none (default)",
     )
     parser.add_argument("--seed", type=int, help="seed for the demo events and reconnect jitter")
     parser.add_argument("--keepalive", type=int, default=10, help="MQTT keepalive in seconds (default 10)")
     parser.add_argument(
-        "--flush-timeout", type=float, default=5.0,
+        "--flush-timeout",
+        type=float,
+        default=5.0,
         help="on shutdown, wait this long for unsent events to be acknowledged (default 5)",
     )
     parser.add_argument(
-        "--connect-timeout", type=float, default=10.0,
+        "--connect-timeout",
+        type=float,
+        default=10.0,
         help="how long to wait at start for the first connection before running offline (default 10)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -122,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one box until SIGINT/SIGTERM; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_valid_box_id(args.box_id):
         parser.error(f"invalid --box-id {args.box_id!r}: must match {BOX_ID_PATTERN}")
     if args.demo_rate < 0 or args.telemetry_interval < 0:
@@ -137,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = random.Random(args.seed)
     box = BoxFirmware(
-        args.box_id, password, args.host, args.port,
+        args.box_id,
+        password,
+        args.host,
+        args.port,
         args.state_dir or Path("var") / "boxes" / args.box_id,
-        keepalive=args.keepalive, rng=random.Random(rng.random()),
+        keepalive=args.keepalive,
+        rng=random.Random(rng.random()),
     )
     stop = threading.Event()
     with _stop_on_signals(stop):
@@ -151,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                     break
             else:
                 if not stop.is_set():
-                    _log.warning("not connected after %.0f s; running offline, events wait in the outbox",
-                                 args.connect_timeout)
+                    _log.warning(
+                        "not connected after %.0f s; running offline, events wait in the outbox", args.connect_timeout
+                    )
             driver = DemoDriver(box, rng, rate=args.demo_rate, telemetry_interval=args.telemetry_interval)
             driver.run(stop)
         except BrokerRefusedError as exc:

@@ -146,9 +146,11 @@ class CommandJournal:
     def get(self, command_id: UUID) -> JournalEntry | None:
         """The journal entry for ``command_id``, if this box has seen it."""
         with self._lock:
-            row = self._require().execute(
-                "SELECT state, ack FROM commands WHERE command_id = ?", (str(command_id),)
-            ).fetchone()
+            row = (
+                self._require()
+                .execute("SELECT state, ack FROM commands WHERE command_id = ?", (str(command_id),))
+                .fetchone()
+            )
         if row is None:
             return None
         state, ack = row

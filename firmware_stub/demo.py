@@ -66,7 +66,8 @@ class DemoDriver:
         """Make one random happening at the box, emit it and return it (None if nothing could happen)."""
         state = self.box.state
         full = [
-            d for d in state.snapshot()
+            d
+            for d in state.snapshot()
             if d.kind is CompartmentKind.RED_BOX and d.weight_kg >= _COLLECT_AT * self._capacity(d.id)
         ]
         if full:
@@ -106,7 +107,10 @@ class DemoDriver:
             parcel_id = f"P-{rng.getrandbits(40):010x}"
             state.set_occupied(cid, True, parcel_id)
             return ParcelDeposited(
-                compartment=cid, size_class=size, parcel_id=parcel_id, carrier=rng.choice(CARRIERS),
+                compartment=cid,
+                size_class=size,
+                parcel_id=parcel_id,
+                carrier=rng.choice(CARRIERS),
                 weight_kg=round(rng.uniform(0.2, 10.0), 2),
             )
         if name == "collect":

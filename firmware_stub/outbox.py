@@ -159,10 +159,14 @@ class Outbox:
     def pending(self, after_seq: int = 0, limit: int = 1000) -> list[OutboxRow]:
         """Up to ``limit`` stored rows with ``seq > after_seq``, in seq order."""
         with self._lock:
-            rows = self._require().execute(
-                "SELECT seq, topic, payload, qos, created FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit),
-            ).fetchall()
+            rows = (
+                self._require()
+                .execute(
+                    "SELECT seq, topic, payload, qos, created FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after_seq, limit),
+                )
+                .fetchall()
+            )
         return [OutboxRow(seq, topic, bytes(payload), qos, created) for seq, topic, payload, qos, created in rows]
 
     def ack(self, seq: int) -> bool:

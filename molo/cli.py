@@ -122,7 +122,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from molo.demo import run_demo
 
     return run_demo(
-        boxes=args.boxes, duration_s=args.duration, api_port=args.port, rate=args.rate, var_dir=Path(args.var),
+        boxes=args.boxes,
+        duration_s=args.duration,
+        api_port=args.port,
+        rate=args.rate,
+        var_dir=Path(args.var),
         broker_kind=args.broker,
     )
 
@@ -140,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="API port (default 8000; 0 picks a free one)")
     p.add_argument("--rate", type=float, default=0.5, help="events per second per box (default 0.5)")
     p.add_argument("--var", default="var", help="where embedded services keep their data (default ./var)")
-    p.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
-                   help="broker to start when MOLO_MQTT_HOST is unset (auto: Mosquitto if installed)")
+    p.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="broker to start when MOLO_MQTT_HOST is unset (auto: Mosquitto if installed)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("boxes", help="run N stand-in boxes against MOLO_MQTT_HOST")

@@ -69,13 +69,18 @@ def test_events_filter_by_time_range_and_type(api: httpx.Client, seeded: str) ->
         ("/api/v1/boxes/api-001/events", {"limit": 0}, 422, "invalid_request"),
         ("/api/v1/boxes/api-001/events", {"type": "parcel.teleported"}, 422, "invalid_request"),
         ("/api/v1/boxes/api-001/events", {"cursor": "bm90LWEtY3Vyc29y"}, 400, "invalid_cursor"),
-        ("/api/v1/boxes/api-001/events", {"since": "2026-03-02T00:00:00Z", "until": "2026-03-01T00:00:00Z"},
-         400, "invalid_range"),
+        (
+            "/api/v1/boxes/api-001/events",
+            {"since": "2026-03-02T00:00:00Z", "until": "2026-03-01T00:00:00Z"},
+            400,
+            "invalid_range",
+        ),
         ("/api/v1/nowhere", {}, 404, "not_found"),
     ],
 )
-def test_errors_are_precise(api: httpx.Client, seeded: str, path: str, params: dict[str, Any], status: int,
-                            code: str) -> None:
+def test_errors_are_precise(
+    api: httpx.Client, seeded: str, path: str, params: dict[str, Any], status: int, code: str
+) -> None:
     """Every error answers with its HTTP status and a machine-readable code in one JSON shape."""
     response = api.get(path, params=params)
     assert response.status_code == status
@@ -119,11 +124,15 @@ def test_readiness_fails_on_an_unmigrated_database(blank_database: str) -> None:
 
 def test_metrics_report_ingest_counters(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
     """/metrics exposes each worker's committed counters and the dead letters by code."""
-    db.execute("INSERT INTO ingest_workers (worker_id, started_at, updated_at, messages, events, duplicates, "
-               "dead_letters, batches, batch_seconds_sum, last_batch_seconds, last_lag_seconds) "
-               "VALUES ('metrics-w', now(), now(), 10, 7, 2, 1, 2, 0.5, 0.2, 0.3) ON CONFLICT DO NOTHING")
-    db.execute("INSERT INTO dead_letters (received_at, topic, error_code, reason, payload) "
-               "VALUES (now(), 'x', 'metrics_test_code', 'r', '\\x00')")
+    db.execute(
+        "INSERT INTO ingest_workers (worker_id, started_at, updated_at, messages, events, duplicates, "
+        "dead_letters, batches, batch_seconds_sum, last_batch_seconds, last_lag_seconds) "
+        "VALUES ('metrics-w', now(), now(), 10, 7, 2, 1, 2, 0.5, 0.2, 0.3) ON CONFLICT DO NOTHING"
+    )
+    db.execute(
+        "INSERT INTO dead_letters (received_at, topic, error_code, reason, payload) "
+        "VALUES (now(), 'x', 'metrics_test_code', 'r', '\\x00')"
+    )
     text = api.get("/metrics").text
     assert 'molo_ingest_events_total{worker="metrics-w"} 7.0' in text
     assert 'molo_ingest_duplicates_total{worker="metrics-w"} 2.0' in text

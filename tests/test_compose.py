@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from backend.settings import Settings
+from backend.settings import Environment, Settings
 from molo.cli import build_parser
 
 ROOT = Path(__file__).parent.parent
@@ -80,13 +80,19 @@ def test_broker_config_in_compose_is_the_one_the_tests_start() -> None:
 def test_production_settings_refuse_placeholders() -> None:
     """In production the settings refuse a placeholder broker password and missing services."""
     import pytest
-    from pydantic import ValidationError
+    from pydantic import SecretStr, ValidationError
 
+    prod = Environment.PRODUCTION
     with pytest.raises(ValidationError, match="placeholder"):
-        Settings(environment="production", database_url="postgresql://db/molo", mqtt_host="mq",
-                 mqtt_password="changeme")
+        Settings(
+            environment=prod, database_url="postgresql://db/molo", mqtt_host="mq", mqtt_password=SecretStr("changeme")
+        )
     with pytest.raises(ValidationError, match="MOLO_DATABASE_URL"):
-        Settings(environment="production", mqtt_host="mq", mqtt_password="s3cr3t-but-real")
-    ok = Settings(environment="production", database_url="postgresql://db/molo", mqtt_host="mq",
-                  mqtt_password="a-real-random-secret")
+        Settings(environment=prod, mqtt_host="mq", mqtt_password=SecretStr("s3cr3t-but-real"))
+    ok = Settings(
+        environment=prod,
+        database_url="postgresql://db/molo",
+        mqtt_host="mq",
+        mqtt_password=SecretStr("a-real-random-secret"),
+    )
     assert ok.mqtt_secret() == "a-real-random-secret"

@@ -279,7 +279,9 @@ def test_kill_makes_the_broker_publish_the_will_and_a_reboot_a_higher_session(
 
 
 def test_stop_publishes_offline_itself_and_the_broker_drops_the_will(
-    own_broker: RunningBroker, credentials: Credentials, boxes: Callable[..., BoxFirmware],
+    own_broker: RunningBroker,
+    credentials: Credentials,
+    boxes: Callable[..., BoxFirmware],
     listen: Callable[..., mqtt.Client],
 ) -> None:
     """stop() publishes a retained offline status (same session) and disconnects: no will follows."""

@@ -52,9 +52,23 @@ def test_cli_runs_a_demo_box_and_stops_cleanly_on_sigterm(
     assert not subscribe(listener, f"molo/v1/boxes/{box_id}/#").is_failure
     log = tmp_path / "firmware.log"
     with firmware(
-        log, "--box-id", box_id, "--credentials", str(credentials.path), "--host", broker.host,
-        "--port", str(broker.port), "--state-dir", str(tmp_path / box_id), "--demo-rate", "50",
-        "--telemetry-interval", "0.2", "--seed", "1",
+        log,
+        "--box-id",
+        box_id,
+        "--credentials",
+        str(credentials.path),
+        "--host",
+        broker.host,
+        "--port",
+        str(broker.port),
+        "--state-dir",
+        str(tmp_path / box_id),
+        "--demo-rate",
+        "50",
+        "--telemetry-interval",
+        "0.2",
+        "--seed",
+        "1",
     ) as process:
         seen: dict[str, int] = {}
         deadline = time.monotonic() + 10
@@ -85,8 +99,16 @@ def test_cli_exits_3_when_the_broker_refuses_the_password(broker: RunningBroker,
     env = dict(os.environ, **{PASSWORD_ENV: "wrong-password"})
     log = tmp_path / "firmware.log"
     with firmware(
-        log, "--box-id", "box-037", "--host", broker.host, "--port", str(broker.port),
-        "--state-dir", str(tmp_path / "box-037"), env=env,
+        log,
+        "--box-id",
+        "box-037",
+        "--host",
+        broker.host,
+        "--port",
+        str(broker.port),
+        "--state-dir",
+        str(tmp_path / "box-037"),
+        env=env,
     ) as process:
         assert wait_exit(process, log, 15) == 3
 

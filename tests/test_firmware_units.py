@@ -30,8 +30,13 @@ TS = 1_767_225_600_000
 
 def command(action: CommandAction, compartment: int | None = None, enabled: bool | None = None) -> Command:
     return Command(
-        v=1, command_id=uuid.uuid4(), box_id="box-001", ts_ms=TS, action=action,
-        compartment=compartment, enabled=enabled,
+        v=1,
+        command_id=uuid.uuid4(),
+        box_id="box-001",
+        ts_ms=TS,
+        action=action,
+        compartment=compartment,
+        enabled=enabled,
     )
 
 

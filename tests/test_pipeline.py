@@ -31,8 +31,9 @@ def firmware(broker: RunningBroker, credentials: Credentials, box_id: str, state
     return box
 
 
-def test_firmware_events_reach_the_api(broker: RunningBroker, credentials: Credentials, ingest: IngestWorker,
-                                       api: httpx.Client, tmp_path: Path) -> None:
+def test_firmware_events_reach_the_api(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, api: httpx.Client, tmp_path: Path
+) -> None:
     """Events a firmware stub emits are returned by the API in order, with device timestamps."""
     clock = iter(range(T0, T0 + 10_000_000, 60_000))
     box = firmware(broker, credentials, "box-052", tmp_path, clock=lambda: next(clock))
@@ -41,8 +42,7 @@ def test_firmware_events_reach_the_api(broker: RunningBroker, credentials: Crede
         box.emit(ParcelCollected(compartment=4, parcel_id="PX-1"))
         box.telemetry(temperature_c=7.5)
         assert box.flush(10)
-        page = wait_for(lambda: len((p := api.get("/api/v1/boxes/box-052/events").json()).get("items", [])) == 2
-                        and p)
+        page = wait_for(lambda: len((p := api.get("/api/v1/boxes/box-052/events").json()).get("items", [])) == 2 and p)
         assert [e["type"] for e in page["items"]] == ["parcel.deposited", "parcel.collected"]
         assert [e["seq"] for e in page["items"]] == [1, 2]
         assert page["items"][0]["ts"].startswith("2026-01-01T00:0")
@@ -54,9 +54,9 @@ def test_firmware_events_reach_the_api(broker: RunningBroker, credentials: Crede
         box.stop()
 
 
-def test_box_killed_goes_offline_and_comes_back_online(broker: RunningBroker, credentials: Credentials,
-                                                       ingest: IngestWorker, api: httpx.Client,
-                                                       tmp_path: Path) -> None:
+def test_box_killed_goes_offline_and_comes_back_online(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, api: httpx.Client, tmp_path: Path
+) -> None:
     """A box dying without DISCONNECT shows offline (Last Will); restarted, it is online with a newer session."""
     box = firmware(broker, credentials, "box-053", tmp_path)
     first = wait_for(lambda: (b := api.get("/api/v1/boxes/box-053").json()).get("online") and b)
@@ -75,9 +75,9 @@ def test_box_killed_goes_offline_and_comes_back_online(broker: RunningBroker, cr
     assert stopped["status_reason"] == "shutdown"
 
 
-def test_outbox_replay_after_box_restart_is_stored_once(broker: RunningBroker, credentials: Credentials,
-                                                        ingest: IngestWorker, db: psycopg.Connection[Any],
-                                                        tmp_path: Path) -> None:
+def test_outbox_replay_after_box_restart_is_stored_once(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
     """Events emitted by a box that is killed, then restarted on the same disk, are all stored exactly once."""
     box = firmware(broker, credentials, "box-054", tmp_path)
     for i in range(30):
@@ -95,21 +95,24 @@ def test_outbox_replay_after_box_restart_is_stored_once(broker: RunningBroker, c
         again.stop()
 
 
-def test_command_acknowledgement_updates_the_command(broker: RunningBroker, credentials: Credentials,
-                                                     ingest: IngestWorker, db: psycopg.Connection[Any],
-                                                     tmp_path: Path) -> None:
+def test_command_acknowledgement_updates_the_command(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
     """A command sent to a box is executed and its acknowledgement, ingested, marks the command succeeded."""
     box = firmware(broker, credentials, "box-055", tmp_path)
     command_id = uuid.uuid4()
-    db.execute("INSERT INTO commands (command_id, box_id, action, compartment, status) "
-               "VALUES (%s, 'box-055', 'open_compartment', 4, 'sent')", (command_id,))
+    db.execute(
+        "INSERT INTO commands (command_id, box_id, action, compartment, status) "
+        "VALUES (%s, 'box-055', 'open_compartment', 4, 'sent')",
+        (command_id,),
+    )
     sender = mqtt_client(broker, "ingest", credentials.services["ingest"])
     try:
-        command = Command(v=1, command_id=command_id, box_id="box-055", ts_ms=T0,
-                          action=CommandAction.OPEN_COMPARTMENT, compartment=4)
+        command = Command(
+            v=1, command_id=command_id, box_id="box-055", ts_ms=T0, action=CommandAction.OPEN_COMPARTMENT, compartment=4
+        )
         assert not publish(sender, topic_for("box-055", MessageKind.COMMANDS), encode(command)).is_failure
-        wait_for(lambda: scalar(db, "SELECT status FROM commands WHERE command_id = %s", (command_id,))
-                 == "succeeded")
+        wait_for(lambda: scalar(db, "SELECT status FROM commands WHERE command_id = %s", (command_id,)) == "succeeded")
         assert scalar(db, "SELECT acked_at IS NOT NULL FROM commands WHERE command_id = %s", (command_id,))
     finally:
         close(sender)
