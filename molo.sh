@@ -54,6 +54,11 @@ ensure_mosquitto() {
 
 UV="$(find_uv)"
 export UV_PYTHON_DOWNLOADS=never
+# Trust the machine's certificate store (and so any corporate or proxy CA installed there), unless
+# the caller already points uv at a bundle.
+if [ -z "${SSL_CERT_FILE:-}" ] && [ -z "${UV_SYSTEM_CERTS:-}" ]; then
+    export UV_SYSTEM_CERTS=1
+fi
 "$UV" sync --frozen --quiet
 
 case "${1:-}" in

@@ -111,8 +111,11 @@ def load_password(box_id: str, credentials: Path | None) -> str:
 def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """Set ``stop`` on SIGINT/SIGTERM while inside; restore the previous handlers after."""
 
+    # The handler runs on the main thread between two bytecodes. It must not log (the main thread may
+    # be inside a log call) and the main thread must never wait on ``stop`` itself: Event.wait holds
+    # the Event's non-reentrant lock on entry and exit, and a set() from the handler at that moment
+    # would deadlock. So the work runs in another thread and the main thread only polls is_set().
     def handler(signum: int, frame: FrameType | None) -> None:
-        _log.info("received %s; stopping", signal.Signals(signum).name)
         stop.set()
 
     previous: dict[signal.Signals, Any] = {}
@@ -167,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                         "not connected after %.0f s; running offline, events wait in the outbox", args.connect_timeout
                     )
             driver = DemoDriver(box, rng, rate=args.demo_rate, telemetry_interval=args.telemetry_interval)
-            driver.run(stop)
+            worker = threading.Thread(target=driver.run, args=(stop,), name="demo-driver", daemon=True)
+            worker.start()
+            while worker.is_alive() and not stop.is_set():
+                time.sleep(0.1)
+            stop.set()
+            worker.join(5)
+            _log.info("stopping")
         except BrokerRefusedError as exc:
             _log.error("%s; check the credentials", exc)
             return 3

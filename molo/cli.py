@@ -93,6 +93,7 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 def cmd_boxes(args: argparse.Namespace) -> int:
     import signal
     import threading
+    import time
 
     from molo.fleet import Fleet
     from molo.provision import Credentials, box_ids
@@ -113,7 +114,8 @@ def cmd_boxes(args: argparse.Namespace) -> int:
     fleet = Fleet(
         {b: creds.boxes[b] for b in ids}, settings.mqtt_host, settings.mqtt_port, Path(args.state_dir), rate=args.rate
     ).start()
-    stop.wait()
+    while not stop.is_set():  # poll: waiting on the Event the signal handler sets could deadlock
+        time.sleep(0.2)
     fleet.stop()
     return 0
 

@@ -142,7 +142,14 @@ def run_demo(
 def _report_until(stop: threading.Event, url: str, fleet: Fleet, duration_s: float | None) -> None:
     started = time.monotonic()
     with psycopg.connect(url, autocommit=True) as conn:
-        while not stop.wait(5.0):
+        next_report = time.monotonic() + 5.0
+        while not stop.is_set():
+            # Poll, never stop.wait(): the signal handler sets ``stop`` on this very thread (see
+            # firmware_stub/cli.py for why waiting on it here could deadlock).
+            time.sleep(0.1)
+            if time.monotonic() < next_report:
+                continue
+            next_report += 5.0
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM telemetry), "
                 "(SELECT count(*) FROM dead_letters), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from prometheus_client import start_http_server
@@ -71,7 +72,8 @@ def run_forever(settings: Settings, *, retire: bool = False) -> int:
         worker.retire()
         log.info("ingest worker %s retired: session ended", settings.worker_id)
         return 0
-    stop.wait()
+    while not stop.is_set():  # poll: waiting on the Event the signal handler sets could deadlock
+        time.sleep(0.2)
     log.info("ingest worker %s stopping", settings.worker_id)
     worker.stop()
     return 0
