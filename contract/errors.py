@@ -30,6 +30,8 @@ class ErrorCode(StrEnum):
     WRONG_TOPIC = "wrong_topic"
     #: Valid by the contract but refused by the database (kept with the database's reason).
     STORAGE_REJECTED = "storage_rejected"
+    #: An unexpected failure while storing this one message (a bug); kept with the exception text.
+    INGEST_ERROR = "ingest_error"
 
 
 class ContractError(ValueError):

@@ -383,3 +383,37 @@ def test_ingest_over_mqtt5_stores_events_and_retires(
     close(client)
     wait_for(lambda: [s for s, _ in events_of(db, box)] == [1, 2, 3])
     assert worker.totals.duplicates == 1
+
+
+def test_message_the_database_refuses_is_isolated_and_dead_lettered(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
+    """A valid message the database refuses goes to dead_letters as storage_rejected; its batch-mates are stored."""
+    box = "box-057"
+    # A real refusal by PostgreSQL: a constraint this test adds (and removes) on the live table.
+    db.execute("ALTER TABLE events ADD CONSTRAINT test_no_poison CHECK (parcel_id IS DISTINCT FROM 'P-box-057-3')")
+    try:
+        client = box_client(broker, credentials, box)
+        for seq in range(1, 6):
+            publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, seq))
+        close(client)
+        wait_for(lambda: [s for s, _ in events_of(db, box)] == [1, 2, 4, 5])
+        rows = wait_rows(db, "SELECT error_code, reason, payload FROM dead_letters WHERE box_id = %s", (box,), 1)
+    finally:
+        db.execute("ALTER TABLE events DROP CONSTRAINT test_no_poison")
+    code, reason, payload = rows[0]
+    assert code == "storage_rejected"
+    assert "test_no_poison" in reason
+    assert bytes(payload) == deposited(box, 3)
+
+
+def test_corrupt_stored_layout_does_not_stop_ingest(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
+    """A hand-corrupted layout row is ignored (compartments unchecked) and the box's events still flow."""
+    box = "box-058"
+    db.execute("INSERT INTO boxes (box_id, layout) VALUES (%s, '{\"compartments\": []}')", (box,))
+    client = box_client(broker, credentials, box)
+    publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, 1))
+    close(client)
+    wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])

@@ -177,13 +177,21 @@ class IngestWorker:
                 writer = self._connect()
                 result = writer.write(batch)
                 break
-            except psycopg.OperationalError as exc:
+            except Exception as exc:  # the loop must outlive any error; nothing was acked
                 self.metrics.db_errors.inc()
                 attempt += 1
                 delay = random.uniform(0, min(30.0, 0.5 * 2**attempt))
-                log.error(
-                    "ingest: database error (%s); retrying batch of %d in %.1fs, nothing acked", exc, len(batch), delay
-                )
+                if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                    log.error(
+                        "ingest: database error (%s); retrying batch of %d in %.1fs, nothing acked",
+                        exc,
+                        len(batch),
+                        delay,
+                    )
+                else:
+                    log.exception(
+                        "ingest: unexpected error; retrying batch of %d in %.1fs, nothing acked", len(batch), delay
+                    )
                 if self._conn is not None:
                     self._conn.close()
                 self._writer = None

@@ -176,7 +176,14 @@ class BatchWriter:
         missing = [b for b in boxes if b not in self._layouts]
         if missing:
             rows = self.conn.execute("SELECT box_id, layout FROM boxes WHERE box_id = ANY(%s)", (missing,)).fetchall()
-            found = {r[0]: BoxLayout.model_validate(r[1]) for r in rows if r[1] is not None}
+            found: dict[str, BoxLayout] = {}
+            for box_id, stored in rows:
+                if stored is None:
+                    continue
+                try:
+                    found[box_id] = BoxLayout.model_validate(stored)
+                except ValueError as exc:  # a hand-edited or corrupt row must not stop ingest
+                    log.warning("stored layout of %s is invalid (%s); compartments not checked", box_id, exc)
             for b in missing:
                 # Unknown layout (no birth seen yet): accept, since the compartment cannot be checked.
                 self._layouts[b] = found.get(b)
@@ -194,25 +201,40 @@ class BatchWriter:
 
     # ------------------------------------------------------------------ write
 
-    def write(self, batch: Sequence[Received]) -> BatchResult:
-        """Validate and commit ``batch``. Raises only on database trouble (then nothing is committed)."""
-        started = time.perf_counter()
+    def _write(self, batch: Sequence[Received]) -> BatchResult:
         decoded = self._decode(batch)
         self._check_layouts(decoded)
         position = {id(msg): i for i, msg in enumerate(batch)}
         decoded.dead.sort(key=lambda item: position[id(item[0])])  # keep arrival order
         self._ensure_partitions(decoded)
+        return self._commit(decoded, len(batch))
+
+    def write(self, batch: Sequence[Received]) -> BatchResult:
+        """Validate and commit ``batch``.
+
+        Raises only when the database connection is in trouble (then nothing is committed and the
+        caller retries). Any other failure is about the batch's content: the batch is retried one
+        message at a time, and a message that fails on its own is dead-lettered with the reason
+        (``storage_rejected`` when the database refused it, ``ingest_error`` for anything else).
+        """
+        started = time.perf_counter()
         try:
-            result = self._commit(decoded, len(batch))
-        except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded) as exc:
+            result = self._write(batch)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise
+        except Exception as exc:  # poison-message isolation must catch everything else
             if len(batch) == 1:
                 msg = batch[0]
-                log.error("storage refused a message on %s: %s", msg.topic, exc)
-                result = self._commit(
-                    _Decoded(dead=[(msg, ErrorCode.STORAGE_REJECTED.value, str(exc)[:500], _box(msg.topic))]), 1
+                code = ErrorCode.STORAGE_REJECTED if isinstance(exc, psycopg.Error) else ErrorCode.INGEST_ERROR
+                log.error(
+                    "message on %s could not be stored (%s: %s); dead-lettered", msg.topic, type(exc).__name__, exc
                 )
+                reason = f"{type(exc).__name__}: {exc}"[:500]
+                result = self._commit(_Decoded(dead=[(msg, code.value, reason, _box(msg.topic))]), 1)
             else:
-                log.warning("batch of %d refused by the database (%s); isolating the bad message", len(batch), exc)
+                log.warning(
+                    "batch of %d failed (%s: %s); isolating the bad message", len(batch), type(exc).__name__, exc
+                )
                 result = BatchResult()
                 for msg in batch:
                     merge_results(result, self.write([msg]))
