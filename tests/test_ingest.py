@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from backend.ingest.worker import IngestWorker
 from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
@@ -417,3 +418,37 @@ def test_corrupt_stored_layout_does_not_stop_ingest(
     publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, 1))
     close(client)
     wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
+
+
+def test_database_outage_loses_nothing(
+    broker: RunningBroker,
+    credentials: Credentials,
+    ingest: IngestWorker,
+    db: psycopg.Connection[Any],
+    pg_admin_url: str,
+    database_url: str,
+) -> None:
+    """While the database refuses connections, ingest acks nothing and retries; afterwards every event is stored once."""
+    box = "box-059"
+    client = box_client(broker, credentials, box)
+    topic = topic_for(box, MessageKind.EVENTS)
+    publish(client, topic, deposited(box, 1))
+    wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
+    dbname = conninfo_to_dict(database_url)["dbname"]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                (dbname, f"molo-ingest-{ingest.worker_id}"),
+            )
+            for seq in range(2, 21):
+                publish(client, topic, deposited(box, seq))
+            retries = lambda: ingest.registry.get_sample_value("molo_ingest_database_errors_total") or 0  # noqa: E731
+            wait_for(lambda: retries() >= 2, timeout=15)  # it retried, and the database is still refusing
+            assert events_of(db, box) == [(1, "parcel.deposited")]
+        finally:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    close(client)
+    wait_for(lambda: len(events_of(db, box)) == 20, timeout=40)
+    assert [s for s, _ in events_of(db, box)] == list(range(1, 21))
