@@ -428,7 +428,7 @@ def test_database_outage_loses_nothing(
     pg_admin_url: str,
     database_url: str,
 ) -> None:
-    """While the database refuses connections, ingest acks nothing and retries; afterwards every event is stored once."""
+    """While the database refuses connections, ingest acks nothing and retries; then every event is stored once."""
     box = "box-059"
     client = box_client(broker, credentials, box)
     topic = topic_for(box, MessageKind.EVENTS)
@@ -444,7 +444,10 @@ def test_database_outage_loses_nothing(
             )
             for seq in range(2, 21):
                 publish(client, topic, deposited(box, seq))
-            retries = lambda: ingest.registry.get_sample_value("molo_ingest_database_errors_total") or 0  # noqa: E731
+
+            def retries() -> float:
+                return ingest.registry.get_sample_value("molo_ingest_database_errors_total") or 0.0
+
             wait_for(lambda: retries() >= 2, timeout=15)  # it retried, and the database is still refusing
             assert events_of(db, box) == [(1, "parcel.deposited")]
         finally:
