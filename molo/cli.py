@@ -120,6 +120,44 @@ def cmd_boxes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator.params import dump, resolve
+    from simulator.run import run_batch, summary_json
+    from simulator.trace import FileSink
+
+    overrides = list(args.set or [])
+    if args.seed is not None:
+        overrides.append(f"simulation.seed={args.seed}")
+    if args.days is not None:
+        overrides.append(f"simulation.days={args.days}")
+    try:
+        scenario = resolve(Path(args.scenario) if args.scenario else None, overrides)
+    except ValueError as exc:
+        print(f"molo simulate: invalid scenario: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    sink = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "params.json").write_text(dump(scenario))
+        sink = FileSink(out / f"trace.{args.format}", scenario.simulation.start)
+    try:
+        result = run_batch(scenario, sink)
+    finally:
+        if sink is not None:
+            sink.close()
+    text = summary_json(result.summary)
+    if out is not None:
+        (out / "summary.json").write_text(text)
+    print(text, end="")
+    print(
+        f"# {result.records:,} records in {result.wall_seconds:.2f} s "
+        f"({result.records / max(result.wall_seconds, 1e-9):,.0f}/s)" + (f"; results in {out}/" if out else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from molo.demo import run_demo
 
@@ -153,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker to start when MOLO_MQTT_HOST is unset (auto: Mosquitto if installed)",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("simulate", help="run a what-if simulation in batch (simulated time)")
+    p.add_argument("--scenario", default=None, help="scenario TOML (default: the bundled Aalborg one)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--days", type=float, default=None)
+    p.add_argument("--out", default=None, help="directory for params.json, summary.json and the trace")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="trace file format (default csv)")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("boxes", help="run N stand-in boxes against MOLO_MQTT_HOST")
     p.add_argument("--count", type=int, default=50)

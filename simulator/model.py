@@ -1,0 +1,651 @@
+"""The world model: boxes, residents, carriers' vans and waste collection, in SimPy time.
+
+Where it sits: the first step of a message's journey. The model does no I/O: every happening goes to a
+*sink* as a record ``(t, box_id, kind, data)``. ``t`` is simulated seconds since the scenario start;
+box events use the contract's event types and payload fields (so live mode hands them to a firmware
+stub unchanged); everything else the simulation knows (van trips, refusals, redirects, faults) uses
+kinds outside the contract (``van.trip``, ``parcel.redirected``, ...).
+
+Randomness comes from ``random.Random`` streams derived from the seed, one per purpose and box, so a
+run is reproducible byte for byte, and two scenarios share their random numbers wherever they share
+their structure (common random numbers).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import simpy
+
+from contract import CompartmentKind, SizeClass
+from simulator.network import Box, Network, Site, haversine_km
+from simulator.params import Carrier, Dist, Scenario
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+YEAR = 365.0 * DAY
+SIZES = (SizeClass.A, SizeClass.B, SizeClass.C)
+ProcessGen = Generator[simpy.Event, Any, None]
+MAX_DEPOSIT_KG = 10.0  # the contract's limit for one waste deposit
+
+
+class Sink(Protocol):
+    """Receives every record of a run, in simulated-time order."""
+
+    def record(self, t: float, box_id: str | None, kind: str, data: dict[str, Any]) -> None: ...
+
+
+def sampler(dist: Dist, rng: random.Random) -> Callable[[], float]:
+    """A function drawing from ``dist`` with ``rng``."""
+    mean = dist.mean
+    if dist.kind == "exponential":
+        return lambda: rng.expovariate(1.0 / mean)
+    if dist.kind == "constant":
+        return lambda: mean
+    if dist.kind == "uniform":
+        low, high = float(dist.low or 0.0), float(dist.high or 0.0)
+        return lambda: rng.uniform(low, high)
+    sd = float(dist.sd or 0.0)
+    if dist.kind == "lognormal":
+        sigma2 = math.log(1 + (sd / mean) ** 2)
+        mu, sigma = math.log(mean) - sigma2 / 2, math.sqrt(sigma2)
+        return lambda: rng.lognormvariate(mu, sigma)
+    shape, scale = (mean / sd) ** 2, sd**2 / mean  # gamma
+    return lambda: rng.gammavariate(shape, scale)
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    """A Poisson draw (inversion for small means, normal approximation above 500)."""
+    if lam <= 0:
+        return 0
+    if lam > 500:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    threshold, k, p = math.exp(-lam), 0, rng.random()
+    while p > threshold:
+        k += 1
+        p *= rng.random()
+    return k
+
+
+def pick(rng: random.Random, weights: dict[Any, float]) -> Any:
+    """A key of ``weights`` drawn with probability proportional to its weight (stable order)."""
+    keys = list(weights)
+    return rng.choices(keys, weights=[weights[k] for k in keys])[0]
+
+
+@dataclass(slots=True)
+class Parcel:
+    id: str
+    size: SizeClass
+    carrier: str
+    box: int  # index of the box it is meant for (or was redirected to)
+    compartment: int = 0
+    deposited_at: float = 0.0
+    sending: bool = False
+
+
+@dataclass
+class BoxState:
+    """What the model knows of one box; ``free`` holds free, in-service parcel doors per size (heaps)."""
+
+    index: int
+    box: Box
+    free: dict[SizeClass, list[int]] = field(default_factory=dict)
+    size_of: dict[int, SizeClass] = field(default_factory=dict)
+    occupant: dict[int, Parcel] = field(default_factory=dict)
+    jammed: set[int] = field(default_factory=set)
+    red: dict[int, float] = field(default_factory=dict)  # red-box door -> kg inside
+    red_capacity: dict[int, float] = field(default_factory=dict)
+    ready_since: dict[int, float | None] = field(default_factory=dict)
+    #: Parcels waiting for a carrier's van: expired deliveries and parcels residents sent.
+    waiting: dict[str, list[Parcel]] = field(default_factory=dict)
+    offline: bool = False
+    occupied_area: float = 0.0  # integral of occupied parcel doors over time
+    last_change: float = 0.0
+
+    @property
+    def occupied(self) -> int:
+        return len(self.occupant)
+
+
+@dataclass
+class Counters:
+    """Tallies the summary is built from."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, amount: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+
+class World:
+    """The simulated network. Build it, then ``env.run(until=world.horizon)``."""
+
+    def __init__(self, env: simpy.Environment, scenario: Scenario, network: Network, sink: Sink) -> None:
+        self.env = env
+        self.scenario = scenario
+        self.network = network
+        self.sink = sink
+        self.seed = scenario.simulation.seed
+        self.horizon = scenario.simulation.days * DAY
+        self.counters = Counters()
+        self.boxes = [self._box_state(i, box) for i, box in enumerate(network.boxes)]
+        self._parcel_no = 0
+        self._road_factor = scenario.network.road_factor
+        p = scenario
+        start = p.simulation.start
+        self._start_weekday = start.weekday()
+        self._start_hour = start.hour + start.minute / 60 + start.second / 3600
+        week = p.demand.weekday_profile
+        self._weekday = [w / (sum(week) / 7) if sum(week) else 0.0 for w in week]
+        hours = p.demand.hour_profile
+        peak = max(hours) or 1.0
+        self._hour_accept = [h / peak for h in hours]
+        self._hour_mean = sum(hours) / 24 / peak  # mean acceptance of the thinning
+        self._dwell = [sampler(p.pickup.dwell_h, self.rng("dwell", b.index)) for b in self.boxes]
+        self._backlog: dict[str, list[Parcel]] = {name: [] for name in p.delivery.carriers}
+        self._claimed: set[tuple[int, int]] = set()  # red boxes a dedicated trip is on its way to
+        self._start_processes()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _box_state(self, index: int, box: Box) -> BoxState:
+        state = BoxState(index=index, box=box)
+        for size in SIZES:
+            state.free[size] = []
+        for door in box.layout.compartments:
+            if door.kind is CompartmentKind.RED_BOX:
+                state.red[door.id] = 0.0
+                state.red_capacity[door.id] = door.red_box_capacity_kg
+                state.ready_since[door.id] = None
+            elif door.size_class is not None:
+                state.size_of[door.id] = door.size_class
+                heapq.heappush(state.free[door.size_class], door.id)
+        return state
+
+    def rng(self, stream: str, box: int | None = None) -> random.Random:
+        """The random stream for ``stream`` (and box): the same in every scenario with this seed."""
+        return random.Random(f"{self.seed}:{stream}:{'' if box is None else self.network.boxes[box].id}")
+
+    def _start_processes(self) -> None:
+        s = self.scenario
+        for b in self.boxes:
+            hh = b.box.households
+            if s.delivery.mode == "poisson":
+                rate = hh * s.demand.parcels_per_household_year * s.demand.locker_share / YEAR
+                self.env.process(self._poisson_deliveries(b, rate))
+            self.env.process(
+                self._resident_activity(b, hh * s.demand.sends_per_household_year / YEAR, "send", self._send)
+            )
+            self.env.process(
+                self._resident_activity(
+                    b, hh * s.waste.deposits_per_household_year / YEAR, "waste", self._deposit_waste
+                )
+            )
+            self.env.process(self._offline_faults(b))
+            self.env.process(self._door_jams(b))
+            if s.simulation.telemetry_interval_min > 0:
+                self.env.process(self._telemetry(b, s.simulation.telemetry_interval_min * 60))
+        if s.delivery.mode == "rounds":
+            for name, carrier in s.delivery.carriers.items():
+                self.env.process(self._carrier_rounds(name, carrier))
+
+    # ------------------------------------------------------------------ records
+
+    def _event(self, b: BoxState, kind: str, **data: Any) -> None:
+        self.sink.record(self.env.now, b.box.id, kind, data)
+        self.counters.add(kind)
+
+    def _note(self, kind: str, box_id: str | None = None, **data: Any) -> None:
+        self.sink.record(self.env.now, box_id, kind, data)
+        self.counters.add(kind)
+
+    def _occupancy_changed(self, b: BoxState) -> None:
+        """Integrate occupancy up to now (call before every change)."""
+        now = self.env.now
+        b.occupied_area += b.occupied * (now - b.last_change)
+        b.last_change = now
+
+    def _next_parcel_id(self, prefix: str) -> str:
+        self._parcel_no += 1
+        return f"{prefix}{self._parcel_no:08d}"
+
+    # ------------------------------------------------------------------ compartments
+
+    def _take_door(self, b: BoxState, size: SizeClass) -> int | None:
+        """The lowest free in-service door of the smallest size that fits ``size``."""
+        for candidate in SIZES[SIZES.index(size) :]:
+            heap = b.free[candidate]
+            if heap:
+                return heapq.heappop(heap)
+        return None
+
+    def _release_door(self, b: BoxState, door: int) -> None:
+        if door not in b.jammed:
+            heapq.heappush(b.free[b.size_of[door]], door)
+
+    def _place(self, b: BoxState, parcel: Parcel) -> bool:
+        door = self._take_door(b, parcel.size)
+        if door is None:
+            return False
+        self._occupancy_changed(b)
+        parcel.box, parcel.compartment, parcel.deposited_at = b.index, door, self.env.now
+        b.occupant[door] = parcel
+        return True
+
+    def _vacate(self, b: BoxState, parcel: Parcel) -> None:
+        self._occupancy_changed(b)
+        del b.occupant[parcel.compartment]
+        self._release_door(b, parcel.compartment)
+
+    # ------------------------------------------------------------------ parcels to residents
+
+    def _deposit(self, b: BoxState, parcel: Parcel) -> bool:
+        if not self._place(b, parcel):
+            return False
+        self._event(
+            b,
+            "parcel.deposited",
+            compartment=parcel.compartment,
+            size_class=parcel.size.value,
+            parcel_id=parcel.id,
+            carrier=parcel.carrier,
+        )
+        dwell = self._dwell[b.index]() * HOUR
+        window = self.scenario.pickup.window_h * HOUR
+        if dwell < window:
+            self.env.timeout(dwell).callbacks.append(lambda _e: self._collected(b, parcel))
+        else:
+            self.env.timeout(window).callbacks.append(lambda _e: self._expired(b, parcel))
+        return True
+
+    def _collected(self, b: BoxState, parcel: Parcel) -> None:
+        self._vacate(b, parcel)
+        self._event(b, "parcel.collected", compartment=parcel.compartment, parcel_id=parcel.id)
+        self.counters.add("dwell_h_sum", (self.env.now - parcel.deposited_at) / HOUR)
+
+    def _expired(self, b: BoxState, parcel: Parcel) -> None:
+        """The pickup window ran out: the parcel waits for its carrier's next van (or, without vans,
+        goes back at once)."""
+        self.counters.add("parcels_expired")
+        if self.scenario.delivery.mode == "poisson":
+            self._vacate(b, parcel)
+            self._event(
+                b, "parcel.expired", compartment=parcel.compartment, parcel_id=parcel.id, carrier=parcel.carrier
+            )
+            return
+        b.waiting.setdefault(parcel.carrier, []).append(parcel)
+
+    def _poisson_deliveries(self, b: BoxState, rate: float) -> ProcessGen:
+        """Validation mode: parcels arrive one by one (Poisson); a full box turns them away."""
+        rng = self.rng("poisson", b.index)
+        carriers = {n: c.share for n, c in self.scenario.delivery.carriers.items()} or {"direct": 1.0}
+        sizes = {k: v for k, v in self.scenario.demand.size_mix.items() if v > 0}
+        if rate <= 0:
+            return
+        while True:
+            yield self.env.timeout(rng.expovariate(rate))
+            parcel = Parcel(self._next_parcel_id("P"), pick(rng, sizes), pick(rng, carriers), b.index)
+            self.counters.add("parcels_arrived")
+            if not self._deposit(b, parcel):
+                self.counters.add("parcels_turned_away")
+                self._note(
+                    "parcel.refused", b.box.id, parcel_id=parcel.id, size_class=parcel.size.value, reason="box_full"
+                )
+
+    # ------------------------------------------------------------------ residents: sends and waste
+
+    def _resident_activity(
+        self, b: BoxState, rate: float, stream: str, act: Callable[[BoxState, random.Random], None]
+    ) -> ProcessGen:
+        """Arrivals with the hour-of-day profile (thinning of a Poisson process at the peak rate)."""
+        if rate <= 0 or self._hour_mean <= 0:
+            return
+        rng = self.rng(stream, b.index)
+        peak = rate / self._hour_mean
+        while True:
+            yield self.env.timeout(rng.expovariate(peak))
+            if rng.random() < self._hour_accept[self._hour_of_day()]:
+                act(b, rng)
+
+    def _hour_of_day(self) -> int:
+        return int((self._start_hour + self.env.now / HOUR) % 24)
+
+    def _weekday_now(self, t: float | None = None) -> int:
+        return int((self._start_weekday + (self.env.now if t is None else t) // DAY) % 7)
+
+    def _send(self, b: BoxState, rng: random.Random) -> None:
+        sizes = {k: v for k, v in self.scenario.demand.size_mix.items() if v > 0}
+        carriers = {n: c.share for n, c in self.scenario.delivery.carriers.items()} or {"direct": 1.0}
+        parcel = Parcel(self._next_parcel_id("S"), pick(rng, sizes), pick(rng, carriers), b.index, sending=True)
+        if not self._place(b, parcel):
+            self._note(
+                "parcel.refused", b.box.id, parcel_id=parcel.id, size_class=parcel.size.value, reason="no_room_to_send"
+            )
+            return
+        self._event(
+            b,
+            "parcel.dropped_off",
+            compartment=parcel.compartment,
+            size_class=parcel.size.value,
+            parcel_id=parcel.id,
+            carrier=parcel.carrier,
+        )
+        if self.scenario.delivery.mode == "poisson":  # no vans: the carrier fetches it after a day
+            self.env.timeout(DAY).callbacks.append(lambda _e: self._picked_up(b, parcel))
+        else:
+            b.waiting.setdefault(parcel.carrier, []).append(parcel)
+
+    def _picked_up(self, b: BoxState, parcel: Parcel) -> None:
+        self._vacate(b, parcel)
+        self._event(b, "parcel.picked_up", compartment=parcel.compartment, parcel_id=parcel.id, carrier=parcel.carrier)
+
+    def _deposit_waste(self, b: BoxState, rng: random.Random) -> None:
+        fractions = self.scenario.waste.fractions
+        fraction = pick(rng, {k: v.share for k, v in fractions.items()})
+        weight = round(min(MAX_DEPOSIT_KG, max(0.01, sampler(fractions[fraction].weight_kg, rng)())), 3)
+        doors = sorted(b.red, key=lambda d: (b.red[d], d))  # emptiest first
+        door = next((d for d in doors if b.red[d] + weight <= b.red_capacity[d]), None)
+        if door is None:
+            self._note("waste.refused", b.box.id, fraction=fraction.value, weight_kg=weight, reason="red_box_full")
+            return
+        b.red[door] = round(b.red[door] + weight, 3)
+        self._event(b, "waste.deposited", compartment=door, fraction=fraction.value, weight_kg=weight)
+        self.counters.add("waste_kg_deposited", weight)
+        if b.ready_since[door] is None and b.red[door] >= self.scenario.waste.ready_share * b.red_capacity[door]:
+            since = self.env.now
+            b.ready_since[door] = since
+            self.env.timeout(self.scenario.waste.max_wait_h * HOUR).callbacks.append(
+                lambda _e: self._waste_overdue(b, door, since)
+            )
+
+    # ------------------------------------------------------------------ faults and telemetry
+
+    def _offline_faults(self, b: BoxState) -> ProcessGen:
+        f = self.scenario.faults
+        rng = self.rng("offline", b.index)
+        duration = sampler(f.box_offline_h, rng)
+        while True:
+            yield self.env.timeout(rng.expovariate(1 / (f.box_offline_mtbf_days * DAY)))
+            b.offline = True
+            self._note("box.offline", b.box.id)
+            yield self.env.timeout(duration() * HOUR)
+            b.offline = False
+            self._note("box.online", b.box.id)
+
+    def _door_jams(self, b: BoxState) -> ProcessGen:
+        f = self.scenario.faults
+        rng = self.rng("jam", b.index)
+        repair = sampler(f.repair_h, rng)
+        while True:
+            yield self.env.timeout(rng.expovariate(1 / (f.door_jam_mtbf_days * DAY)))
+            free = sorted(d for heap in b.free.values() for d in heap)
+            if not free:
+                continue
+            door = rng.choice(free)
+            b.free[b.size_of[door]].remove(door)
+            heapq.heapify(b.free[b.size_of[door]])
+            b.jammed.add(door)
+            self._event(b, "compartment.fault", compartment=door, fault="jammed_door")
+            yield self.env.timeout(repair() * HOUR)
+            b.jammed.discard(door)
+            heapq.heappush(b.free[b.size_of[door]], door)
+            self._event(b, "compartment.restored", compartment=door)
+
+    def _telemetry(self, b: BoxState, interval_s: float) -> ProcessGen:
+        while True:
+            self._event(
+                b,
+                "telemetry",
+                power="mains",
+                temperature_c=8.0,
+                compartments=[
+                    {"id": d, "occupied": d in b.occupant, "door_open": False, "in_service": d not in b.jammed}
+                    for d in sorted(b.size_of)
+                ],
+                red_boxes=[{"compartment": d, "weight_kg": b.red[d]} for d in sorted(b.red)],
+            )
+            yield self.env.timeout(interval_s)
+
+    # ------------------------------------------------------------------ carriers' van rounds
+
+    def _carrier_rounds(self, name: str, carrier: Carrier) -> ProcessGen:
+        depot = self.network.depots[carrier.depot]
+        rng = self.rng(f"demand:{name}")
+        sizes = {k: v for k, v in self.scenario.demand.size_mix.items() if v > 0}
+        d = self.scenario.demand
+        rates = [
+            b.box.households * d.parcels_per_household_year * d.locker_share * carrier.share / YEAR for b in self.boxes
+        ]
+        last = 0.0
+        for departure in self._round_times(carrier):
+            if departure >= self.horizon:
+                return
+            yield self.env.timeout(max(0.0, departure - self.env.now))
+            weight = self._weekday_integral(last, departure)
+            last = departure
+            # Parcels back at the depot (no room anywhere, or over capacity) go out first.
+            load, self._backlog[name] = self._backlog[name], []
+            arrived = 0
+            for b, rate in zip(self.boxes, rates, strict=True):
+                for _ in range(poisson(rng, rate * weight)):
+                    load.append(Parcel(self._next_parcel_id("P"), pick(rng, sizes), name, b.index))
+                    arrived += 1
+            self.counters.add("parcels_arrived", arrived)
+            for van_no, (stops, parcels) in enumerate(self._plan_vans(depot, carrier, name, load)):
+                self.env.process(self._van_trip(name, carrier, van_no, depot, stops, parcels))
+
+    def _round_times(self, carrier: Carrier) -> Iterator[float]:
+        day = 0
+        while True:
+            weekday = (self._start_weekday + day) % 7
+            if weekday in carrier.round_days:
+                for hour in sorted(carrier.round_hours):
+                    t = day * DAY + (hour - self._start_hour) * HOUR
+                    if t >= self.env.now:
+                        yield t
+            day += 1
+
+    def _weekday_integral(self, t0: float, t1: float) -> float:
+        """Delivery volume between t0 and t1 in units of average-day-seconds (weekday-weighted)."""
+        total, t = 0.0, t0
+        while t < t1:
+            day_end = (math.floor(t / DAY) + 1) * DAY
+            step = min(t1, day_end) - t
+            total += step * self._weekday[self._weekday_now(t)]
+            t += step
+        return total
+
+    def _plan_vans(
+        self, depot: Site, carrier: Carrier, name: str, load: list[Parcel]
+    ) -> list[tuple[list[int], list[Parcel]]]:
+        """Split the round into van trips: stops in nearest-neighbour order, cut where a van is full."""
+        by_box: dict[int, list[Parcel]] = {}
+        for parcel in load:
+            by_box.setdefault(parcel.box, []).append(parcel)
+        stops = set(by_box) | {b.index for b in self.boxes if b.waiting.get(name)}
+        order = self._nearest_neighbour(depot.lat, depot.lon, stops)
+        vans: list[tuple[list[int], list[Parcel]]] = []
+        current: list[int] = []
+        parcels: list[Parcel] = []
+        for stop in order:
+            mine = by_box.get(stop, [])
+            if current and len(parcels) + len(mine) > carrier.van_capacity:
+                vans.append((current, parcels))
+                current, parcels = [], []
+            current.append(stop)
+            parcels += mine
+        if current:
+            vans.append((current, parcels))
+        return vans
+
+    def _nearest_neighbour(self, lat: float, lon: float, stops: set[int]) -> list[int]:
+        order: list[int] = []
+        left = sorted(stops)
+        here = (lat, lon)
+        while left:
+            nxt = min(left, key=lambda i: (self._km(here, self.boxes[i].box), i))
+            order.append(nxt)
+            left.remove(nxt)
+            here = (self.boxes[nxt].box.lat, self.boxes[nxt].box.lon)
+        return order
+
+    def _km(self, here: tuple[float, float], box: Box | Site) -> float:
+        """Road km: straight line times the road factor (scenario.network.road_factor)."""
+        return haversine_km(here[0], here[1], box.lat, box.lon) * self._road_factor
+
+    def _van_trip(
+        self, name: str, carrier: Carrier, van_no: int, depot: Site, stops: list[int], parcels: list[Parcel]
+    ) -> ProcessGen:
+        """Drive one van: deliver, take back expired and sent parcels, take red boxes if there is room."""
+        started = self.env.now
+        here = (depot.lat, depot.lon)
+        km = 0.0
+        on_board = list(parcels)  # parcels for delivery still in the van
+        carried = len(on_board)  # everything occupying van space
+        waste_kg, waste_boxes, delivered, picked = 0.0, 0, 0, 0
+        radius = self.scenario.delivery.redirect_radius_km
+        for position, stop in enumerate(stops):
+            b = self.boxes[stop]
+            leg = self._km(here, b.box)
+            km += leg
+            yield self.env.timeout(leg / carrier.speed_kmh * HOUR)
+            here = (b.box.lat, b.box.lon)
+            # 1. what the van takes away frees doors first
+            for parcel in b.waiting.pop(name, []):
+                self._vacate(b, parcel)
+                if parcel.sending:
+                    self._event(
+                        b, "parcel.picked_up", compartment=parcel.compartment, parcel_id=parcel.id, carrier=name
+                    )
+                else:
+                    self._event(b, "parcel.expired", compartment=parcel.compartment, parcel_id=parcel.id, carrier=name)
+                carried += 1
+                picked += 1
+            # 2. deliveries for this box, and redirected ones that fit here
+            for parcel in [p for p in on_board if p.box == stop]:
+                if self._deposit(b, parcel):
+                    on_board.remove(parcel)
+                    carried -= 1
+                    delivered += 1
+                elif parcel.box == stop:
+                    nxt = [s for s in stops[position + 1 :] if self._km(here, self.boxes[s].box) <= radius]
+                    if nxt:
+                        self._note("parcel.redirected", b.box.id, parcel_id=parcel.id, carrier=name)
+                        parcel.box = nxt[0]
+                    # else: it stays on board and goes back to the depot
+            # 3. red boxes ready for collection, if the van has room and dangerous-goods allowance
+            for door in sorted(b.red):
+                ready = b.ready_since[door] is not None
+                weight = b.red[door]
+                if ready and carried < carrier.van_capacity and waste_kg + weight <= carrier.hazardous_limit_kg:
+                    self._collect_red_box(b, door, name, "van")
+                    waste_kg += weight
+                    waste_boxes += 1
+                    carried += 1
+            yield self.env.timeout(carrier.stop_min * 60)
+        back = self._km(here, depot)
+        km += back
+        yield self.env.timeout(back / carrier.speed_kmh * HOUR)
+        for parcel in on_board:
+            self._note("parcel.returned_to_depot", self.boxes[parcel.box].box.id, parcel_id=parcel.id, carrier=name)
+            self._backlog[name].append(parcel)
+        self._note(
+            "van.trip",
+            None,
+            carrier=name,
+            van=van_no,
+            vehicle=carrier.vehicle,
+            trip="round",
+            depart_s=round(started, 3),
+            km=round(km, 3),
+            stops=len(stops),
+            delivered=delivered,
+            picked_up=picked,
+            waste_kg=round(waste_kg, 3),
+            red_boxes=waste_boxes,
+            boxes=[self.boxes[s].box.id for s in stops],
+        )
+        self.counters.add(f"van_km:{name}", km)
+
+    # ------------------------------------------------------------------ waste collection
+
+    def _collect_red_box(self, b: BoxState, door: int, carrier: str, how: str) -> None:
+        weight = b.red[door]
+        self._event(b, "waste.collected", compartment=door, carrier=carrier, weight_kg=round(weight, 3))
+        self.counters.add(f"waste_kg_collected_{how}", weight)
+        self.counters.add(f"red_boxes_collected_{how}")
+        b.red[door] = 0.0
+        b.ready_since[door] = None
+
+    def _waste_overdue(self, b: BoxState, door: int, since: float) -> None:
+        if b.ready_since[door] != since:
+            return  # a van took it in time
+        self.env.process(self._dedicated_trip())
+
+    def _dedicated_trip(self) -> ProcessGen:
+        """The waste operator fetches every overdue red box in one trip from its site."""
+        w = self.scenario.waste
+        site = self.network.depots[w.dedicated_operator]
+        due = [
+            (b.index, d)
+            for b in self.boxes
+            for d, since in sorted(b.ready_since.items())
+            if since is not None
+            and self.env.now - since >= w.max_wait_h * HOUR - 1e-6
+            and (b.index, d) not in self._claimed
+        ]
+        if not due:
+            return
+        self._claimed.update(due)
+        overdue = {i for i, _ in due}
+        started, here, km = self.env.now, (site.lat, site.lon), 0.0
+        collected, kg = 0, 0.0
+        order = self._nearest_neighbour(site.lat, site.lon, overdue)
+        for stop in order:
+            b = self.boxes[stop]
+            leg = self._km(here, b.box)
+            km += leg
+            yield self.env.timeout(leg / w.dedicated_speed_kmh * HOUR)
+            here = (b.box.lat, b.box.lon)
+            for door in sorted(b.red):
+                if (stop, door) in self._claimed:
+                    self._claimed.discard((stop, door))
+                    if b.ready_since[door] is None:
+                        continue  # a van took it while the truck was on its way
+                    kg += b.red[door]
+                    collected += 1
+                    self._collect_red_box(b, door, w.dedicated_operator, "dedicated")
+        back = self._km(here, site)
+        km += back
+        yield self.env.timeout(back / w.dedicated_speed_kmh * HOUR)
+        self._note(
+            "van.trip",
+            None,
+            carrier=w.dedicated_operator,
+            van=0,
+            vehicle=w.dedicated_vehicle,
+            trip="dedicated_waste",
+            depart_s=round(started, 3),
+            km=round(km, 3),
+            stops=len(order),
+            delivered=0,
+            picked_up=0,
+            waste_kg=round(kg, 3),
+            red_boxes=collected,
+            boxes=[self.boxes[s].box.id for s in order],
+        )
+        self.counters.add("dedicated_km", km)
+
+    # ------------------------------------------------------------------ end of run
+
+    def finish(self) -> None:
+        """Close the time integrals at the horizon."""
+        for b in self.boxes:
+            b.occupied_area += b.occupied * (self.env.now - b.last_change)
+            b.last_change = self.env.now

@@ -1,0 +1,268 @@
+"""Scenario parameters: every figure the model uses, with its default, unit and source.
+
+Where it sits: input to the simulator. A scenario is a TOML file (``simulator/scenarios/aalborg.toml``
+ships with the repo) plus ``--set key.path=value`` overrides; :func:`resolve` returns the full,
+validated parameter set, which a run saves next to its results. Defaults come from
+``shared/DOMAIN.md`` (sources named beside each field); where a figure is an assumption, the field says so.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from contract import SizeClass, WasteFraction
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+DEFAULT_SCENARIO = SCENARIO_DIR / "aalborg.toml"
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Dist(Params):
+    """A positive random duration or amount. ``exponential`` and ``constant`` need only ``mean``;
+    ``lognormal`` and ``gamma`` take ``mean`` and ``sd`` (of the variable itself, not of its log)."""
+
+    kind: Literal["exponential", "lognormal", "gamma", "constant", "uniform"]
+    mean: Positive
+    sd: NonNegative | None = None
+    low: NonNegative | None = None
+    high: NonNegative | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Self:
+        if self.kind in ("lognormal", "gamma") and not self.sd:
+            raise ValueError(f"{self.kind} needs sd > 0")
+        if self.kind == "uniform" and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError("uniform needs low <= high")
+        return self
+
+
+class Simulation(Params):
+    start: datetime = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
+    days: Positive = 365.0
+    seed: int = 1
+    #: Telemetry per box every this many minutes of simulated time; 0 = none (batch studies).
+    telemetry_interval_min: NonNegative = 0.0
+
+
+class Demand(Params):
+    #: Denmark handled ~185 M parcels in 2022, ~31 per resident (DOMAIN.md); ~1.9 residents per
+    #: Aalborg apartment household (assumption) -> ~59 per household and year.
+    parcels_per_household_year: NonNegative = 59.0
+    #: Share of those delivered to the box instead of home. Assumption (pilot uptake unknown).
+    locker_share: Share = 0.15
+    #: Relative delivery volume Monday..Sunday (carriers deliver little at weekends).
+    weekday_profile: Annotated[list[NonNegative], Field(min_length=7, max_length=7)] = [
+        1.15,
+        1.1,
+        1.05,
+        1.05,
+        1.1,
+        0.55,
+        0.0,
+    ]
+    size_mix: dict[SizeClass, Share] = {SizeClass.A: 0.45, SizeClass.B: 0.40, SizeClass.C: 0.15}
+    #: Parcels residents send from the box per household and year (returns, C2C): ~17% of what the
+    #: box delivers, in the range of e-commerce return rates. Assumption.
+    sends_per_household_year: NonNegative = 1.5
+    #: Resident activity (sends, waste drop-offs) by hour of day, relative; ~40% of locker pickups
+    #: happen outside business hours (DOMAIN.md), so evenings carry weight.
+    hour_profile: Annotated[list[NonNegative], Field(min_length=24, max_length=24)] = [
+        0.1,
+        0.05,
+        0.05,
+        0.05,
+        0.05,
+        0.1,
+        0.4,
+        0.8,
+        0.9,
+        0.9,
+        1.0,
+        1.0,
+        1.1,
+        1.0,
+        1.0,
+        1.1,
+        1.4,
+        1.7,
+        1.8,
+        1.6,
+        1.3,
+        0.9,
+        0.5,
+        0.2,
+    ]
+
+
+class Pickup(Params):
+    #: Notification-to-collection time: mean ~15.5 h, SD ~21 h in a large locker network (DOMAIN.md).
+    dwell_h: Dist = Dist(kind="lognormal", mean=15.5, sd=21.0)
+    #: Hours a parcel waits before it expires and goes back (InPost UK / Amazon 3 days; DOMAIN.md).
+    window_h: Positive = 72.0
+
+
+class Carrier(Params):
+    share: Share
+    depot: str
+    #: Departure times of the carrier's van round, hours of the day.
+    round_hours: list[Annotated[float, Field(ge=0, lt=24)]] = [9.0]
+    #: Days with rounds, 0 = Monday.
+    round_days: list[Annotated[int, Field(ge=0, le=6)]] = [0, 1, 2, 3, 4]
+    #: Parcels a van carries (volume-limited light van). Assumption.
+    van_capacity: Annotated[int, Field(ge=1)] = 120
+    #: Dangerous-goods room for red boxes, kg per van: far below the ADR small-load and SP 636
+    #: (333 kg lithium) limits, as a carrier would set it. Assumption.
+    hazardous_limit_kg: NonNegative = 40.0
+    #: Van speed between stops (urban), km/h, and minutes per stop. Assumptions.
+    speed_kmh: Positive = 25.0
+    stop_min: NonNegative = 4.0
+    vehicle: str = "diesel_van"
+
+
+def _default_carriers() -> dict[str, Carrier]:
+    # Carriers with parcel-locker business in Denmark; shares are illustrative.
+    return {
+        "postnord": Carrier(share=0.35, depot="postnord"),
+        "gls": Carrier(share=0.2, depot="gls"),
+        "dao": Carrier(share=0.2, depot="dao"),
+        "bring": Carrier(share=0.15, depot="bring"),
+        "dhl": Carrier(share=0.1, depot="dhl", round_days=[0, 1, 2, 3, 4, 5]),
+    }
+
+
+class Delivery(Params):
+    #: ``rounds``: carriers' van rounds (realistic). ``poisson``: every parcel arrives on its own at a
+    #: Poisson rate and is turned away if no compartment fits (for validation against theory).
+    mode: Literal["rounds", "poisson"] = "rounds"
+    carriers: dict[str, Carrier] = Field(default_factory=_default_carriers)
+    #: A full box: the van tries the other boxes of its round within this distance, else takes the
+    #: parcel back to the depot for the next round (InPost redirects within 2 km; DOMAIN.md).
+    redirect_radius_km: NonNegative = 2.0
+
+
+class WasteFractionParams(Params):
+    share: Share
+    weight_kg: Dist
+
+
+def _default_fractions() -> dict[WasteFraction, WasteFractionParams]:
+    # Per-deposit weights: an Aalborg pilot saw ~1.5 kg small electronics, 0.33 kg batteries and one
+    # bulb per household and year (DOMAIN.md); a deposit is a part of that. Assumptions.
+    def frac(share: float, mean: float, sd: float) -> WasteFractionParams:
+        return WasteFractionParams(share=share, weight_kg=Dist(kind="gamma", mean=mean, sd=sd))
+
+    return {
+        WasteFraction.BATTERIES: frac(0.30, 0.25, 0.15),
+        WasteFraction.SMALL_ELECTRONICS: frac(0.25, 0.6, 0.4),
+        WasteFraction.LIGHT_BULBS: frac(0.15, 0.1, 0.05),
+        WasteFraction.SPRAY_CANS: frac(0.10, 0.3, 0.15),
+        WasteFraction.PAINT: frac(0.08, 0.8, 0.5),
+        WasteFraction.CHEMICALS: frac(0.05, 0.5, 0.3),
+        WasteFraction.CLEANING_AGENTS: frac(0.04, 0.5, 0.3),
+        WasteFraction.OIL: frac(0.03, 0.5, 0.3),
+    }
+
+
+class Waste(Params):
+    #: Drop-offs per household and year. Apartment residents had no collection before; assumption.
+    deposits_per_household_year: NonNegative = 1.0
+    fractions: dict[WasteFraction, WasteFractionParams] = Field(default_factory=_default_fractions)
+    #: A red box is offered to vans once it holds this share of its limit.
+    ready_share: Share = 0.5
+    #: If no van took a ready red box within this many hours, a dedicated trip fetches it.
+    max_wait_h: Positive = 72.0
+    #: Who makes dedicated trips, from which site, with which vehicle.
+    dedicated_operator: str = "nordvaerk"
+    dedicated_vehicle: str = "waste_truck"
+    dedicated_speed_kmh: Positive = 30.0
+
+
+class Faults(Params):
+    #: Mean days between a box losing its connection, and how long it stays offline (hours).
+    box_offline_mtbf_days: Positive = 60.0
+    box_offline_h: Dist = Dist(kind="lognormal", mean=2.0, sd=3.0)
+    #: Mean days between door jams per box, and repair time (hours).
+    door_jam_mtbf_days: Positive = 90.0
+    repair_h: Dist = Dist(kind="lognormal", mean=24.0, sd=18.0)
+
+
+class NetworkParams(Params):
+    #: A network TOML file; unset = the bundled Aalborg network (simulator/data/aalborg_boxes.toml).
+    file: Path | None = None
+    #: Only the first N boxes (0 = all), for small studies and tests.
+    boxes: Annotated[int, Field(ge=0)] = 0
+    #: Straight-line km x this = road km (urban detour index 1.2-1.4; assumption).
+    road_factor: Annotated[float, Field(ge=1)] = 1.3
+
+
+class Scenario(Params):
+    name: str = "aalborg"
+    simulation: Simulation = Simulation()
+    network: NetworkParams = NetworkParams()
+    demand: Demand = Demand()
+    pickup: Pickup = Pickup()
+    delivery: Delivery = Delivery()
+    waste: Waste = Waste()
+    faults: Faults = Faults()
+
+    @model_validator(mode="after")
+    def _shares(self) -> Self:
+        total = sum(c.share for c in self.delivery.carriers.values())
+        if self.delivery.carriers and abs(total - 1) > 1e-6:
+            raise ValueError(f"carrier shares must sum to 1, not {total:g}")
+        for name, mix in (
+            ("demand.size_mix", self.demand.size_mix),
+            ("waste.fractions", {k: v.share for k, v in self.waste.fractions.items()}),
+        ):
+            if mix and abs(sum(mix.values()) - 1) > 1e-6:
+                raise ValueError(f"{name} shares must sum to 1, not {sum(mix.values()):g}")
+        return self
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {dotted}: {key} is not a table")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value``; the value is read as TOML (numbers, booleans, strings, arrays), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not key.path=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def resolve(path: Path | None = None, overrides: list[str] | None = None) -> Scenario:
+    """The scenario in ``path`` (default: the bundled Aalborg one) with ``overrides`` applied."""
+    data: dict[str, Any] = tomllib.loads((path or DEFAULT_SCENARIO).read_text())
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return Scenario.model_validate(data)
+
+
+def dump(scenario: Scenario) -> str:
+    """The fully resolved parameters as stable, sorted JSON (saved with every run's results)."""
+    return json.dumps(scenario.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
