@@ -428,10 +428,11 @@ class BoxFirmware:
 
     # ------------------------------------------------------------------ emitting
 
-    def emit(self, payload: EventPayload) -> int:
+    def emit(self, payload: EventPayload, *, ts_ms: int | None = None) -> int:
         """Store an event (or a :class:`Telemetry` reading) in the outbox and queue it for sending.
 
-        Builds the envelope with the next ``seq``, the current ``session`` and ``ts_ms=clock()``;
+        Builds the envelope with the next ``seq``, the current ``session`` and ``ts_ms`` (default
+        ``clock()``; the simulator passes the simulated time of the happening);
         returns the seq. Works while disconnected (it waits in the outbox). Raises ``ValueError``
         (:class:`contract.ContractError` or pydantic's ``ValidationError``) if the receiver would
         refuse the event -- e.g. a compartment this box does not have -- and then stores nothing.
@@ -441,7 +442,8 @@ class BoxFirmware:
         kind = MessageKind.TELEMETRY if isinstance(payload, Telemetry) else MessageKind.EVENTS
 
         def build(seq: int) -> bytes:
-            event = make_event(box_id=self.box_id, seq=seq, session=self._session, ts_ms=self._clock(), payload=payload)
+            ts = self._clock() if ts_ms is None else ts_ms
+            event = make_event(box_id=self.box_id, seq=seq, session=self._session, ts_ms=ts, payload=payload)
             check_layout(event, self.layout)
             return encode(event)
 
