@@ -28,6 +28,9 @@ class ErrorCode(StrEnum):
     UNKNOWN_COMPARTMENT = "unknown_compartment"
     WRONG_COMPARTMENT_KIND = "wrong_compartment_kind"
     WRONG_TOPIC = "wrong_topic"
+    #: The box's (box_id, seq) is already stored with different content: the box reused a sequence
+    #: number (e.g. its storage was wiped). Kept, never dropped as a duplicate.
+    SEQ_CONFLICT = "seq_conflict"
     #: Valid by the contract but refused by the database (kept with the database's reason).
     STORAGE_REJECTED = "storage_rejected"
     #: An unexpected failure while storing this one message (a bug); kept with the exception text.

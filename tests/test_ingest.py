@@ -101,7 +101,11 @@ def test_event_flows_from_box_to_api(
 
 
 def test_redelivered_and_replayed_events_are_stored_once(
-    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+    broker: RunningBroker,
+    credentials: Credentials,
+    ingest: IngestWorker,
+    db: psycopg.Connection[Any],
+    api: httpx.Client,
 ) -> None:
     """The same event twice, and a whole outbox replayed after it, leave exactly one row per seq."""
     box = "box-042"
@@ -117,23 +121,40 @@ def test_redelivered_and_replayed_events_are_stored_once(
     time.sleep(0.3)  # let any stray duplicate land before counting
     assert [s for s, _ in events_of(db, box)] == list(range(1, 11))
     assert ingest.totals.duplicates >= 4
+    # The worker's counters are committed with the rows, and /metrics reports them.
+    events, duplicates = db.execute(
+        "SELECT events, duplicates FROM ingest_workers WHERE worker_id = %s", (ingest.worker_id,)
+    ).fetchone() or (None, None)
+    assert events == 10
+    assert duplicates == ingest.totals.duplicates
+    metrics = api.get("/metrics").text
+    assert f'molo_ingest_events_total{{worker="{ingest.worker_id}"}} 10.0' in metrics
+    assert f'molo_ingest_duplicates_total{{worker="{ingest.worker_id}"}} {float(duplicates)}' in metrics
 
 
-def test_same_seq_with_another_timestamp_is_not_stored_twice(
+def test_reused_seq_with_other_content_is_dead_lettered_not_dropped(
     broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
 ) -> None:
-    """A (box, seq) already stored is refused even if a buggy replay changes its device time."""
+    """A (box, seq) already stored is not stored again, and if its content differs (a box that reused
+    a seq, e.g. after a wiped flash) it is kept as a seq_conflict dead letter, while true repeats are
+    counted as duplicates."""
     box = "box-043"
     client = box_client(broker, credentials, box)
     topic = topic_for(box, MessageKind.EVENTS)
     publish(client, topic, deposited(box, 1))
     publish(client, topic, deposited(box, 2))
     wait_for(lambda: len(events_of(db, box)) == 2)
-    publish(client, topic, deposited(box, 1, ts_ms=T0 + 999_999_000))  # other month, other partition
+    clash = deposited(box, 1, ts_ms=T0 + 999_999_000)  # same seq, other content, other month
+    publish(client, topic, clash)
+    publish(client, topic, deposited(box, 2))  # a true repeat
     publish(client, topic, deposited(box, 3))
     close(client)
     wait_for(lambda: len(events_of(db, box)) == 3)
     assert scalar(db, "SELECT count(*) FROM events WHERE box_id = %s AND seq = 1", (box,)) == 1
+    rows = wait_rows(db, "SELECT error_code, reason, payload FROM dead_letters WHERE box_id = %s", (box,), 1)
+    assert rows[0][0] == "seq_conflict"
+    assert "seq 1 of box box-043" in rows[0][1]
+    assert bytes(rows[0][2]) == clash
 
 
 def test_malformed_payloads_are_dead_lettered_and_ingest_goes_on(
@@ -455,3 +476,40 @@ def test_database_outage_loses_nothing(
     close(client)
     wait_for(lambda: len(events_of(db, box)) == 20, timeout=40)
     assert [s for s, _ in events_of(db, box)] == list(range(1, 21))
+
+
+def test_retire_during_database_outage_keeps_the_session(
+    broker: RunningBroker,
+    credentials: Credentials,
+    start_ingest: Callable[..., IngestWorker],
+    db: psycopg.Connection[Any],
+    pg_admin_url: str,
+    database_url: str,
+) -> None:
+    """Retiring while messages cannot be committed refuses (returns False) and keeps the broker session,
+    so a successor with the same worker id receives and stores every message."""
+    worker = start_ingest()
+    box = "box-060"
+    # Retained statuses of earlier tests' boxes arrive on subscribe: let them be committed first.
+    time.sleep(0.5)
+    wait_for(lambda: worker.mqtt.outstanding == 0 and worker.mqtt.inbox.empty())
+    dbname = conninfo_to_dict(database_url)["dbname"]
+    client = box_client(broker, credentials, box)
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                (dbname, f"molo-ingest-{worker.worker_id}"),
+            )
+            for seq in range(1, 6):
+                publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, seq))
+            wait_for(lambda: worker.mqtt.outstanding == 5)
+            assert worker.retire(quiet_s=0.2, timeout=2) is False
+        finally:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    close(client)
+    assert events_of(db, box) == []
+    successor = start_ingest(worker_id=worker.worker_id)
+    wait_for(lambda: [s for s, _ in events_of(db, box)] == [1, 2, 3, 4, 5], timeout=20)
+    assert successor.retire(quiet_s=0.2) is True

@@ -68,6 +68,8 @@ class IngestMqtt:
         self._receive_maximum = receive_maximum
         self._generation = 0
         self._closing = False
+        #: (generation, mid) of messages delivered on the current connection and not yet acked.
+        self._unacked: set[tuple[int, int]] = set()
         self._v5 = protocol == "5"
         self._client_id, self._username, self._password = client_id, username, password
         self._tls, self._tls_ca_file = use_tls or tls_ca_file is not None, tls_ca_file
@@ -114,6 +116,7 @@ class IngestMqtt:
         self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
+        _dispose(self._client)
 
     def unsubscribe_all(self) -> None:
         """Leave the share group: the broker stops assigning new messages to this session."""
@@ -127,9 +130,11 @@ class IngestMqtt:
             props.SessionExpiryInterval = 0
             self._client.disconnect(properties=props)
             self._client.loop_stop()
+            _dispose(self._client)
             return
         self._client.disconnect()
         self._client.loop_stop()
+        _dispose(self._client)
         # MQTT 3.1.1 has no expiry on DISCONNECT: a clean-session connect with the same client id
         # discards the stored session.
         cleaner = mqtt.Client(
@@ -142,6 +147,7 @@ class IngestMqtt:
         cleaner.loop_start()
         cleaner.disconnect()
         cleaner.loop_stop()
+        _dispose(cleaner)
 
     def _topics(self) -> list[str]:
         return [subscription(kind, shared_group=self._group) for kind in SUBSCRIBED_KINDS]
@@ -154,7 +160,14 @@ class IngestMqtt:
             if message.generation != self._generation or not self.connected.is_set():
                 return False
             self._client.ack(message.mid, message.qos)
+            self._unacked.discard((message.generation, message.mid))
             return True
+
+    @property
+    def outstanding(self) -> int:
+        """Messages received on the current connection and not acknowledged yet."""
+        with self._lock:
+            return len(self._unacked)
 
     # -- paho callbacks: network thread, keep them short
 
@@ -172,6 +185,7 @@ class IngestMqtt:
             return
         with self._lock:
             self._generation += 1
+            self._unacked.clear()  # the broker redelivers those on this new connection
         self.connected.set()
         self.log.info("ingest: connected (session present: %s)", flags.session_present)
         client.subscribe([(topic, 1) for topic in self._topics()])
@@ -207,4 +221,13 @@ class IngestMqtt:
             self.log.warning("ingest: connection lost (%s); unacknowledged messages will be redelivered", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos > 0:
+            with self._lock:
+                self._unacked.add((self._generation, msg.mid))
         self.inbox.put(Received(self._generation, msg.mid, msg.qos, msg.topic, bytes(msg.payload), time.time()))
+
+
+def _dispose(client: mqtt.Client) -> None:
+    """Close paho's internal wake-up socket pair now. paho closes it only in ``__del__``, and when a
+    client is freed by the cycle collector its sockets may be finalised first (ResourceWarning)."""
+    client._reset_sockets()  # paho 2.x has no public way to close it

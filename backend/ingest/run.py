@@ -69,7 +69,8 @@ def run_forever(settings: Settings, *, retire: bool = False) -> int:
     log.info("ingest worker %s started", settings.worker_id)
     if retire:
         worker.mqtt.subscribed.wait(30)
-        worker.retire()
+        if not worker.retire():
+            return 1
         log.info("ingest worker %s retired: session ended", settings.worker_id)
         return 0
     while not stop.is_set():  # poll: waiting on the Event the signal handler sets could deadlock

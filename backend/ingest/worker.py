@@ -88,6 +88,7 @@ class IngestWorker:
         self.metrics = IngestMetrics(self.registry)
         self.totals = BatchResult()
         self._stop = threading.Event()
+        self._finished = False
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._writer: BatchWriter | None = None
@@ -102,7 +103,10 @@ class IngestWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch in hand, then disconnect. The session stays with the broker, which keeps
-        queueing this worker's share until it returns (with the same worker id)."""
+        queueing this worker's share until it returns (with the same worker id). Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -110,26 +114,43 @@ class IngestWorker:
         if self._conn is not None:
             self._conn.close()
 
-    def retire(self, quiet_s: float = 1.0, timeout: float = 60.0) -> None:
+    def retire(self, quiet_s: float = 1.0, timeout: float = 60.0) -> bool:
         """Leave the worker pool for good: unsubscribe, commit and ack everything already assigned,
-        then end the session so the broker stops queueing for this worker id. Use when scaling down
-        (`molo ingest --retire`); a plain stop would leave this worker's share queued until the
-        session expires."""
+        then end the broker session so nothing more is queued for this worker id. Use when scaling
+        down (`molo ingest --retire`); a plain stop leaves the share queued until the session expires.
+
+        Returns False, and keeps the session (nothing is lost), if messages are still unacknowledged
+        when ``timeout`` runs out, for instance because the database is down: retry later.
+        """
+        if self._finished:
+            return True
         self.mqtt.unsubscribe_all()
         deadline = time.monotonic() + timeout
         quiet_since = time.monotonic()
         while time.monotonic() < deadline:
-            if not self.mqtt.inbox.empty():
+            if not self.mqtt.inbox.empty() or self.mqtt.outstanding:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= quiet_s:
                 break
             time.sleep(0.05)
+        self._finished = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.mqtt.end_session()
+        left = self.mqtt.inbox.qsize() + self.mqtt.outstanding
+        if left:
+            log.error(
+                "ingest: cannot retire %s: %d messages are not committed yet (database down?); "
+                "the broker session is kept, nothing is lost; retry later",
+                self.worker_id,
+                left,
+            )
+            self.mqtt.stop()
+        else:
+            self.mqtt.end_session()
         if self._conn is not None:
             self._conn.close()
+        return left == 0
 
     def run(self) -> None:
         while not self._stop.is_set():

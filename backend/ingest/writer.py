@@ -260,15 +260,26 @@ class BatchWriter:
         conn = self.conn
         r = BatchResult(messages=n_messages)
         with conn.transaction():
+            conflicts: list[tuple[Received, BoxEvent, str]] = []
             if d.events:
-                r.events = self._insert_series(
-                    "events", EVENT_COLUMNS, [_event_row(i, m, e) for i, (m, e) in enumerate(d.events)]
-                )
+                rows = [_event_row(i, m, e) for i, (m, e) in enumerate(d.events)]
+                r.events, clashes = self._insert_series("events", EVENT_COLUMNS, rows)
+                conflicts += [(*d.events[i], stored) for i, stored in clashes]
             if d.telemetry:
-                r.telemetry = self._insert_series(
-                    "telemetry", TELEMETRY_COLUMNS, [_telemetry_row(i, m, e) for i, (m, e) in enumerate(d.telemetry)]
+                rows = [_telemetry_row(i, m, e) for i, (m, e) in enumerate(d.telemetry)]
+                r.telemetry, clashes = self._insert_series("telemetry", TELEMETRY_COLUMNS, rows)
+                conflicts += [(*d.telemetry[i], stored) for i, stored in clashes]
+            for msg, event, stored in conflicts:
+                d.dead.append(
+                    (
+                        msg,
+                        ErrorCode.SEQ_CONFLICT.value,
+                        f"seq {event.seq} of box {event.box_id} is already stored with other content "
+                        f"(stored: {stored}); a box must never reuse a sequence number",
+                        event.box_id,
+                    )
                 )
-            r.duplicates = len(d.events) + len(d.telemetry) - r.events - r.telemetry
+            r.duplicates = len(d.events) + len(d.telemetry) - r.events - r.telemetry - len(conflicts)
             self._update_box_state(d)
             r.statuses = len(d.statuses)
             r.command_acks = self._apply_command_acks(d.acks)
@@ -308,7 +319,11 @@ class BatchWriter:
             (seconds, seconds, lag_seconds, self.worker_id),
         )
 
-    def _insert_series(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> int:
+    def _insert_series(
+        self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> tuple[int, list[tuple[int, str]]]:
+        """Insert the rows that are new; return how many, and the staging positions of rows whose
+        ``(box_id, seq)`` is already stored with *different* content (with the stored ts and type)."""
         cols = ", ".join(columns)
         picked = ", ".join(f"s.{c}" for c in columns)
         with self.conn.cursor() as cur:
@@ -324,7 +339,20 @@ class BatchWriter:
                     ORDER BY s.box_id, s.seq, s.idx
                     ON CONFLICT DO NOTHING"""
             )
-            return cur.rowcount
+            inserted = cur.rowcount
+            if inserted == len(rows):
+                return inserted, []
+            # Not inserted = a repeat (same bytes replayed: harmless) or a conflict (the box reused a
+            # seq for something else, e.g. after its storage was wiped): the latter is kept as a dead
+            # letter, never silently dropped. Only rows that were skipped are compared.
+            stored_kind = "t.type" if table == "events" else "'telemetry'"
+            cur.execute(
+                f"""SELECT DISTINCT ON (s.idx) s.idx, t.ts::text || ' ' || {stored_kind}
+                    FROM staging_{table} s JOIN {table} t ON t.box_id = s.box_id AND t.seq = s.seq
+                    WHERE (to_jsonb(s) - 'idx' - 'received_at') <> (to_jsonb(t) - 'received_at')
+                    ORDER BY s.idx"""
+            )
+            return inserted, [(int(row[0]), str(row[1])) for row in cur.fetchall()]
 
     def _update_box_state(self, d: _Decoded) -> None:
         seen: dict[str, tuple[int, int, float]] = {}  # box -> (max seq, max ts_ms, max received)
