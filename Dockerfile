@@ -22,7 +22,8 @@ COPY backend ./backend
 COPY simulator ./simulator
 COPY molo ./molo
 COPY broker_config ./broker_config
-RUN uv sync --frozen --no-dev
+RUN uv sync --frozen --no-dev \
+ && mkdir -p /app/state && chown molo:molo /app/state   # the firmware stubs' outboxes (volume)
 
 USER molo
 ENTRYPOINT ["molo"]

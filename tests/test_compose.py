@@ -96,3 +96,22 @@ def test_production_settings_refuse_placeholders() -> None:
         mqtt_password=SecretStr("a-real-random-secret"),
     )
     assert ok.mqtt_secret() == "a-real-random-secret"
+
+
+def test_volumes_of_our_image_exist_and_belong_to_its_user() -> None:
+    """Named volumes mounted into our image point at directories the Dockerfile creates for its user."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "useradd --system --uid 10001" in dockerfile
+    for name, service in OURS.items():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if not source.startswith("./"):
+                assert f"mkdir -p {target} && chown molo:molo {target}" in dockerfile, f"{name}: {target}"
+
+
+def test_readme_gives_every_mounted_secret_to_its_reader() -> None:
+    """Provisioned files are 0600, so the README chowns each mounted one to the container user reading it."""
+    readme = (ROOT / "README.md").read_text()
+    assert "chown 1883:1883 secrets/passwd" in readme
+    for secret in COMPOSE["secrets"].values():
+        assert f"chown 10001:10001 {secret['file'][2:]}" in readme
