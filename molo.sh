@@ -5,8 +5,9 @@
 #   ./molo.sh test        the whole test suite (pytest arguments may follow)
 #   ./molo.sh <command>   any `molo` command, e.g. ./molo.sh migrate, ./molo.sh --help
 #
-# Needs only Python 3.11+. It installs uv (pinned) into .tools/ unless uv is already on PATH, then
-# creates .venv from uv.lock (exact versions). Tests also need the Mosquitto binary: when it is
+# Needs only Python 3.11+. It installs uv (pinned) into .tools/ unless a recent enough uv is on PATH
+# (with pip if the Python has it, else by downloading the wheel from PyPI and checking its sha256),
+# then creates .venv from uv.lock (exact versions). MOLO_UV_BOOTSTRAP=download forces the download. Tests also need the Mosquitto binary: when it is
 # missing and we are root on Debian/Ubuntu, it is installed with apt-get.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,17 +25,62 @@ find_python() {
     return 1
 }
 
+uv_recent_enough() {  # $1 = a uv binary; true if its version >= $UV_VERSION
+    local have
+    have="$("$1" --version 2>/dev/null | awk '{print $2}')" || return 1
+    [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$UV_VERSION" "$have" | sort -V | head -n1)" = "$UV_VERSION" ]
+}
+
+download_uv() {  # stdlib only: for a Python without pip and venv (e.g. Debian's bare python3)
+    "$1" - "$UV_VERSION" <<'PY'
+import hashlib, io, json, os, platform, sys, urllib.parse, urllib.request, zipfile
+version = sys.argv[1]
+arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(platform.machine().lower())
+if not sys.platform.startswith("linux") or arch is None:
+    sys.exit("molo.sh: cannot bootstrap uv on this platform without pip; install uv (https://docs.astral.sh/uv/)")
+# The simple index (PEP 691 JSON), as pip reads it: file names, URLs and sha256 hashes.
+index = os.environ.get("UV_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+request = urllib.request.Request(f"{index.rstrip('/')}/uv/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(request, timeout=60) as response:
+    files = json.load(response)["files"]
+prefix = f"uv-{version}-"
+wheels = [f for f in files if f["filename"].startswith(prefix) and f["filename"].endswith(".whl")
+          and "manylinux" in f["filename"] and arch in f["filename"]]
+if not wheels:
+    sys.exit(f"molo.sh: the index has no manylinux {arch} wheel of uv {version}")
+wheel = wheels[0]
+with urllib.request.urlopen(urllib.parse.urljoin(f"{index}/uv/", wheel["url"]), timeout=300) as response:
+    data = response.read()
+if hashlib.sha256(data).hexdigest() != wheel["hashes"]["sha256"]:
+    sys.exit("molo.sh: the downloaded uv wheel does not match PyPI's sha256; not using it")
+with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    member = next(n for n in archive.namelist() if n.endswith(".data/scripts/uv"))
+    os.makedirs(".tools/bin", exist_ok=True)
+    with open(".tools/bin/uv", "wb") as out:
+        out.write(archive.read(member))
+os.chmod(".tools/bin/uv", 0o755)
+PY
+}
+
 find_uv() {
-    if command -v uv >/dev/null 2>&1; then echo uv; return 0; fi
-    if [ -x .tools/bin/uv ]; then echo .tools/bin/uv; return 0; fi
+    if [ "${MOLO_UV_BOOTSTRAP:-}" != "download" ]; then
+        if command -v uv >/dev/null 2>&1 && uv_recent_enough uv; then echo uv; return 0; fi
+    fi
+    if [ -x .tools/bin/uv ] && uv_recent_enough .tools/bin/uv; then echo .tools/bin/uv; return 0; fi
     local py; py="$(find_python)"
+    rm -rf .tools
     echo "molo.sh: installing uv $UV_VERSION into .tools/ (once)" >&2
-    if "$py" -m venv .tools >/dev/null 2>&1; then
+    if [ "${MOLO_UV_BOOTSTRAP:-}" = "download" ]; then
+        download_uv "$py" >&2
+    elif "$py" -m venv .tools >/dev/null 2>&1 && .tools/bin/python -m pip --version >/dev/null 2>&1; then
         .tools/bin/python -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" >&2
-    else
+    elif "$py" -m pip --version >/dev/null 2>&1; then
         rm -rf .tools
         "$py" -m pip install --quiet --disable-pip-version-check --target .tools/lib "uv==$UV_VERSION" >&2
         mkdir -p .tools/bin && ln -sf ../lib/bin/uv .tools/bin/uv
+    else
+        rm -rf .tools
+        download_uv "$py" >&2
     fi
     echo .tools/bin/uv
 }
@@ -43,9 +89,11 @@ ensure_mosquitto() {
     if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || [ -n "${MOLO_MOSQUITTO_BIN:-}" ]; then
         return 0
     fi
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    local sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
+    if { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; } && command -v apt-get >/dev/null 2>&1; then
         echo "molo.sh: installing mosquitto with apt-get (the tests start their own broker)" >&2
-        apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >&2
+        $sudo apt-get update -qq >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >&2
     else
         echo "molo.sh: the tests need the mosquitto binary: install it (e.g. apt-get install mosquitto)" >&2
         return 1
