@@ -13,6 +13,7 @@ their structure (common random numbers).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 import simpy
 
 from contract import CompartmentKind, SizeClass
-from simulator.network import Box, Network, Site, haversine_km
+from simulator.network import EARTH_RADIUS_KM, Box, Network, Site, haversine_km
 from simulator.params import Carrier, Dist, Scenario
 
 HOUR = 3600.0
@@ -485,14 +486,41 @@ class World:
         return vans
 
     def _nearest_neighbour(self, lat: float, lon: float, stops: set[int]) -> list[int]:
+        """Stops in nearest-neighbour order from (lat, lon): each next stop is the one with the least
+        ``_km`` from here, ties to the lower index.
+
+        Exact, but without trying every stop at every step: a great-circle distance is at least the
+        Earth's radius times the latitude difference (radians), so with the stops sorted by latitude the
+        search walks outward from here's latitude and stops once that bound exceeds the best ``_km``
+        found (the bound is taken a hair low, 1e-9, so rounding can never hide an equal or nearer stop).
+        """
+        keys = sorted((self.boxes[i].box.lat, i) for i in stops)
+        scale = EARTH_RADIUS_KM * self._road_factor * (1 - 1e-9)
         order: list[int] = []
-        left = sorted(stops)
         here = (lat, lon)
-        while left:
-            nxt = min(left, key=lambda i: (self._km(here, self.boxes[i].box), i))
-            order.append(nxt)
-            left.remove(nxt)
-            here = (self.boxes[nxt].box.lat, self.boxes[nxt].box.lon)
+        while keys:
+            rad_here = math.radians(here[0])
+            hi = bisect.bisect_left(keys, (here[0], -1))
+            lo, n = hi - 1, len(keys)
+            best, best_i, best_pos = math.inf, -1, -1
+            while True:
+                bound_hi = (math.radians(keys[hi][0]) - rad_here) * scale if hi < n else math.inf
+                bound_lo = (rad_here - math.radians(keys[lo][0])) * scale if lo >= 0 else math.inf
+                if bound_hi <= bound_lo:
+                    if bound_hi > best:
+                        break
+                    pos, hi = hi, hi + 1
+                else:
+                    if bound_lo > best:
+                        break
+                    pos, lo = lo, lo - 1
+                i = keys[pos][1]
+                d = self._km(here, self.boxes[i].box)
+                if d < best or (d == best and i < best_i):
+                    best, best_i, best_pos = d, i, pos
+            order.append(best_i)
+            del keys[best_pos]
+            here = (self.boxes[best_i].box.lat, self.boxes[best_i].box.lon)
         return order
 
     def _km(self, here: tuple[float, float], box: Box | Site) -> float:
