@@ -13,6 +13,8 @@ import httpx
 import psycopg
 import pytest
 
+from tests.fixtures.database import DatabaseUnderTest
+
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
@@ -97,12 +99,12 @@ def test_box_never_heard_from_is_offline_never_seen(api: httpx.Client, seeded: s
     assert box["name"] == "Test box"
 
 
-def test_health_readiness_and_openapi(api: httpx.Client) -> None:
-    """Liveness and readiness answer; the OpenAPI document lists the box endpoints."""
+def test_health_readiness_and_openapi(api: httpx.Client, test_database: DatabaseUnderTest) -> None:
+    """Liveness and readiness answer (with the storage flavour); OpenAPI lists the box endpoints."""
     assert api.get("/health").json() == {"status": "ok"}
     ready = api.get("/ready").json()
     assert ready["status"] == "ready"
-    assert ready["flavour"] == "postgres"
+    assert ready["flavour"] == test_database.flavour
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/api/v1/boxes", "/api/v1/boxes/{box_id}", "/api/v1/boxes/{box_id}/events", "/metrics"} <= set(paths)
 
@@ -140,3 +142,13 @@ def test_metrics_report_ingest_counters(api: httpx.Client, db: psycopg.Connectio
     assert 'molo_ingest_batch_seconds_avg{worker="metrics-w"} 0.25' in text
     assert 'molo_ingest_lag_seconds{worker="metrics-w"} 0.3' in text
     assert 'molo_dead_letters_stored{code="metrics_test_code"} 1.0' in text
+
+
+def test_invalid_stored_layout_does_not_break_the_box_list(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
+    """A hand-corrupted layout row shows that box without compartments; the list still answers 200."""
+    db.execute("""INSERT INTO boxes (box_id, layout) VALUES ('api-002', '{"compartments": "nonsense"}')""")
+    listed = api.get("/api/v1/boxes")
+    assert listed.status_code == 200
+    assert "api-002" in {b["box_id"] for b in listed.json()}
+    detail = api.get("/api/v1/boxes/api-002").json()
+    assert detail["compartments"] == []

@@ -34,6 +34,7 @@ from contract.messages import (
 from molo.brokers import RunningBroker
 from molo.provision import Credentials
 from tests.fixtures.broker import close, mqtt_client, publish
+from tests.fixtures.database import DatabaseUnderTest
 from tests.fixtures.pipeline import scalar, settings_for, wait_for, wait_rows
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -446,8 +447,7 @@ def test_database_outage_loses_nothing(
     credentials: Credentials,
     ingest: IngestWorker,
     db: psycopg.Connection[Any],
-    pg_admin_url: str,
-    database_url: str,
+    test_database: DatabaseUnderTest,
 ) -> None:
     """While the database refuses connections, ingest acks nothing and retries; then every event is stored once."""
     box = "box-059"
@@ -455,8 +455,8 @@ def test_database_outage_loses_nothing(
     topic = topic_for(box, MessageKind.EVENTS)
     publish(client, topic, deposited(box, 1))
     wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
-    dbname = conninfo_to_dict(database_url)["dbname"]
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+    dbname = conninfo_to_dict(test_database.url)["dbname"]
+    with psycopg.connect(test_database.admin_url, autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         try:
             admin.execute(
@@ -483,8 +483,7 @@ def test_retire_during_database_outage_keeps_the_session(
     credentials: Credentials,
     start_ingest: Callable[..., IngestWorker],
     db: psycopg.Connection[Any],
-    pg_admin_url: str,
-    database_url: str,
+    test_database: DatabaseUnderTest,
 ) -> None:
     """Retiring while messages cannot be committed refuses (returns False) and keeps the broker session,
     so a successor with the same worker id receives and stores every message."""
@@ -493,9 +492,9 @@ def test_retire_during_database_outage_keeps_the_session(
     # Retained statuses of earlier tests' boxes arrive on subscribe: let them be committed first.
     time.sleep(0.5)
     wait_for(lambda: worker.mqtt.outstanding == 0 and worker.mqtt.inbox.empty())
-    dbname = conninfo_to_dict(database_url)["dbname"]
+    dbname = conninfo_to_dict(test_database.url)["dbname"]
     client = box_client(broker, credentials, box)
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+    with psycopg.connect(test_database.admin_url, autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         try:
             admin.execute(

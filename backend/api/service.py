@@ -7,6 +7,7 @@ shown offline with reason ``heartbeat_timeout`` from the moment the timeout ran 
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any, cast, get_args
 
@@ -23,6 +24,7 @@ from contract import SIZE_DIMENSIONS_MM, BoxLayout, CompartmentKind, SizeClass
 from contract.domain import RED_BOX_MAX_KG
 
 Row = dict[str, Any]
+log = logging.getLogger(__name__)
 _REASONS = set(get_args(StatusReasonOut))
 
 
@@ -42,7 +44,15 @@ def online_state(row: Row, now: datetime, timeout: timedelta) -> tuple[bool, Sta
 
 
 def _layout(row: Row) -> BoxLayout | None:
-    return BoxLayout.model_validate(row["layout"]) if row.get("layout") else None
+    """The stored layout; an invalid one (hand-edited row) is logged and treated as unknown, so one
+    bad row never breaks the box list."""
+    if not row.get("layout"):
+        return None
+    try:
+        return BoxLayout.model_validate(row["layout"])
+    except ValueError as exc:
+        log.warning("box %s has an invalid stored layout (%s); showing it without compartments", row["box_id"], exc)
+        return None
 
 
 def _readings(row: Row) -> tuple[dict[int, Row], dict[int, float]]:
