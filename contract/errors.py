@@ -31,6 +31,8 @@ class ErrorCode(StrEnum):
     #: The box's (box_id, seq) is already stored with different content: the box reused a sequence
     #: number (e.g. its storage was wiped). Kept, never dropped as a duplicate.
     SEQ_CONFLICT = "seq_conflict"
+    #: A command acknowledgement for a command the backend has no record of.
+    UNKNOWN_COMMAND = "unknown_command"
     #: Valid by the contract but refused by the database (kept with the database's reason).
     STORAGE_REJECTED = "storage_rejected"
     #: An unexpected failure while storing this one message (a bug); kept with the exception text.

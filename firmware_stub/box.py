@@ -176,7 +176,7 @@ class BoxFirmware:
     :param rng: randomness for the backoff jitter (inject a seeded one for reproducible runs).
     :param session_expiry_s: MQTT v5 session expiry. 0 (default): the broker forgets the box's
         session when the link drops, so commands sent while it is offline are not queued for it
-        (the backend re-sends commands that got no ack). >0 queues them across short outages.
+        (commands to an offline box fail or time out at the sender). >0 queues them across short outages.
     :param synchronous: SQLite durability, see :mod:`firmware_stub.db`.
     :param logger: where to log (default ``firmware_stub.<box_id>``).
     """

@@ -64,8 +64,17 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     from molo.provision import box_ids, provision
 
-    ids = box_ids(args.boxes, prefix=args.prefix)
-    creds = provision(Path(args.out), ids)
+    ids = box_ids(args.boxes, prefix=args.prefix) + list(args.box_id or [])
+    if not ids:
+        print("molo provision: give --boxes N and/or --box-id ID", file=sys.stderr)
+        return 2
+    try:
+        creds = provision(
+            Path(args.out), ids, service_users=tuple(args.service or ["ingest"]), existing=not args.rotate
+        )
+    except ValueError as exc:
+        print(f"molo provision: {exc}", file=sys.stderr)
+        return 2
     print(
         f"{len(creds.boxes)} boxes and {len(creds.services)} service users in {args.out}/credentials.json; "
         f"broker password file: {args.out}/passwd"
@@ -225,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("provision", help="create credentials for N boxes and the broker's password file")
-    p.add_argument("--boxes", type=int, required=True)
+    p.add_argument("--boxes", type=int, default=0, help="provision PREFIX-001 .. PREFIX-N")
     p.add_argument("--prefix", default="aal")
+    p.add_argument("--box-id", action="append", help="an extra box id (repeatable), e.g. to add one box later")
+    p.add_argument("--service", action="append", help="service user (repeatable; default: ingest)")
+    p.add_argument("--rotate", action="store_true", help="new passwords for everyone (default: keep existing)")
     p.add_argument("--out", default="secrets")
     p.set_defaults(func=cmd_provision)
 

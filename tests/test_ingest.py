@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from psycopg.conninfo import conninfo_to_dict
 from backend.ingest.worker import IngestWorker
 from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
 from contract.messages import (
+    CommandAck,
+    CommandResult,
     CompartmentReading,
     ParcelCollected,
     ParcelDeposited,
@@ -467,7 +470,7 @@ def test_database_outage_loses_nothing(
                 publish(client, topic, deposited(box, seq))
 
             def retries() -> float:
-                return ingest.registry.get_sample_value("molo_ingest_database_errors_total") or 0.0
+                return ingest.registry.get_sample_value("molo_worker_database_errors_total") or 0.0
 
             wait_for(lambda: retries() >= 2, timeout=15)  # it retried, and the database is still refusing
             assert events_of(db, box) == [(1, "parcel.deposited")]
@@ -512,3 +515,17 @@ def test_retire_during_database_outage_keeps_the_session(
     successor = start_ingest(worker_id=worker.worker_id)
     wait_for(lambda: [s for s, _ in events_of(db, box)] == [1, 2, 3, 4, 5], timeout=20)
     assert successor.retire(quiet_s=0.2) is True
+
+
+def test_ack_for_an_unknown_command_is_dead_lettered(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
+    """A command acknowledgement for a command the backend never sent is kept as unknown_command."""
+    box = "box-045"
+    stray = CommandAck(v=1, command_id=uuid.uuid4(), box_id=box, ts_ms=T0, result=CommandResult.SUCCEEDED)
+    client = box_client(broker, credentials, box)
+    publish(client, topic_for(box, MessageKind.COMMAND_ACK), encode(stray))
+    close(client)
+    rows = wait_rows(db, "SELECT error_code, reason FROM dead_letters WHERE box_id = %s", (box,), 1)
+    assert rows[0][0] == "unknown_command"
+    assert str(stray.command_id) in rows[0][1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,16 @@ def test_plain_path_answers_the_same_aggregate_query(blank_database: str) -> Non
         _insert_two_events(conn)
         rows = conn.execute("SELECT box_id, type, events FROM events_hourly ORDER BY 1").fetchall()
         assert rows == [("aal-001", "waste.deposited", 2)]
+        # Buckets are UTC hours whatever the session's time zone (as TimescaleDB's time_bucket).
+        conn.execute("SELECT molo_ensure_partitions('events', '2026-01-01', '2026-01-02')")
+        conn.execute(
+            "INSERT INTO events (ts, received_at, box_id, seq, session, type, payload) "
+            "VALUES ('2026-01-01 10:40:00+00', now(), 'aal-002', 1, 1, 'door.opened', '{}')"
+        )
+        conn.execute("SET TIME ZONE 'Asia/Kolkata'")
+        bucket = conn.execute("SELECT bucket FROM events_hourly WHERE box_id = 'aal-002'").fetchone()
+        assert bucket is not None
+        assert bucket[0].astimezone(UTC) == datetime(2026, 1, 1, 10, tzinfo=UTC)
 
 
 def test_fresh_database_helper_creates_and_drops(pg_admin_url: str) -> None:

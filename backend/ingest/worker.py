@@ -26,27 +26,29 @@ log = logging.getLogger(__name__)
 
 
 class IngestMetrics:
-    """Prometheus metrics of one worker process (served by ``molo ingest --metrics-port``)."""
+    """Prometheus metrics of one worker process, served on ``MOLO_INGEST_METRICS_PORT``. Named
+    ``molo_worker_*`` so they never clash with the API's ``molo_ingest_*`` (per-worker totals read from
+    the database) when both are scraped."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.messages = Counter("molo_ingest_messages", "Messages received and committed", ["kind"], registry=registry)
+        self.messages = Counter("molo_worker_messages", "Messages received and committed", ["kind"], registry=registry)
         self.duplicates = Counter(
-            "molo_ingest_duplicates", "Redelivered or replayed events stored once", registry=registry
+            "molo_worker_duplicates", "Redelivered or replayed events stored once", registry=registry
         )
-        self.dead_letters = Counter("molo_ingest_dead_letters", "Messages dead-lettered", ["code"], registry=registry)
+        self.dead_letters = Counter("molo_worker_dead_letters", "Messages dead-lettered", ["code"], registry=registry)
         self.batch_seconds = Histogram(
-            "molo_ingest_batch_seconds",
+            "molo_worker_batch_seconds",
             "Time to validate and commit one batch",
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.lag = Gauge(
-            "molo_ingest_lag_seconds",
+            "molo_worker_lag_seconds",
             "Receive-to-commit time of the oldest message in the last batch",
             registry=registry,
         )
         self.db_errors = Counter(
-            "molo_ingest_database_errors", "Batches retried after a database error", registry=registry
+            "molo_worker_database_errors", "Batches retried after a database error", registry=registry
         )
 
     def observe(self, r: BatchResult) -> None:

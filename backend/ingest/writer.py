@@ -45,6 +45,10 @@ from contract.messages import (
 
 log = logging.getLogger(__name__)
 
+#: Seconds a worker trusts a cached box layout, and a cached "no layout known yet".
+LAYOUT_TTL_S = 60.0
+UNKNOWN_LAYOUT_TTL_S = 2.0
+
 EVENT_COLUMNS = (
     "ts",
     "received_at",
@@ -117,7 +121,7 @@ class BatchWriter:
     def __init__(self, conn: psycopg.Connection[Any], worker_id: str) -> None:
         self.conn = conn
         self.worker_id = worker_id
-        self._layouts: dict[str, BoxLayout | None] = {}
+        self._layouts: dict[str, tuple[BoxLayout | None, float]] = {}  # box -> (layout, good until)
         self._months: set[tuple[str, datetime]] = set()
         self._partitioned = bool(
             conn.execute(
@@ -169,11 +173,14 @@ class BatchWriter:
         return out
 
     def _check_layouts(self, decoded: _Decoded) -> None:
+        now = time.monotonic()
         for _, status in decoded.statuses:
             if status.layout is not None:
-                self._layouts[status.box_id] = status.layout
+                self._layouts[status.box_id] = (status.layout, now + LAYOUT_TTL_S)
         boxes = {e.box_id for _, e in decoded.events + decoded.telemetry}
-        missing = [b for b in boxes if b not in self._layouts]
+        # Re-read layouts after a while (another worker may have seen a newer birth), and never
+        # trust "no layout yet" for long (the birth may be in another worker's batch).
+        missing = [b for b in boxes if b not in self._layouts or self._layouts[b][1] <= now]
         if missing:
             rows = self.conn.execute("SELECT box_id, layout FROM boxes WHERE box_id = ANY(%s)", (missing,)).fetchall()
             found: dict[str, BoxLayout] = {}
@@ -186,11 +193,12 @@ class BatchWriter:
                     log.warning("stored layout of %s is invalid (%s); compartments not checked", box_id, exc)
             for b in missing:
                 # Unknown layout (no birth seen yet): accept, since the compartment cannot be checked.
-                self._layouts[b] = found.get(b)
+                layout = found.get(b)
+                self._layouts[b] = (layout, now + (LAYOUT_TTL_S if layout is not None else UNKNOWN_LAYOUT_TTL_S))
         for name in ("events", "telemetry"):
             kept: list[tuple[Received, BoxEvent]] = []
             for msg, event in getattr(decoded, name):
-                layout = self._layouts.get(event.box_id)
+                layout = self._layouts[event.box_id][0]
                 try:
                     if layout is not None:
                         check_layout(event, layout)
@@ -282,7 +290,7 @@ class BatchWriter:
             r.duplicates = len(d.events) + len(d.telemetry) - r.events - r.telemetry - len(conflicts)
             self._update_box_state(d)
             r.statuses = len(d.statuses)
-            r.command_acks = self._apply_command_acks(d.acks)
+            r.command_acks = self._apply_command_acks(d.acks, d.dead)
             if d.dead:
                 with conn.cursor().copy(
                     "COPY dead_letters (received_at, topic, box_id, error_code, reason, payload, worker_id) FROM STDIN"
@@ -450,7 +458,29 @@ class BatchWriter:
                 ),
             )
 
-    def _apply_command_acks(self, acks: list[tuple[Received, CommandAck]]) -> int:
+    def _apply_command_acks(self, acks: list[tuple[Received, CommandAck]], dead: list[Any]) -> int:
+        """Record each ack on its command (the first ack wins; a repeat is harmless). An ack for a
+        command the backend never sent is kept as an ``unknown_command`` dead letter."""
+        if not acks:
+            return 0
+        ids = [a.command_id for _, a in acks]
+        known = {
+            row[0]
+            for row in self.conn.execute(
+                "SELECT command_id FROM commands WHERE command_id = ANY(%s)", (ids,)
+            ).fetchall()
+        }
+        for msg, ack in acks:
+            if ack.command_id not in known:
+                dead.append(
+                    (
+                        msg,
+                        ErrorCode.UNKNOWN_COMMAND.value,
+                        f"ack for command {ack.command_id} of box {ack.box_id}, which the backend never sent",
+                        ack.box_id,
+                    )
+                )
+        acks = [(m, a) for m, a in acks if a.command_id in known]
         if not acks:
             return 0
         with self.conn.cursor() as cur:
