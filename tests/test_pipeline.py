@@ -5,6 +5,7 @@ Boxes box-052 .. box-056 belong to this module.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from backend.ingest.worker import IngestWorker
 from contract import MessageKind, SizeClass, encode, topic_for
 from contract.messages import Command, CommandAction, ParcelCollected, ParcelDeposited
 from firmware_stub.box import BoxFirmware
-from molo.brokers import RunningBroker
+from firmware_stub.db import DB_FILE
+from molo.brokers import RunningBroker, free_port
 from molo.provision import Credentials
 from tests.fixtures.broker import close, mqtt_client, publish
 from tests.fixtures.pipeline import scalar, wait_for
@@ -76,21 +78,48 @@ def test_box_killed_goes_offline_and_comes_back_online(
 
 
 def test_outbox_replay_after_box_restart_is_stored_once(
-    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any], tmp_path: Path
+    broker: RunningBroker,
+    credentials: Credentials,
+    ingest: IngestWorker,
+    db: psycopg.Connection[Any],
+    tmp_path: Path,
 ) -> None:
-    """Events emitted by a box that is killed, then restarted on the same disk, are all stored exactly once."""
-    box = firmware(broker, credentials, "box-054", tmp_path)
+    """A whole outbox replayed (the box's disk restored to before its acks) is stored once: every
+    replayed event counts as a duplicate and numbering continues after it."""
+    box_id = "box-054"
+    state = tmp_path / box_id
+    # 1. The box records 30 events while it cannot reach any broker (nothing listens on that port).
+    offline = BoxFirmware(box_id, credentials.boxes[box_id], broker.host, free_port(), state, keepalive=2)
+    offline.start()
     for i in range(30):
-        box.emit(ParcelDeposited(compartment=5, size_class=SizeClass.A, parcel_id=f"R-{i}", carrier="gls"))
-    box.kill()  # some of the 30 may not have been acknowledged yet: they stay in the outbox
-    again = firmware(broker, credentials, "box-054", tmp_path)
+        offline.emit(ParcelDeposited(compartment=5, size_class=SizeClass.A, parcel_id=f"R-{i}", carrier="gls"))
+    assert offline.pending_count == 30
+    offline.kill()
+    snapshot = tmp_path / "snapshot.sqlite3"
+    with sqlite3.connect(state / DB_FILE) as src, sqlite3.connect(snapshot) as dst:
+        src.backup(dst)  # the disk as it was: 30 events not yet acknowledged
+    # 2. It comes online: the outbox is delivered and stored.
+    box = firmware(broker, credentials, box_id, tmp_path)
+    assert box.flush(15)
+    box.stop()
+    wait_for(lambda: scalar(db, "SELECT count(*) FROM events WHERE box_id = %s", (box_id,)) == 30)
+    before = ingest.totals.duplicates
+    # 3. Its disk is rolled back to the snapshot: the same 30 events are replayed, then 10 new ones.
+    for leftover in state.glob(f"{DB_FILE}*"):
+        leftover.unlink()
+    with sqlite3.connect(snapshot) as src, sqlite3.connect(state / DB_FILE) as dst:
+        src.backup(dst)
+    again = firmware(broker, credentials, box_id, tmp_path)
     try:
+        assert again.pending_count == 30
         for i in range(30, 40):
             again.emit(ParcelDeposited(compartment=5, size_class=SizeClass.A, parcel_id=f"R-{i}", carrier="gls"))
         assert again.flush(15)
-        wait_for(lambda: scalar(db, "SELECT count(*) FROM events WHERE box_id = 'box-054'") == 40)
-        seqs = [r[0] for r in db.execute("SELECT seq FROM events WHERE box_id = 'box-054' ORDER BY seq").fetchall()]
+        wait_for(lambda: scalar(db, "SELECT count(*) FROM events WHERE box_id = %s", (box_id,)) == 40)
+        wait_for(lambda: ingest.totals.duplicates - before >= 30)
+        seqs = [r[0] for r in db.execute("SELECT seq FROM events WHERE box_id = %s ORDER BY seq", (box_id,))]
         assert seqs == list(range(1, 41))
+        assert scalar(db, "SELECT count(*) FROM dead_letters WHERE box_id = %s", (box_id,)) == 0
     finally:
         again.stop()
 
