@@ -89,7 +89,7 @@ def free_port(host: str = _HOST) -> int:
         return int(s.getsockname()[1])
 
 
-def local_config(production: str, workdir: Path, port: int, host: str = _HOST) -> str:
+def local_config(production: str, workdir: Path, port: int, host: str = _HOST, tls_port: int | None = None) -> str:
     """Turn the production mosquitto.conf into one for a local broker in ``workdir``.
 
     Only three things change: the /mosquitto/config/ and /mosquitto/data/ paths point into
@@ -97,13 +97,20 @@ def local_config(production: str, workdir: Path, port: int, host: str = _HOST) -
     the TLS listener (from ``listener 8883`` to the end of the file) is dropped, since a local
     run has no certificates. When run as root, a ``user`` line keeps Mosquitto from switching to
     the ``mosquitto`` user, which could not read ``workdir``.
+
+    With ``tls_port``, the TLS listener is kept instead, on ``host:tls_port``, reading its
+    certificates from ``workdir/certs/`` (used by the TLS test).
     """
     out: list[str] = []
     for original in production.splitlines():
         words = original.split()
-        if words[:2] == ["listener", "8883"]:
+        if words[:2] == ["listener", "8883"] and tls_port is None:
             break
-        line = f"listener {port} {host}" if words[:2] == ["listener", "1883"] else original
+        line = original
+        if words[:2] == ["listener", "1883"]:
+            line = f"listener {port} {host}"
+        elif words[:2] == ["listener", "8883"]:
+            line = f"listener {tls_port} {host}"
         out.append(line.replace("/mosquitto/config/", f"{workdir}/").replace("/mosquitto/data/", f"{workdir}/data/"))
     if os.geteuid() == 0:
         out += ["# local run as root: stay root", f"user {pwd.getpwuid(os.geteuid()).pw_name}"]
@@ -112,6 +119,8 @@ def local_config(production: str, workdir: Path, port: int, host: str = _HOST) -
 
 class RunningBroker:
     """A Mosquitto process started by :func:`start_mosquitto`; stop it with :meth:`stop`."""
+
+    tls_port: int | None = None
 
     def __init__(self, binary: str, workdir: Path, port: int, host: str = _HOST) -> None:
         self.binary = binary
@@ -222,6 +231,7 @@ def start_mosquitto(
     *,
     port: int | None = None,
     binary: str | None = None,
+    tls_certs: Path | None = None,
 ) -> RunningBroker:
     """Start Mosquitto with the project's broker_config, accepting ``credentials``, on 127.0.0.1.
 
@@ -236,10 +246,16 @@ def start_mosquitto(
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     port = port if port is not None else free_port()
     production = (BROKER_CONFIG_DIR / "mosquitto.conf").read_text(encoding="utf-8")
-    (workdir / "mosquitto.conf").write_text(local_config(production, workdir, port), encoding="utf-8")
+    tls_port = None
+    if tls_certs is not None:  # keep the TLS listener, with these ca.crt, server.crt and server.key
+        tls_port = free_port()
+        shutil.copytree(tls_certs, workdir / "certs", dirs_exist_ok=True)
+    config = local_config(production, workdir, port, tls_port=tls_port)
+    (workdir / "mosquitto.conf").write_text(config, encoding="utf-8")
     shutil.copyfile(BROKER_CONFIG_DIR / "acl", workdir / "acl")
     write_passwd(workdir / "passwd", credentials.users())
     broker = RunningBroker(found, workdir, port)
+    broker.tls_port = tls_port
     broker.start()
     return broker
 
