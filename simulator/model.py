@@ -84,10 +84,15 @@ class Parcel:
     id: str
     size: SizeClass
     carrier: str
-    box: int  # index of the box it is meant for (or was redirected to)
+    box: int  # index of the box it is on its way to (its home, or another one after a redirect)
     compartment: int = 0
     deposited_at: float = 0.0
     sending: bool = False
+    home: int = -1  # the resident's box; a parcel that goes back to the depot is meant for it again
+
+    def __post_init__(self) -> None:
+        if self.home < 0:
+            self.home = self.box
 
 
 @dataclass
@@ -317,8 +322,12 @@ class World:
     def _hour_of_day(self) -> int:
         return int((self._start_hour + self.env.now / HOUR) % 24)
 
+    def _since_monday(self, t: float) -> float:
+        """Seconds from the Monday 00:00 before the scenario start to simulated time ``t``."""
+        return self._start_weekday * DAY + self._start_hour * HOUR + t
+
     def _weekday_now(self, t: float | None = None) -> int:
-        return int((self._start_weekday + (self.env.now if t is None else t) // DAY) % 7)
+        return int(self._since_monday(self.env.now if t is None else t) // DAY) % 7
 
     def _send(self, b: BoxState, rng: random.Random) -> None:
         sizes = {k: v for k, v in self.scenario.demand.size_mix.items() if v > 0}
@@ -455,8 +464,9 @@ class World:
     def _weekday_integral(self, t0: float, t1: float) -> float:
         """Delivery volume between t0 and t1 in units of average-day-seconds (weekday-weighted)."""
         total, t = 0.0, t0
+        offset = self._since_monday(0.0)
         while t < t1:
-            day_end = (math.floor(t / DAY) + 1) * DAY
+            day_end = (math.floor((t + offset) / DAY) + 1) * DAY - offset  # the next midnight
             step = min(t1, day_end) - t
             total += step * self._weekday[self._weekday_now(t)]
             t += step
@@ -474,13 +484,16 @@ class World:
         vans: list[tuple[list[int], list[Parcel]]] = []
         current: list[int] = []
         parcels: list[Parcel] = []
+        cap = carrier.van_capacity
         for stop in order:
             mine = by_box.get(stop, [])
-            if current and len(parcels) + len(mine) > carrier.van_capacity:
-                vans.append((current, parcels))
-                current, parcels = [], []
-            current.append(stop)
-            parcels += mine
+            # A stop with more parcels than a van holds is served by several vans.
+            for chunk in [mine[i : i + cap] for i in range(0, len(mine), cap)] or [[]]:
+                if current and len(parcels) + len(chunk) > cap:
+                    vans.append((current, parcels))
+                    current, parcels = [], []
+                current.append(stop)
+                parcels += chunk
         if current:
             vans.append((current, parcels))
         return vans
@@ -544,29 +557,41 @@ class World:
             km += leg
             yield self.env.timeout(leg / carrier.speed_kmh * HOUR)
             here = (b.box.lat, b.box.lon)
-            # 1. what the van takes away frees doors first
-            for parcel in b.waiting.pop(name, []):
-                self._vacate(b, parcel)
-                if parcel.sending:
-                    self._event(
-                        b, "parcel.picked_up", compartment=parcel.compartment, parcel_id=parcel.id, carrier=name
-                    )
-                else:
-                    self._event(b, "parcel.expired", compartment=parcel.compartment, parcel_id=parcel.id, carrier=name)
-                carried += 1
-                picked += 1
-            # 2. deliveries for this box, and redirected ones that fit here
-            for parcel in [p for p in on_board if p.box == stop]:
+            # 1. unload: this box's own parcels first, then ones redirected here, into free doors
+            own = [p for p in on_board if p.box == stop and p.home == stop]
+            redirected = [p for p in on_board if p.box == stop and p.home != stop]
+            failed: list[Parcel] = []
+            for parcel in own + redirected:
                 if self._deposit(b, parcel):
                     on_board.remove(parcel)
                     carried -= 1
                     delivered += 1
-                elif parcel.box == stop:
-                    nxt = [s for s in stops[position + 1 :] if self._km(here, self.boxes[s].box) <= radius]
-                    if nxt:
-                        self._note("parcel.redirected", b.box.id, parcel_id=parcel.id, carrier=name)
-                        parcel.box = nxt[0]
-                    # else: it stays on board and goes back to the depot
+                elif parcel.home == stop:
+                    failed.append(parcel)
+            # 2. load what waits for this carrier (expired deliveries, residents' sends), as far as the
+            #    van has room; that frees doors
+            waiting = b.waiting.pop(name, [])
+            room = max(0, carrier.van_capacity - carried)
+            for parcel in waiting[:room]:
+                self._vacate(b, parcel)
+                kind = "parcel.picked_up" if parcel.sending else "parcel.expired"
+                self._event(b, kind, compartment=parcel.compartment, parcel_id=parcel.id, carrier=name)
+                carried += 1
+                picked += 1
+            if waiting[room:]:
+                b.waiting[name] = waiting[room:]
+            # 3. own parcels that did not fit: into the doors just freed, else to the next box of the
+            #    round within the redirect radius, else they stay on board (back to the depot)
+            for parcel in failed:
+                if self._deposit(b, parcel):
+                    on_board.remove(parcel)
+                    carried -= 1
+                    delivered += 1
+                    continue
+                nxt = [s for s in stops[position + 1 :] if self._km(here, self.boxes[s].box) <= radius]
+                if nxt:
+                    self._note("parcel.redirected", b.box.id, parcel_id=parcel.id, carrier=name)
+                    parcel.box = nxt[0]
             # 3. red boxes ready for collection, if the van has room and dangerous-goods allowance
             for door in sorted(b.red):
                 ready = b.ready_since[door] is not None
@@ -581,7 +606,8 @@ class World:
         km += back
         yield self.env.timeout(back / carrier.speed_kmh * HOUR)
         for parcel in on_board:
-            self._note("parcel.returned_to_depot", self.boxes[parcel.box].box.id, parcel_id=parcel.id, carrier=name)
+            parcel.box = parcel.home  # the next round tries the resident's own box again
+            self._note("parcel.returned_to_depot", self.boxes[parcel.home].box.id, parcel_id=parcel.id, carrier=name)
             self._backlog[name].append(parcel)
         self._note(
             "van.trip",

@@ -81,7 +81,9 @@ def summarize(world: World) -> dict[str, Any]:
             "arrived": int(arrived),
             "deposited": int(c.get("parcel.deposited", 0)),
             "collected": int(collected),
-            "expired": int(c.get("parcels_expired", 0)),
+            # pickup windows that ran out; the parcels go back with the carrier's next van
+            "window_ran_out": int(c.get("parcels_expired", 0)),
+            "taken_back": int(c.get("parcel.expired", 0)),
             "turned_away": int(c.get("parcels_turned_away", 0)),
             "redirected": int(c.get("parcel.redirected", 0)),
             "returned_to_depot": int(c.get("parcel.returned_to_depot", 0)),

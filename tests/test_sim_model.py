@@ -271,7 +271,7 @@ def test_uncollected_parcel_expires_and_goes_back_with_its_own_carriers_next_van
 
 def test_full_box_redirects_parcel_to_next_box_of_the_round_within_radius() -> None:
     """A parcel that finds its box full is redirected to the next stop of the round within 2 km and
-    deposited there."""
+    deposited there, after that box's own parcels (they have first claim on its doors)."""
     net = network(box("aal-901", NEAR, build_layout(1, 0, 0)), box("aal-902", NEXT, build_layout(2, 0, 0)))
     records = run(scenario(), net, parcel("P-1"), parcel("P-2"), parcel("P-3", to=1))
     t1 = 9 * HOUR + drive(road(POSTNORD, NEAR))
@@ -288,13 +288,13 @@ def test_full_box_redirects_parcel_to_next_box_of_the_round_within_radius() -> N
             at(t2),
             "aal-902",
             "parcel.deposited",
-            {"compartment": 3, "size_class": "A", "parcel_id": "P-2", "carrier": "postnord"},
+            {"compartment": 3, "size_class": "A", "parcel_id": "P-3", "carrier": "postnord"},
         ),
         (
             at(t2),
             "aal-902",
             "parcel.deposited",
-            {"compartment": 4, "size_class": "A", "parcel_id": "P-3", "carrier": "postnord"},
+            {"compartment": 4, "size_class": "A", "parcel_id": "P-2", "carrier": "postnord"},
         ),
     ]
 

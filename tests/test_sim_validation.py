@@ -178,7 +178,7 @@ def test_loss_system_matches_erlang_b_and_littles_law(c: int, lam_per_h: float, 
 
     # the run is the system the theory is about: enough arrivals, no expiry, sends, waste or faults
     assert parcels["arrived"] >= 50_000
-    assert parcels["expired"] == 0
+    assert parcels["window_ran_out"] == 0
     assert sink.kinds == {"parcel.deposited", "parcel.refused", "parcel.collected"}
     assert sink.sizes == {"A"}
     assert summary["parcel_doors"] == c * BOXES
