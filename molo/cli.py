@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from molo import logs
 
@@ -144,6 +144,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"molo simulate: invalid scenario: {exc}", file=sys.stderr)
         return 2
+    if args.live:
+        return _simulate_live(args, scenario)
     out = Path(args.out) if args.out else None
     sink = None
     if out is not None:
@@ -167,6 +169,62 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_live(args: argparse.Namespace, scenario: Any) -> int:
+    """``molo simulate --live``: the scenario's boxes publish to MOLO_MQTT_HOST until done or stopped."""
+    import signal
+    import threading
+    import time
+
+    from molo.provision import Credentials
+    from simulator.live import LiveStats, run_live
+    from simulator.run import network_for, summary_json
+
+    settings = _settings()
+    if not settings.mqtt_host or not args.credentials:
+        print(
+            "molo simulate --live: set MOLO_MQTT_HOST and pass --credentials (from `molo provision`)", file=sys.stderr
+        )
+        return 2
+    network = network_for(scenario)
+    passwords = Credentials.load(Path(args.credentials)).boxes
+    missing = [b.id for b in network.boxes if b.id not in passwords]
+    if missing:
+        print(f"molo simulate --live: no credentials for {', '.join(missing[:5])}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stats = LiveStats(speed=args.speed)
+    results: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: results.append(
+            run_live(
+                scenario,
+                host=settings.mqtt_host or "",
+                port=settings.mqtt_port,
+                passwords=passwords,
+                state_dir=Path(args.state_dir),
+                speed=args.speed,
+                network=network,
+                stop=stop,
+                stats=stats,
+            )
+        ),
+        daemon=True,
+    )
+    runner.start()
+    while runner.is_alive():  # poll: the signal handlers set ``stop`` on this thread
+        time.sleep(0.2)
+    if not results:
+        return 1
+    print(summary_json(results[0].summary), end="")
+    print(
+        f"# live: {stats.events:,} box events, max lag {stats.max_lag_s:.2f} s, delivered: {results[0].delivered}",
+        file=sys.stderr,
+    )
+    return 0 if results[0].delivered else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from molo.demo import run_demo
 
@@ -174,9 +232,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         boxes=args.boxes,
         duration_s=args.duration,
         api_port=args.port,
-        rate=args.rate,
+        speed=args.speed,
         var_dir=Path(args.var),
         broker_kind=args.broker,
+        scenario_path=Path(args.scenario) if args.scenario else None,
+        overrides=args.set,
     )
 
 
@@ -188,10 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on embedded defaults")
-    p.add_argument("--boxes", type=int, default=10, help="boxes publishing (default 10)")
+    p.add_argument("--boxes", type=int, default=0, help="only the first N boxes of the network (default: all 50)")
+    p.add_argument(
+        "--speed", type=float, default=3600.0, help="simulated seconds per wall second (default 3600: an hour a second)"
+    )
+    p.add_argument("--scenario", default=None, help="scenario TOML (default: the bundled Aalborg one)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario parameter")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--port", type=int, default=8000, help="API port (default 8000; 0 picks a free one)")
-    p.add_argument("--rate", type=float, default=0.5, help="events per second per box (default 0.5)")
     p.add_argument("--var", default="var", help="where embedded services keep their data (default ./var)")
     p.add_argument(
         "--broker",
@@ -208,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=float, default=None)
     p.add_argument("--out", default=None, help="directory for params.json, summary.json and the trace")
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="trace file format (default csv)")
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="run paced against the wall clock, every box a firmware stub publishing to MOLO_MQTT_HOST",
+    )
+    p.add_argument("--speed", type=float, default=3600.0, help="with --live: simulated seconds per wall second")
+    p.add_argument("--credentials", default=None, help="with --live: credentials.json from `molo provision`")
+    p.add_argument("--state-dir", default="var/boxes", help="with --live: where the boxes keep their outboxes")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("boxes", help="run N stand-in boxes against MOLO_MQTT_HOST")

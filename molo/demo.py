@@ -5,7 +5,9 @@
 3. Broker: ``MOLO_MQTT_HOST`` if set (box passwords from ``MOLO_CREDENTIALS_FILE``), else Mosquitto
    started with ``broker_config/`` if the binary is installed, else an in-process amqtt broker
    (development only: no auth, MQTT 3.1.1).
-4. Ingest worker, API, and N stand-in boxes publishing events and telemetry.
+4. Ingest worker, API, and the live simulator: the scenario's boxes (the 50 Aalborg boxes by
+   default), each a firmware stub publishing over MQTT, paced at ``--speed`` simulated seconds per
+   wall second.
 It prints where the API is and what is flowing, and stops cleanly on Ctrl-C or SIGTERM.
 """
 
@@ -16,6 +18,7 @@ import signal
 import threading
 import time
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Literal
@@ -28,15 +31,25 @@ from backend.ingest.run import build_worker
 from backend.migrate import migrate
 from backend.settings import Settings
 from molo.brokers import mosquitto_available, start_amqtt, start_mosquitto
-from molo.fleet import Fleet
 from molo.postgres import EmbeddedPostgres
-from molo.provision import Credentials, box_ids, provision
+from molo.provision import Credentials, provision
+from simulator.live import LiveStats, run_live
+from simulator.params import Scenario, resolve
+from simulator.run import network_for
 
 log = logging.getLogger("molo.demo")
 
 
 def run_demo(
-    *, boxes: int, duration_s: float | None, api_port: int, rate: float, var_dir: Path, broker_kind: str = "auto"
+    *,
+    boxes: int,
+    duration_s: float | None,
+    api_port: int,
+    speed: float,
+    var_dir: Path,
+    broker_kind: str = "auto",
+    scenario_path: Path | None = None,
+    overrides: list[str] | None = None,
 ) -> int:
     settings = Settings()
     var_dir = var_dir.resolve()
@@ -47,6 +60,15 @@ def run_demo(
 
     signal.signal(signal.SIGINT, _signal)
     signal.signal(signal.SIGTERM, _signal)
+    try:
+        # Telemetry every 30 simulated minutes unless the scenario says otherwise (live state for the API).
+        scenario = resolve(scenario_path, ["simulation.telemetry_interval_min=30", *(overrides or [])])
+        if boxes:
+            scenario = scenario.model_copy(update={"network": scenario.network.model_copy(update={"boxes": boxes})})
+        network = network_for(scenario)
+    except ValueError as exc:
+        log.error("invalid scenario: %s", exc)
+        return 2
 
     with ExitStack() as stack:
         # -- database
@@ -62,7 +84,7 @@ def run_demo(
         log.info("database ready: %s, schema v%d (%s)", where_db, report.current, report.flavour)
 
         # -- broker and credentials
-        ids = box_ids(boxes)
+        ids = [b.id for b in network.boxes]
         protocol, shared = settings.mqtt_protocol, settings.ingest_shared
         box_protocol: Literal["5", "3.1.1"] = "5"
         if settings.mqtt_host:
@@ -118,32 +140,62 @@ def run_demo(
             return 1
         stack.callback(server.stop)
 
-        # -- boxes
-        fleet = Fleet(
-            {b: creds.boxes[b] for b in ids}, host, port, var_dir / "boxes", rate=rate, protocol=box_protocol
-        ).start()
-        stack.callback(fleet.stop)
+        # -- the boxes: the live simulator, one firmware stub per box
+        live_stats = LiveStats(speed=speed)
+        sim_stop = threading.Event()
+        sim_thread = threading.Thread(
+            target=run_live,
+            name="simulator",
+            kwargs={
+                "scenario": scenario,
+                "host": host,
+                "port": port,
+                "passwords": creds.boxes,
+                "state_dir": var_dir / "boxes",
+                "speed": speed,
+                "network": network,
+                "stop": sim_stop,
+                "protocol": box_protocol,
+                "stats": live_stats,
+            },
+            daemon=True,
+        )
+        sim_thread.start()
 
+        def _stop_simulator() -> None:
+            sim_stop.set()
+            sim_thread.join(120)
+
+        stack.callback(_stop_simulator)
         print(
             f"\nMoLo Hubs demo running\n"
             f"  API          {server.url}/api/v1/boxes   (OpenAPI: {server.url}/docs, metrics: {server.url}/metrics)\n"
             f"  database     {where_db}\n"
             f"  broker       {where_broker}\n"
-            f"  boxes        {len(ids)} stand-in boxes ({ids[0]} .. {ids[-1]}), {rate} events/s each\n"
+            f"  simulator    {len(ids)} boxes ({ids[0]} .. {ids[-1]}) of scenario '{scenario.name}', live at "
+            f"{speed:g}x (a simulated hour every {3600 / speed:g} s)"
+            f" from {scenario.simulation.start:%Y-%m-%d %H:%M} UTC\n"
             f"Ctrl-C stops.\n",
             flush=True,
         )
-        _report_until(stop, url, fleet, duration_s)
-        print("stopping: boxes, ingest, API, services ...", flush=True)
+        _report_until(stop, url, live_stats, scenario, sim_thread, duration_s)
+        print("stopping: simulator (flushing box outboxes), ingest, API, services ...", flush=True)
     print("stopped cleanly.")
     return 0
 
 
-def _report_until(stop: threading.Event, url: str, fleet: Fleet, duration_s: float | None) -> None:
+def _report_until(
+    stop: threading.Event,
+    url: str,
+    stats: LiveStats,
+    scenario: Scenario,
+    sim_thread: threading.Thread,
+    duration_s: float | None,
+) -> None:
     started = time.monotonic()
     with psycopg.connect(url, autocommit=True) as conn:
         next_report = time.monotonic() + 5.0
-        while not stop.is_set():
+        while not stop.is_set() and sim_thread.is_alive():
             # Poll, never stop.wait(): the signal handler sets ``stop`` on this very thread (see
             # firmware_stub/cli.py for why waiting on it here could deadlock).
             time.sleep(0.1)
@@ -157,10 +209,11 @@ def _report_until(stop: threading.Event, url: str, fleet: Fleet, duration_s: flo
             ).fetchone()
             if row is None:
                 continue
+            sim_now = scenario.simulation.start + timedelta(seconds=stats.simulated_s)
             print(
-                f"[{time.monotonic() - started:6.0f}s] boxes connected {fleet.connected()}/{len(fleet.firmware)}"
+                f"[{time.monotonic() - started:6.0f}s] simulated {sim_now:%Y-%m-%d %H:%M}"
                 f" | stored: {row[0]} events, {row[1]} telemetry | dead letters {row[2]}"
-                f" | online {row[3]} | box outboxes {fleet.pending()}",
+                f" | online {row[3]} | lag {max(stats.max_lag_s, 0.0):.1f} s",
                 flush=True,
             )
             if duration_s is not None and time.monotonic() - started >= duration_s:

@@ -186,16 +186,19 @@ def run_live(
     stop: threading.Event | None = None,
     protocol: Literal["5", "3.1.1"] = "5",
     drain_timeout: float = 60.0,
+    stats: LiveStats | None = None,
 ) -> LiveResult:
     """Run ``scenario`` paced at ``speed`` simulated seconds per wall second, publishing every box
-    event through a firmware stub per box. ``stop`` ends the run early (then flushes as usual)."""
+    event through a firmware stub per box. ``stop`` ends the run early (then flushes as usual);
+    ``stats``, if given, is updated as the run goes (for progress reports)."""
     network = network or network_for(scenario)
     missing = [b.id for b in network.boxes if b.id not in passwords]
     if missing:
         raise ValueError(f"no credentials for boxes {', '.join(missing[:5])}")
     env = simpy.rt.RealtimeEnvironment(factor=1.0 / speed, strict=False)
     start = scenario.simulation.start
-    stats = LiveStats(speed=speed)
+    stats = stats if stats is not None else LiveStats(speed=speed)
+    stats.speed = speed
 
     def clock_ms() -> int:
         return to_ms(start, env.now)
@@ -211,6 +214,7 @@ def run_live(
         while True:
             lag = (time.monotonic() - wall0) - env.now / speed
             stats.max_lag_s = max(stats.max_lag_s, lag)
+            stats.simulated_s = env.now
             yield env.timeout(max(1.0, speed / 10))  # about ten checks per wall second
 
     env.process(pace_monitor())
