@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,3 +121,21 @@ def summarize(world: World) -> dict[str, Any]:
 
 def summary_json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2, sort_keys=True) + "\n"
+
+
+def _replication(args: tuple[Scenario, int]) -> dict[str, Any]:
+    scenario, seed = args
+    update = {"simulation": scenario.simulation.model_copy(update={"seed": seed})}
+    return run_batch(scenario.model_copy(update=update)).summary
+
+
+def run_replications(scenario: Scenario, seeds: list[int], executor: Executor | None = None) -> list[dict[str, Any]]:
+    """Summaries of ``scenario`` run once per seed, in seed order.
+
+    ``executor`` is any ``concurrent.futures.Executor``: a ``ProcessPoolExecutor`` to use every core, or a
+    cluster executor with the same interface (Dask's, Ray's) to fan out wider. Without one, runs in turn.
+    """
+    jobs = [(scenario, seed) for seed in seeds]
+    if executor is None:
+        return [_replication(job) for job in jobs]
+    return list(executor.map(_replication, jobs))

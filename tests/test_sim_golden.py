@@ -116,3 +116,18 @@ def test_golden_outputs_reproduce_in_fresh_processes_with_other_hash_seeds(tmp_p
         assert outputs[0]["digest"] + "\n" == DIGEST_FILE.read_text(encoding="utf-8")
     else:
         assert outputs[0]["summary"] == summary_text()
+
+
+def test_replications_in_a_process_pool_equal_runs_in_turn() -> None:
+    """run_replications gives the same summaries with a ProcessPoolExecutor as without one, in seed order."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from simulator.run import run_replications
+
+    scenario = resolve(overrides=["simulation.days=2", "network.boxes=5"])
+    in_turn = run_replications(scenario, [1, 2, 3])
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        pooled = run_replications(scenario, [1, 2, 3], executor=pool)
+    assert pooled == in_turn
+    assert [s["seed"] for s in pooled] == [1, 2, 3]
+    assert in_turn[0] != in_turn[1]
