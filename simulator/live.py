@@ -226,6 +226,7 @@ def run_live(
     world.finish()
     stats.simulated_s = env.now
     stats.wall_s = time.monotonic() - wall0
+    stats.max_lag_s = max(stats.max_lag_s, stats.wall_s - env.now / speed)  # behind at the very end?
     drain0 = time.monotonic()
     finished = [link.finish(drain_timeout) for link in links.values()]  # every box, even after a failure
     delivered = all(finished)
