@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -445,6 +446,22 @@ def test_corrupt_stored_layout_does_not_stop_ingest(
     wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
 
 
+@contextmanager
+def database_down(database: DatabaseUnderTest, worker: IngestWorker) -> Iterator[None]:
+    """The test database refuses new connections and the worker's session is killed; restored on exit."""
+    dbname = conninfo_to_dict(database.url)["dbname"]
+    with psycopg.connect(database.admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                (dbname, f"molo-ingest-{worker.worker_id}"),
+            )
+            yield
+        finally:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+
+
 def test_database_outage_loses_nothing(
     broker: RunningBroker,
     credentials: Credentials,
@@ -458,24 +475,15 @@ def test_database_outage_loses_nothing(
     topic = topic_for(box, MessageKind.EVENTS)
     publish(client, topic, deposited(box, 1))
     wait_for(lambda: events_of(db, box) == [(1, "parcel.deposited")])
-    dbname = conninfo_to_dict(test_database.url)["dbname"]
-    with psycopg.connect(test_database.admin_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        try:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
-                (dbname, f"molo-ingest-{ingest.worker_id}"),
-            )
-            for seq in range(2, 21):
-                publish(client, topic, deposited(box, seq))
+    with database_down(test_database, ingest):
+        for seq in range(2, 21):
+            publish(client, topic, deposited(box, seq))
 
-            def retries() -> float:
-                return ingest.registry.get_sample_value("molo_worker_database_errors_total") or 0.0
+        def retries() -> float:
+            return ingest.registry.get_sample_value("molo_worker_database_errors_total") or 0.0
 
-            wait_for(lambda: retries() >= 2, timeout=15)  # it retried, and the database is still refusing
-            assert events_of(db, box) == [(1, "parcel.deposited")]
-        finally:
-            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        wait_for(lambda: retries() >= 2, timeout=15)  # it retried, and the database is still refusing
+        assert events_of(db, box) == [(1, "parcel.deposited")]
     close(client)
     wait_for(lambda: len(events_of(db, box)) == 20, timeout=40)
     assert [s for s, _ in events_of(db, box)] == list(range(1, 21))
@@ -495,21 +503,12 @@ def test_retire_during_database_outage_keeps_the_session(
     # Retained statuses of earlier tests' boxes arrive on subscribe: let them be committed first.
     time.sleep(0.5)
     wait_for(lambda: worker.mqtt.outstanding == 0 and worker.mqtt.inbox.empty())
-    dbname = conninfo_to_dict(test_database.url)["dbname"]
     client = box_client(broker, credentials, box)
-    with psycopg.connect(test_database.admin_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        try:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
-                (dbname, f"molo-ingest-{worker.worker_id}"),
-            )
-            for seq in range(1, 6):
-                publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, seq))
-            wait_for(lambda: worker.mqtt.outstanding == 5)
-            assert worker.retire(quiet_s=0.2, timeout=2) is False
-        finally:
-            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    with database_down(test_database, worker):
+        for seq in range(1, 6):
+            publish(client, topic_for(box, MessageKind.EVENTS), deposited(box, seq))
+        wait_for(lambda: worker.mqtt.outstanding == 5)
+        assert worker.retire(quiet_s=0.2, timeout=2) is False
     close(client)
     assert events_of(db, box) == []
     successor = start_ingest(worker_id=worker.worker_id)
