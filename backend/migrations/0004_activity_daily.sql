@@ -1,0 +1,2 @@
+-- 0004_activity_daily: reserved (filled in by the issue that owns it). Until then it changes nothing.
+SELECT 1;
