@@ -1,3 +1,8 @@
 """Shared fixtures: a real Mosquitto with broker_config, a real PostgreSQL, the pipeline on top."""
 
-pytest_plugins = ["tests.fixtures.broker", "tests.fixtures.database", "tests.fixtures.pipeline"]
+pytest_plugins = [
+    "tests.fixtures.broker",
+    "tests.fixtures.database",
+    "tests.fixtures.keys",
+    "tests.fixtures.pipeline",
+]
