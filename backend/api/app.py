@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from backend import dashboard
 from backend.api import boxes, ops
 from backend.api.errors import install_error_handlers
 from backend.settings import Settings
@@ -48,4 +49,5 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(boxes.router)
+    dashboard.install(app)
     return app

@@ -1,0 +1,798 @@
+// MoLo Hubs operations dashboard. Plain JavaScript and SVG, no libraries, nothing from the internet.
+//
+// Data: the public API of this origin, with the operator's key in the X-API-Key header.
+//   GET /api/v1/boxes, /api/v1/boxes/{id}   boxes, their status and compartments
+//   GET /api/v1/alerts                       open alerts (panel says so when the server has none)
+//   GET /api/v1/kpis?group_by=day            avoided trips and CO2 (panel says "no KPI data" without it)
+//   GET /api/v1/stream                       server-sent events, read with fetch() so the key header
+//                                            can be sent; without it the page polls.
+// The key comes from the URL fragment (#key=...), which is removed from the address bar at once, or
+// from a prompt; it is kept in sessionStorage (this tab only). #poll=<seconds> sets the polling interval.
+"use strict";
+
+(() => {
+  const API = "/api/v1";
+  const KEY_STORE = "molo.apiKey";
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const STATUSES = ["online", "alerting", "maintenance", "offline"];
+  const STATUS_TEXT = {
+    online: "online",
+    offline: "offline",
+    maintenance: "maintenance",
+    alerting: "alerting",
+  };
+  const REASON_TEXT = {
+    birth: "came online",
+    shutdown: "shut down",
+    connection_lost: "connection lost (Last Will)",
+    heartbeat_timeout: "silent (missed heartbeats)",
+    never_seen: "never heard from",
+  };
+
+  const fragment = new URLSearchParams(location.hash.replace(/^#/, ""));
+  const pollSeconds = Math.max(1, Number(fragment.get("poll")) || 5);
+
+  const state = {
+    key: null,
+    plan: null,
+    boxes: new Map(), // box_id -> summary from /api/v1/boxes
+    alerts: null, // list of open alerts, or null when the server has no alerts endpoint
+    alertsNote: "loading…",
+    selected: null,
+    detail: null,
+    stream: "off", // off | connecting | live | unavailable
+    lastKpiAt: 0,
+    kpi: null,
+    kpiNote: "loading…",
+    geometry: null,
+    timer: null,
+    refreshing: false,
+    refreshAgain: false,
+    authProblem: null,
+  };
+
+  // ------------------------------------------------------------------ small DOM helpers
+
+  const $ = (id) => document.getElementById(id);
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    setAttrs(node, attrs);
+    node.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false).map(asNode));
+    return node;
+  }
+
+  function svg(tag, attrs = {}, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    setAttrs(node, attrs);
+    node.append(...children.flat().filter((c) => c !== null && c !== undefined).map(asNode));
+    return node;
+  }
+
+  function setAttrs(node, attrs) {
+    for (const [name, value] of Object.entries(attrs)) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "class") node.setAttribute("class", value);
+      else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+      else node.setAttribute(name, value === true ? "" : String(value));
+    }
+  }
+
+  const asNode = (c) => (c instanceof Node ? c : document.createTextNode(String(c)));
+
+  function fmtTime(iso) {
+    if (!iso) return "–";
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return String(iso);
+    return d.toISOString().slice(0, 16).replace("T", " ") + " UTC";
+  }
+
+  function fmtNumber(x, digits = 0) {
+    if (x === null || x === undefined || Number.isNaN(Number(x))) return "–";
+    return Number(x).toLocaleString("en-GB", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  }
+
+  function fmtKg(kg) {
+    if (kg === null || kg === undefined) return "–";
+    return Math.abs(kg) >= 1000 ? `${fmtNumber(kg / 1000, 2)} t` : `${fmtNumber(kg, 1)} kg`;
+  }
+
+  // ------------------------------------------------------------------ the API key and requests
+
+  function readKey() {
+    const fromUrl = fragment.get("key");
+    if (fromUrl) {
+      sessionStorage.setItem(KEY_STORE, fromUrl);
+      fragment.delete("key");
+      const rest = fragment.toString();
+      history.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+    }
+    return sessionStorage.getItem(KEY_STORE);
+  }
+
+  function headers(extra = {}) {
+    return state.key ? { "X-API-Key": state.key, ...extra } : { ...extra };
+  }
+
+  class HttpError extends Error {
+    constructor(status, body) {
+      super(body?.error?.message || `HTTP ${status}`);
+      this.status = status;
+      this.code = body?.error?.code || null;
+    }
+  }
+
+  async function api(path) {
+    const response = await fetch(API + path, { headers: headers({ Accept: "application/json" }), cache: "no-store" });
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    if (response.status === 401) askForKey(body?.error?.message || "The API refused the key.");
+    if (!response.ok) throw new HttpError(response.status, body);
+    return body;
+  }
+
+  function askForKey(reason) {
+    state.authProblem = reason;
+    setConnection("auth", "API key needed");
+    const dialog = $("key-dialog");
+    $("key-reason").textContent = `${reason} Paste your API key (it stays in this browser tab only).`;
+    if (!dialog.open) dialog.showModal();
+  }
+
+  function setupKeyDialog() {
+    $("key-form").addEventListener("submit", () => {
+      const value = $("key-input").value.trim();
+      if (!value) return;
+      state.key = value;
+      state.authProblem = null;
+      sessionStorage.setItem(KEY_STORE, value);
+      $("key-input").value = "";
+      $("forget-key").hidden = false;
+      restartStream();
+      refreshSoon(0);
+    });
+    $("forget-key").addEventListener("click", () => {
+      sessionStorage.removeItem(KEY_STORE);
+      state.key = null;
+      $("forget-key").hidden = true;
+      askForKey("Key forgotten.");
+    });
+  }
+
+  // ------------------------------------------------------------------ status of a box
+
+  function openAlertsOf(boxId) {
+    return (state.alerts || []).filter((a) => a.box_id === boxId);
+  }
+
+  function inMaintenance(box) {
+    return box.status === "maintenance" || box.maintenance === true || box.in_maintenance === true;
+  }
+
+  /** One of online | alerting | maintenance | offline. Maintenance (an operator's decision) wins over
+   * offline, offline over alerting (an offline box usually has its offline alert open too). */
+  function statusOf(box) {
+    if (inMaintenance(box)) return "maintenance";
+    if (!box.online) return "offline";
+    const listed = Array.isArray(box.open_alerts) ? box.open_alerts.length : Number(box.open_alerts) || 0;
+    if (listed > 0 || box.status === "alerting" || openAlertsOf(box.box_id).length > 0) return "alerting";
+    return "online";
+  }
+
+  // ------------------------------------------------------------------ the plan of Aalborg
+
+  async function loadPlan() {
+    try {
+      const response = await fetch("/dashboard/static/plan.json", { cache: "no-store" });
+      state.plan = await response.json();
+    } catch {
+      state.plan = { fjord_line: [], labels: [], fjord_width_m: 450 };
+    }
+  }
+
+  const M_PER_DEG_LAT = 111195;
+
+  function computeGeometry(placed) {
+    const fjord = state.plan?.fjord_line || [];
+    const lats = placed.map((b) => b.latitude);
+    const lons = placed.map((b) => b.longitude);
+    if (!lats.length) {
+      for (const [lon, lat] of fjord) {
+        lats.push(lat);
+        lons.push(lon);
+      }
+    }
+    if (!lats.length) {
+      lats.push(57.048);
+      lons.push(9.92);
+    }
+    let [latMin, latMax] = [Math.min(...lats), Math.max(...lats)];
+    let [lonMin, lonMax] = [Math.min(...lons), Math.max(...lons)];
+    const latPad = Math.max((latMax - latMin) * 0.1, 0.006);
+    const lonPad = Math.max((lonMax - lonMin) * 0.08, 0.01);
+    latMin -= latPad;
+    latMax += latPad;
+    lonMin -= lonPad;
+    lonMax += lonPad;
+    const kx = Math.cos((((latMin + latMax) / 2) * Math.PI) / 180);
+    const spanX = (lonMax - lonMin) * kx;
+    const spanY = latMax - latMin;
+    const width = 1000;
+    const height = Math.round(Math.min(Math.max((width * spanY) / spanX, 420), 820));
+    const scale = Math.min(width / spanX, height / spanY); // px per degree of latitude
+    const offX = (width - spanX * scale) / 2;
+    const offY = (height - spanY * scale) / 2;
+    return {
+      width,
+      height,
+      scale,
+      key: placed.map((b) => `${b.box_id}:${b.latitude}:${b.longitude}`).join("|"),
+      project: (lon, lat) => [offX + (lon - lonMin) * kx * scale, offY + (latMax - lat) * scale],
+    };
+  }
+
+  function drawBase(geo) {
+    const plan = $("plan");
+    plan.setAttribute("viewBox", `0 0 ${geo.width} ${geo.height}`);
+    plan.replaceChildren();
+    const fjord = (state.plan?.fjord_line || []).map(([lon, lat]) => geo.project(lon, lat));
+    if (fjord.length > 1) {
+      const points = fjord.map(([x, y]) => `${x.toFixed(1)},${y.toFixed(1)}`).join(" ");
+      const widthPx = Math.max(((state.plan.fjord_width_m || 450) / M_PER_DEG_LAT) * geo.scale, 6);
+      plan.append(svg("polyline", { class: "fjord", points, "stroke-width": widthPx.toFixed(1) }));
+      plan.append(svg("polyline", { class: "fjord-centre", points }));
+    }
+    for (const label of state.plan?.labels || []) {
+      const [x, y] = geo.project(label.lon, label.lat);
+      plan.append(svg("text", { class: `label ${label.kind}`, x, y, "text-anchor": "middle" }, label.text));
+    }
+    // Scale bar: 1 km.
+    const km = (1000 / M_PER_DEG_LAT) * geo.scale;
+    const sx = 24;
+    const sy = geo.height - 24;
+    plan.append(
+      svg(
+        "g",
+        { class: "scale" },
+        svg("line", { x1: sx, y1: sy, x2: sx + km, y2: sy }),
+        svg("line", { x1: sx, y1: sy - 5, x2: sx, y2: sy + 5 }),
+        svg("line", { x1: sx + km, y1: sy - 5, x2: sx + km, y2: sy + 5 }),
+        svg("text", { x: sx + km / 2, y: sy - 8, "text-anchor": "middle" }, "1 km"),
+      ),
+    );
+    plan.append(
+      svg(
+        "g",
+        { class: "north", transform: `translate(${geo.width - 30}, 34)` },
+        svg("path", { d: "M0,-18 L7,4 L0,-1 L-7,4 Z" }),
+        svg("text", { x: 0, y: 20, "text-anchor": "middle" }, "N"),
+      ),
+    );
+    plan.append(svg("g", { id: "markers" }));
+  }
+
+  function shortLabel(boxId) {
+    const parts = boxId.split("-");
+    return parts.length > 1 ? parts[parts.length - 1] : boxId;
+  }
+
+  function markerTitle(box, status) {
+    const reason = box.online ? "" : ` (${REASON_TEXT[box.status_reason] || box.status_reason})`;
+    return `${box.name || box.box_id} · ${box.box_id}\n${STATUS_TEXT[status]}${reason}`;
+  }
+
+  function renderBoxes() {
+    const boxes = [...state.boxes.values()];
+    const placed = boxes.filter((b) => Number.isFinite(b.latitude) && Number.isFinite(b.longitude));
+    const unplaced = boxes.filter((b) => !placed.includes(b));
+    const geo = computeGeometry(placed);
+    if (!state.geometry || state.geometry.key !== geo.key) {
+      state.geometry = geo;
+      drawBase(geo);
+    }
+    const layer = $("markers");
+    const seen = new Set();
+    for (const box of placed) {
+      seen.add(box.box_id);
+      const status = statusOf(box);
+      let g = layer.querySelector(`[data-box-id="${CSS.escape(box.box_id)}"]`);
+      if (!g) {
+        const [x, y] = state.geometry.project(box.longitude, box.latitude);
+        g = svg(
+          "g",
+          {
+            class: "box",
+            "data-box-id": box.box_id,
+            transform: `translate(${x.toFixed(1)},${y.toFixed(1)})`,
+            tabindex: 0,
+            role: "button",
+            onclick: () => select(box.box_id),
+            onkeydown: (e) => (e.key === "Enter" || e.key === " ") && select(box.box_id),
+          },
+          svg("title"),
+          svg("circle", { r: 9 }),
+          svg("text", { x: 12, y: 4 }, shortLabel(box.box_id)),
+        );
+        layer.append(g);
+      }
+      g.setAttribute("data-status", status);
+      g.setAttribute("aria-label", `${box.box_id} ${status}`);
+      g.querySelector("title").textContent = markerTitle(box, status);
+      g.classList.toggle("selected", state.selected === box.box_id);
+    }
+    for (const g of [...layer.querySelectorAll(".box")]) {
+      if (!seen.has(g.getAttribute("data-box-id"))) g.remove();
+    }
+    // Boxes without a registered position: chips below the plan.
+    $("unplaced").hidden = unplaced.length === 0;
+    $("unplaced-boxes").replaceChildren(
+      ...unplaced.map((box) => {
+        const status = statusOf(box);
+        return el(
+          "button",
+          {
+            type: "button",
+            class: `box-chip${state.selected === box.box_id ? " selected" : ""}`,
+            "data-box-id": box.box_id,
+            "data-status": status,
+            title: markerTitle(box, status),
+            onclick: () => select(box.box_id),
+          },
+          box.box_id,
+        );
+      }),
+    );
+    // Legend with counts.
+    const counts = Object.fromEntries(STATUSES.map((s) => [s, 0]));
+    for (const box of boxes) counts[statusOf(box)] += 1;
+    $("legend").replaceChildren(
+      ...STATUSES.map((s) => el("li", { "data-status": s, "data-count": counts[s] }, `${STATUS_TEXT[s]} ${counts[s]}`)),
+    );
+    $("plan-title").textContent = `Boxes (${boxes.length})`;
+    // The newest device time of any box: simulated time when the simulator drives the boxes.
+    const newest = boxes.map((b) => b.last_seen_at).filter(Boolean).sort().pop();
+    $("clock").textContent = newest ? `box time ${fmtTime(newest)}` : "";
+  }
+
+  // ------------------------------------------------------------------ box detail
+
+  function select(boxId) {
+    state.selected = boxId;
+    state.detail = null;
+    renderBoxes();
+    renderDetail();
+    loadDetail();
+  }
+
+  async function loadDetail() {
+    const boxId = state.selected;
+    if (!boxId) return;
+    try {
+      const detail = await api(`/boxes/${encodeURIComponent(boxId)}`);
+      if (state.selected === boxId) state.detail = detail;
+    } catch (err) {
+      if (state.selected === boxId) state.detail = { error: err.message, box_id: boxId };
+    }
+    renderDetail();
+  }
+
+  function compartmentState(c) {
+    if (c.in_service === false) return "out_of_service";
+    if (c.door_open) return "door_open";
+    if (c.occupied === null || c.occupied === undefined) return c.kind === "red_box" ? "red_box" : "unknown";
+    return c.occupied ? "occupied" : "free";
+  }
+
+  const COMPARTMENT_TEXT = {
+    free: "free",
+    occupied: "occupied",
+    out_of_service: "out of service",
+    door_open: "door open",
+    unknown: "no reading",
+    red_box: "",
+  };
+
+  function renderCompartment(c) {
+    const st = compartmentState(c);
+    const what = c.kind === "red_box" ? "red box" : `size ${c.size_class ?? "?"}`;
+    const children = [el("div", { class: "cid" }, `#${c.id}`), el("div", {}, what)];
+    if (c.kind === "red_box") {
+      const ratio = c.weight_kg !== null && c.capacity_kg ? c.weight_kg / c.capacity_kg : null;
+      children.push(el("div", {}, c.weight_kg === null ? "– kg" : `${fmtNumber(c.weight_kg, 1)}/${fmtNumber(c.capacity_kg)} kg`));
+      const bar = el("div", { class: "fill" }, el("span"));
+      bar.firstChild.style.width = `${Math.min(100, Math.round((ratio || 0) * 100))}%`;
+      children.push(bar);
+    }
+    if (COMPARTMENT_TEXT[st]) children.push(el("div", {}, COMPARTMENT_TEXT[st]));
+    return el(
+      "div",
+      {
+        class: `compartment ${c.kind}`,
+        "data-compartment": c.id,
+        "data-state": st,
+        title: `compartment ${c.id}: ${what}, ${COMPARTMENT_TEXT[st] || "red box"}`,
+      },
+      children,
+    );
+  }
+
+  function renderDetail() {
+    const target = $("detail");
+    const boxId = state.selected;
+    if (!boxId) {
+      target.replaceChildren(el("p", { class: "hint" }, "Click a box on the plan."));
+      return;
+    }
+    const summary = state.boxes.get(boxId);
+    const d = state.detail && state.detail.box_id === boxId ? state.detail : null;
+    if (!d) {
+      target.replaceChildren(el("p", { class: "hint" }, `loading ${boxId}…`));
+      return;
+    }
+    if (d.error) {
+      target.replaceChildren(el("p", { class: "hint" }, `${boxId}: ${d.error}`));
+      return;
+    }
+    const merged = { ...d, ...(summary || {}) }; // the list may be newer than the detail
+    const status = statusOf(merged);
+    const occupancy = Object.entries(d.occupancy || {}).map(
+      ([size, o]) => `${size}: ${o.free} free of ${o.total}${o.out_of_service ? `, ${o.out_of_service} out of service` : ""}`,
+    );
+    const facts = [
+      ["status", `${STATUS_TEXT[status]}${merged.online ? "" : ` – ${REASON_TEXT[merged.status_reason] || merged.status_reason}`}`],
+      ["since", fmtTime(merged.status_since)],
+      ["last message", fmtTime(merged.last_seen_at)],
+      ["parcel doors", occupancy.join(" · ") || "–"],
+      ["temperature", d.temperature_c === null ? "–" : `${fmtNumber(d.temperature_c, 1)} °C`],
+      ["power", [d.power, d.battery_pct === null ? null : `battery ${fmtNumber(d.battery_pct)} %`].filter(Boolean).join(", ") || "–"],
+      ["firmware", d.firmware || "–"],
+    ];
+    const alerts = openAlertsOf(boxId);
+    target.replaceChildren(
+      el(
+        "h3",
+        { class: "detail-name" },
+        `${d.name || boxId} `,
+        el("span", { class: "count" }, boxId),
+        " ",
+        el("span", { class: "status-badge", "data-status": status }, STATUS_TEXT[status]),
+      ),
+      el("dl", { class: "facts" }, facts.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])),
+      el("h3", {}, `Compartments (${(d.compartments || []).length})`),
+      (d.compartments || []).length
+        ? el("div", { class: "compartments" }, d.compartments.map(renderCompartment))
+        : el("p", { class: "hint" }, "No layout announced yet."),
+      alerts.length ? el("h3", {}, `Open alerts (${alerts.length})`) : null,
+      alerts.length ? el("ul", {}, alerts.map((a) => el("li", {}, `${alertKind(a)}: ${alertMessage(a)}`))) : null,
+    );
+  }
+
+  // ------------------------------------------------------------------ alerts
+
+  const alertKind = (a) => a.kind ?? a.type ?? a.code ?? "alert";
+  const alertMessage = (a) => a.message ?? a.detail ?? a.description ?? "";
+  const alertSince = (a) => a.raised_at ?? a.opened_at ?? a.since ?? a.created_at ?? null;
+
+  function isOpen(a) {
+    const st = String(a.state ?? a.status ?? "open").toLowerCase();
+    return !a.cleared_at && !a.resolved_at && !["cleared", "closed", "resolved"].includes(st);
+  }
+
+  async function loadAlerts() {
+    try {
+      const body = await api("/alerts?state=open&limit=500");
+      const items = Array.isArray(body) ? body : body?.items ?? body?.alerts ?? [];
+      state.alerts = items.filter(isOpen);
+      state.alertsNote = null;
+    } catch (err) {
+      state.alerts = null;
+      if (err.status === 404 && err.code !== "box_not_found") state.alertsNote = "No alerts on this server (yet).";
+      else if (err.status === 403) state.alertsNote = "This key may not see alerts.";
+      else state.alertsNote = `Alerts unavailable: ${err.message}`;
+    }
+  }
+
+  function renderAlerts() {
+    const target = $("alerts");
+    $("alert-count").textContent = state.alerts ? `(${state.alerts.length})` : "";
+    if (!state.alerts) {
+      target.replaceChildren(el("p", { class: "hint" }, state.alertsNote || "–"));
+      return;
+    }
+    if (!state.alerts.length) {
+      target.replaceChildren(el("p", { class: "hint" }, "No open alerts."));
+      return;
+    }
+    const rows = [...state.alerts]
+      .sort((a, b) => String(alertSince(b)).localeCompare(String(alertSince(a))))
+      .map((a) =>
+        el(
+          "tr",
+          { class: "alert-row", "data-box-id": a.box_id, onclick: () => a.box_id && select(a.box_id) },
+          el("td", {}, el("span", { class: "sev", "data-severity": a.severity || "warning" }, a.severity || "warning")),
+          el("td", {}, a.box_id || "–"),
+          el("td", {}, alertKind(a), alertMessage(a) ? el("div", { class: "hint" }, alertMessage(a)) : null),
+          el("td", {}, fmtTime(alertSince(a)), a.acknowledged_at ? el("div", { class: "hint" }, "acknowledged") : null),
+        ),
+      );
+    target.replaceChildren(
+      el(
+        "table",
+        {},
+        el("thead", {}, el("tr", {}, el("th", {}, "severity"), el("th", {}, "box"), el("th", {}, "alert"), el("th", {}, "since"))),
+        el("tbody", {}, rows),
+      ),
+    );
+  }
+
+  // ------------------------------------------------------------------ KPIs
+
+  async function loadKpis() {
+    state.lastKpiAt = Date.now();
+    try {
+      let body;
+      try {
+        body = await api("/kpis?group_by=day");
+      } catch (err) {
+        if (err.status !== 400 && err.status !== 422) throw err;
+        // The endpoint wants a range: everything up to a day past the newest box time.
+        const newest = [...state.boxes.values()].map((b) => b.last_seen_at).filter(Boolean).sort().pop();
+        const until = new Date((newest ? Date.parse(newest) : Date.now()) + 86400000).toISOString();
+        body = await api(`/kpis?group_by=day&since=2000-01-01T00:00:00Z&until=${encodeURIComponent(until)}`);
+      }
+      state.kpi = body;
+      state.kpiNote = body?.totals ? null : "no KPI data";
+    } catch (err) {
+      state.kpi = null;
+      state.kpiNote = err.status === 404 || err.status === 405 ? "no KPI data (this server has no KPI endpoint yet)" : `no KPI data: ${err.message}`;
+      if (err.status === 403) state.kpiNote = "no KPI data: this key may not see KPIs";
+    }
+  }
+
+  function renderKpis() {
+    const target = $("kpis");
+    const chart = $("kpi-chart");
+    const totals = state.kpi?.totals;
+    if (!totals) {
+      target.replaceChildren(el("p", { class: "hint", id: "kpi-empty" }, state.kpiNote || "no KPI data"));
+      chart.hidden = true;
+      $("kpi-method").textContent = "";
+      return;
+    }
+    const avoided = totals.avoided || {};
+    const baseline = totals.baseline || {};
+    const project = totals.project || {};
+    const items = [
+      [fmtNumber(avoided.trips), "trips avoided", `baseline ${fmtNumber(baseline.trips)}, with the boxes ${fmtNumber(project.trips)}`],
+      [fmtKg(avoided.kg_co2e_wtw), "CO₂e avoided (well-to-wheel)", `tank-to-wheel ${fmtKg(avoided.kg_co2e_ttw)}`],
+      [`${fmtNumber(avoided.vkm, 1)} km`, "vehicle-km avoided", `baseline ${fmtNumber(baseline.vkm, 1)} km`],
+    ];
+    target.replaceChildren(
+      el(
+        "div",
+        { class: "kpi-totals" },
+        items.map(([value, what, note]) =>
+          el("div", { class: "kpi" }, el("div", { class: "value" }, value), el("div", { class: "what" }, what), el("div", { class: "what" }, note)),
+        ),
+      ),
+    );
+    const method = state.kpi.method;
+    $("kpi-method").textContent =
+      method && typeof method === "object"
+        ? `Method: ${method.name || method.id || ""} ${method.version ? `v${method.version}` : ""} ${method.summary || method.description || ""}`.trim()
+        : "";
+    renderChart(state.kpi.groups || []);
+  }
+
+  function renderChart(groups) {
+    const chart = $("kpi-chart");
+    const days = groups
+      .map((g) => ({ day: g.key?.day ?? Object.values(g.key || {})[0], kg: Number(g.avoided?.kg_co2e_wtw) || 0 }))
+      .filter((g) => g.day)
+      .sort((a, b) => String(a.day).localeCompare(String(b.day)));
+    if (!days.length) {
+      chart.hidden = true;
+      return;
+    }
+    chart.hidden = false;
+    const width = Math.max(320, Math.round(chart.getBoundingClientRect().width || 640));
+    const height = 220;
+    chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    chart.setAttribute("preserveAspectRatio", "xMidYMid meet");
+    const pad = { l: 56, r: 64, t: 14, b: 28 };
+    const w = width - pad.l - pad.r;
+    const h = height - pad.t - pad.b;
+    let running = 0;
+    const cumulative = days.map((d) => (running += d.kg));
+    const maxDay = Math.max(...days.map((d) => d.kg), 1e-9);
+    const maxTotal = Math.max(...cumulative, 1e-9);
+    const minDay = Math.min(0, ...days.map((d) => d.kg));
+    const yDay = (v) => pad.t + h - ((v - minDay) / (maxDay - minDay)) * h;
+    const yTotal = (v) => pad.t + h - (Math.max(v, 0) / maxTotal) * h;
+    const step = w / days.length;
+    const bars = days.map((d, i) =>
+      svg(
+        "rect",
+        {
+          class: "bar",
+          x: (pad.l + i * step + step * 0.15).toFixed(1),
+          y: Math.min(yDay(d.kg), yDay(0)).toFixed(1),
+          width: Math.max(step * 0.7, 1).toFixed(1),
+          height: Math.abs(yDay(0) - yDay(d.kg)).toFixed(1),
+        },
+        svg("title", {}, `${d.day}: ${fmtKg(d.kg)} CO₂e avoided`),
+      ),
+    );
+    const line = cumulative.map((v, i) => `${(pad.l + (i + 0.5) * step).toFixed(1)},${yTotal(v).toFixed(1)}`).join(" ");
+    const ticks = [];
+    const every = Math.max(1, Math.ceil(days.length / 8));
+    days.forEach((d, i) => {
+      if (i % every === 0) ticks.push(svg("text", { x: pad.l + (i + 0.5) * step, y: height - 8, "text-anchor": "middle" }, String(d.day).slice(5)));
+    });
+    chart.replaceChildren(
+      svg("line", { class: "axis", x1: pad.l, y1: yDay(0), x2: width - pad.r, y2: yDay(0) }),
+      ...bars,
+      svg("polyline", { class: "total", points: line }),
+      svg("text", { x: pad.l - 6, y: pad.t + 8, "text-anchor": "end" }, fmtKg(maxDay)),
+      svg("text", { x: pad.l - 6, y: pad.t + 22, "text-anchor": "end" }, "per day"),
+      svg("text", { x: width - pad.r + 6, y: pad.t + 8 }, fmtKg(maxTotal)),
+      svg("text", { x: width - pad.r + 6, y: pad.t + 22 }, "in total"),
+      ...ticks,
+    );
+  }
+
+  // ------------------------------------------------------------------ refresh loop and stream
+
+  function setConnection(kind, text) {
+    const node = $("connection");
+    node.dataset.state = kind;
+    node.textContent = text;
+  }
+
+  function connectionText() {
+    if (state.authProblem) return ["auth", "API key needed"];
+    if (state.stream === "live") return ["stream", "live (server-sent events)"];
+    return ["polling", `polling every ${pollSeconds} s`];
+  }
+
+  async function refresh() {
+    if (state.refreshing) {
+      state.refreshAgain = true;
+      return;
+    }
+    state.refreshing = true;
+    try {
+      const boxes = await api("/boxes");
+      state.boxes = new Map(boxes.map((b) => [b.box_id, b]));
+      await loadAlerts();
+      if (Date.now() - state.lastKpiAt > 15000) await loadKpis();
+      if (state.selected) await loadDetail();
+      renderBoxes();
+      renderAlerts();
+      renderDetail();
+      renderKpis();
+      setConnection(...connectionText());
+      $("connection").title = `updated ${new Date().toLocaleTimeString()}`;
+    } catch (err) {
+      if (err.status !== 401) setConnection("error", `API unreachable: ${err.message}`);
+    } finally {
+      state.refreshing = false;
+      if (state.refreshAgain) {
+        state.refreshAgain = false;
+        refreshSoon(50);
+      } else {
+        refreshSoon(state.stream === "live" ? 30000 : pollSeconds * 1000);
+      }
+    }
+  }
+
+  function refreshSoon(ms) {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(refresh, ms);
+  }
+
+  let streamAbort = null;
+
+  function restartStream() {
+    if (streamAbort) streamAbort.abort();
+    openStream();
+  }
+
+  /** Read the server-sent events of /api/v1/stream with fetch() (EventSource cannot send the key). */
+  async function openStream(attempt = 0) {
+    const controller = new AbortController();
+    streamAbort = controller;
+    state.stream = "connecting";
+    try {
+      const response = await fetch(`${API}/stream`, {
+        headers: headers({ Accept: "text/event-stream" }),
+        signal: controller.signal,
+        cache: "no-store",
+      });
+      const type = response.headers.get("content-type") || "";
+      if (response.status === 404 || response.status === 405 || (response.ok && !type.includes("text/event-stream"))) {
+        state.stream = "unavailable"; // this server has no stream: polling only
+        setConnection(...connectionText());
+        return;
+      }
+      if (!response.ok || !response.body) throw new HttpError(response.status, null);
+      state.stream = "live";
+      attempt = 0;
+      setConnection(...connectionText());
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
+          const block = buffer.slice(0, cut);
+          buffer = buffer.slice(cut).replace(/^\r?\n\r?\n/, "");
+          handleStreamBlock(block);
+        }
+      }
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      if (err.status === 401) askForKey("The live stream refused the key.");
+    }
+    if (controller.signal.aborted) return;
+    state.stream = "off";
+    setConnection(...connectionText());
+    refreshSoon(pollSeconds * 1000);
+    setTimeout(() => openStream(attempt + 1), Math.min(30000, 1000 * 2 ** attempt));
+  }
+
+  function handleStreamBlock(block) {
+    let event = "message";
+    const data = [];
+    for (const line of block.split(/\r?\n/)) {
+      if (!line || line.startsWith(":")) continue; // comments keep the connection alive
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    if (!data.length) return;
+    let payload = null;
+    try {
+      payload = JSON.parse(data.join("\n"));
+    } catch {
+      payload = null;
+    }
+    // A status change can be shown at once; everything else (alerts, details) comes with the refresh.
+    if (payload && typeof payload === "object" && payload.box_id && typeof payload.online === "boolean") {
+      const box = state.boxes.get(payload.box_id);
+      if (box) {
+        state.boxes.set(payload.box_id, { ...box, online: payload.online, status_reason: payload.reason ?? payload.status_reason ?? box.status_reason });
+        renderBoxes();
+      }
+    }
+    document.dispatchEvent(new CustomEvent("molo:stream", { detail: { event, payload } }));
+    refreshSoon(200);
+  }
+
+  // ------------------------------------------------------------------ start
+
+  async function main() {
+    state.key = readKey();
+    $("forget-key").hidden = !state.key;
+    setupKeyDialog();
+    await loadPlan();
+    renderBoxes();
+    openStream();
+    await refresh();
+    let resizeTimer = null;
+    window.addEventListener("resize", () => {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(renderKpis, 200);
+    });
+  }
+
+  main();
+})();
