@@ -8,6 +8,7 @@ molo provision   create broker credentials for N boxes
 molo box         run one box's firmware stub as its own process
 molo boxes       run N stand-in boxes against a broker
 molo schemas     write the JSON Schemas of the wire contract
+molo keys        create, list and revoke API keys (operator, courier of a carrier, researcher)
 """
 
 from __future__ import annotations
@@ -240,6 +241,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from backend.access.keys import Role, create_key, list_keys, revoke_key
+
+    url = args.database_url or _settings().database_url
+    if not url:
+        print("molo keys: set MOLO_DATABASE_URL or pass --database-url", file=sys.stderr)
+        return 2
+    with psycopg.connect(url, autocommit=True) as conn:
+        if args.keys_command == "create":
+            try:
+                key = create_key(conn, role=Role(args.role), name=args.name, carrier=args.carrier)
+            except ValueError as exc:
+                print(f"molo keys create: {exc}", file=sys.stderr)
+                return 2
+            bound = f" for carrier {key.carrier}" if key.carrier else ""
+            print(f"created {key.role.value} key {key.key_id} ({key.name}){bound}", file=sys.stderr)
+            print("the secret is shown only now; send it as the X-API-Key header:", file=sys.stderr)
+            print(key.token)
+            return 0
+        if args.keys_command == "list":
+            for info in list_keys(conn, include_revoked=args.all):
+                state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
+                print(
+                    f"{info.key_id}  {info.role.value:<10}  {info.carrier or '-':<10}  {state:<24}  "
+                    f"created {info.created_at:%Y-%m-%d %H:%M}  {info.name}"
+                )
+            return 0
+        if revoke_key(conn, args.key_id):
+            print(f"revoked {args.key_id}")
+            return 0
+        print(f"molo keys revoke: no active key {args.key_id!r}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="molo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -317,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("box", help="run one box's firmware stub (see `molo box -- --help`)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_box)
+
+    p = sub.add_parser("keys", help="create, list and revoke API keys")
+    p.add_argument("--database-url", default=None)
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create", help="create a key and print its secret (once)")
+    k.add_argument("--role", required=True, choices=["operator", "courier", "researcher"])
+    k.add_argument("--carrier", default=None, help="courier keys: the one carrier the key acts for, e.g. gls")
+    k.add_argument("--name", required=True, help='who or what uses it, e.g. "GLS van app"')
+    k = keys.add_parser("list", help="list keys (never their secrets)")
+    k.add_argument("--all", action="store_true", help="include revoked keys")
+    k = keys.add_parser("revoke", help="revoke a key by its id")
+    k.add_argument("key_id")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("schemas", help="write JSON Schemas of the wire contract")
     p.add_argument("--out", default="docs/schemas")

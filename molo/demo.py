@@ -24,12 +24,14 @@ from types import FrameType
 from typing import Literal
 
 import psycopg
+from pydantic import SecretStr
 
+from backend.access.keys import Role, rotate_named_key
 from backend.api.app import create_app
 from backend.api.server import ApiServer
 from backend.ingest.run import build_worker
 from backend.migrate import migrate
-from backend.settings import Settings
+from backend.settings import Environment, Settings
 from molo.brokers import mosquitto_available, start_amqtt, start_mosquitto
 from molo.postgres import EmbeddedPostgres
 from molo.provision import Credentials, provision
@@ -82,6 +84,10 @@ def run_demo(
             where_db = f"embedded PostgreSQL in {var_dir / 'postgres'}"
         report = migrate(url, settings.timescale)
         log.info("database ready: %s, schema v%d (%s)", where_db, report.current, report.flavour)
+        api_key = "(none outside development: `molo keys create --role operator --name ...`)"
+        if settings.environment is Environment.DEVELOPMENT:
+            with psycopg.connect(url, autocommit=True) as conn:
+                api_key = rotate_named_key(conn, role=Role.OPERATOR, name="molo demo operator").token
 
         # -- broker and credentials
         ids = [b.id for b in network.boxes]
@@ -134,7 +140,11 @@ def run_demo(
 
         # -- API
         try:
-            server = ApiServer(create_app(settings, database_url=url), host=settings.api_host, port=api_port).start()
+            api_settings = settings.model_copy(
+                update={"mqtt_host": host, "mqtt_port": port, "mqtt_password": SecretStr(ingest_password)}
+            )  # the API sends commands to boxes through the same broker, as the ingest user
+            app = create_app(api_settings, database_url=url)
+            server = ApiServer(app, host=settings.api_host, port=api_port).start()
         except OSError as exc:
             log.error("cannot serve the API on port %d (%s): pass --port 0 for a free one", api_port, exc)
             return 1
@@ -170,6 +180,7 @@ def run_demo(
         print(
             f"\nMoLo Hubs demo running\n"
             f"  API          {server.url}/api/v1/boxes   (OpenAPI: {server.url}/docs, metrics: {server.url}/metrics)\n"
+            f"  API key      {api_key}   (operator; send it as the X-API-Key header)\n"
             f"  database     {where_db}\n"
             f"  broker       {where_broker}\n"
             f"  simulator    {len(ids)} boxes ({ids[0]} .. {ids[-1]}) of scenario '{scenario.name}', live at "

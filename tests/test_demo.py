@@ -17,7 +17,8 @@ import pytest
 @pytest.mark.parametrize("broker", ["auto", "amqtt"])
 def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path, broker: str) -> None:
     """`molo demo` starts its own PostgreSQL and broker (Mosquitto, or the amqtt fallback), runs the live
-    simulator's boxes through them into storage, serves the API, and stops cleanly on SIGINT."""
+    simulator's boxes through them into storage, serves the API behind the operator key it prints, and stops
+    cleanly on SIGINT."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOLO_")}
     proc = subprocess.Popen(
         [
@@ -45,7 +46,7 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path, broke
     )
     assert proc.stdout is not None
     lines: list[str] = []
-    url = None
+    url = key = None
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -55,15 +56,20 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path, broke
             lines.append(line)
             if (m := re.search(r"API\s+(http://\S+)/api/v1/boxes", line)) is not None:
                 url = m.group(1)
+            if (m := re.search(r"API key\s+(molo_\S+)", line)) is not None:
+                key = m.group(1)
             if url and re.search(r"stored: [1-9]\d* events", line):
                 break
         assert url is not None, "".join(lines)
-        boxes = httpx.get(f"{url}/api/v1/boxes", timeout=10).json()
+        assert key is not None, "".join(lines)
+        auth = {"X-API-Key": key}
+        assert httpx.get(f"{url}/api/v1/boxes", timeout=10).status_code == 401  # the printed key is needed
+        boxes = httpx.get(f"{url}/api/v1/boxes", headers=auth, timeout=10).json()
         assert sorted(b["box_id"] for b in boxes) == ["aal-001", "aal-002", "aal-003"]
         assert all(b["online"] for b in boxes), boxes
         assert httpx.get(f"{url}/ready", timeout=10).json()["status"] == "ready"
         stored = {
-            b["box_id"]: httpx.get(f"{url}/api/v1/boxes/{b['box_id']}/events", timeout=10).json()["items"]
+            b["box_id"]: httpx.get(f"{url}/api/v1/boxes/{b['box_id']}/events", headers=auth, timeout=10).json()["items"]
             for b in boxes
         }
         assert any(stored.values()), "no box has stored events"

@@ -123,3 +123,12 @@ def revoke_key(conn: psycopg.Connection[Any], key_id: str) -> bool:
     """Revoke ``key_id`` (a token or its ``molo_<id>_`` prefix works too). False if no active key has it."""
     key_id = parse_token(key_id) or key_id.removeprefix(TOKEN_PREFIX).split("_")[0]
     return repository.revoke_key(conn, key_id)
+
+
+def rotate_named_key(conn: psycopg.Connection[Any], *, role: Role, name: str, carrier: str | None = None) -> NewKey:
+    """Revoke every active key called ``name`` and create a new one (the demo's operator key: one
+    valid key per run, the older runs' printed secrets stop working)."""
+    for info in list_keys(conn, include_revoked=False):
+        if info.name == name:
+            repository.revoke_key(conn, info.key_id)
+    return create_key(conn, role=role, name=name, carrier=carrier)

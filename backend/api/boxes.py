@@ -1,4 +1,7 @@
-"""Endpoints under ``/api/v1/boxes``: the box list, one box with its compartments, a box's events."""
+"""Endpoints under ``/api/v1/boxes``: the box list, one box with its compartments, a box's events.
+
+Read-only: operators and researchers (``ViewerDep``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query
 
 from backend.api import repository, service
+from backend.api.auth import ViewerDep
 from backend.api.deps import ConnDep, SettingsDep
 from backend.api.errors import ApiError
 from backend.api.schemas import BoxDetail, BoxSummary, EventOut, EventPage
@@ -19,15 +23,24 @@ from contract.topics import BOX_ID_PATTERN
 
 router = APIRouter(prefix="/api/v1/boxes", tags=["boxes"])
 BoxIdPath = Annotated[str, Path(pattern=BOX_ID_PATTERN, description="the box id, e.g. aal-001")]
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such box (code `box_not_found`)"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    401: {"description": "`missing_api_key`, `invalid_api_key` or `revoked_api_key`"},
+    403: {"description": "`forbidden_role`: operators and researchers only"},
+    404: {"description": "no such box (code `box_not_found`)"},
+}
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@router.get("", response_model=list[BoxSummary], summary="All boxes with their live status")
-async def list_boxes(conn: ConnDep, settings: SettingsDep) -> list[BoxSummary]:
+@router.get(
+    "",
+    response_model=list[BoxSummary],
+    summary="All boxes with their live status",
+    responses={k: v for k, v in _NOT_FOUND.items() if k != 404},
+)
+async def list_boxes(conn: ConnDep, settings: SettingsDep, viewer: ViewerDep) -> list[BoxSummary]:
     rows = await repository.list_boxes(conn)
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
     now = _now()
@@ -40,7 +53,7 @@ async def list_boxes(conn: ConnDep, settings: SettingsDep) -> list[BoxSummary]:
     responses=_NOT_FOUND,
     summary="One box with its compartments and latest telemetry",
 )
-async def get_box(box_id: BoxIdPath, conn: ConnDep, settings: SettingsDep) -> BoxDetail:
+async def get_box(box_id: BoxIdPath, conn: ConnDep, settings: SettingsDep, viewer: ViewerDep) -> BoxDetail:
     row = await repository.get_box(conn, box_id)
     if row is None:
         raise ApiError(404, "box_not_found", f"no box {box_id!r}")
@@ -79,6 +92,7 @@ def _aware(value: datetime | None) -> datetime | None:
 async def box_events(
     box_id: BoxIdPath,
     conn: ConnDep,
+    viewer: ViewerDep,
     since: Annotated[datetime | None, Query(description="inclusive, device time (UTC if no offset)")] = None,
     until: Annotated[datetime | None, Query(description="exclusive, device time (UTC if no offset)")] = None,
     type: Annotated[
