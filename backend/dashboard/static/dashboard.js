@@ -58,14 +58,17 @@
   function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
     setAttrs(node, attrs);
-    node.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false).map(asNode));
+    node.append(...nodes(children));
     return node;
   }
+
+  /** Children as DOM nodes: nested lists flattened, null/undefined/false left out, the rest as text. */
+  const nodes = (children) => children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false).map(asNode);
 
   function svg(tag, attrs = {}, ...children) {
     const node = document.createElementNS(SVG_NS, tag);
     setAttrs(node, attrs);
-    node.append(...children.flat().filter((c) => c !== null && c !== undefined).map(asNode));
+    node.append(...nodes(children));
     return node;
   }
 
@@ -200,7 +203,14 @@
     const fjord = state.plan?.fjord_line || [];
     const lats = placed.map((b) => b.latitude);
     const lons = placed.map((b) => b.longitude);
-    if (!lats.length) {
+    if (lats.length) {
+      for (const label of state.plan?.labels || []) {
+        if (label.kind === "town") {
+          lats.push(label.lat);
+          lons.push(label.lon);
+        }
+      }
+    } else {
       for (const [lon, lat] of fjord) {
         lats.push(lat);
         lons.push(lon);
@@ -444,7 +454,7 @@
     );
     const facts = [
       ["status", `${STATUS_TEXT[status]}${merged.online ? "" : ` – ${REASON_TEXT[merged.status_reason] || merged.status_reason}`}`],
-      ["since", fmtTime(merged.status_since)],
+      ["status since", `${fmtTime(merged.status_since)} (as received)`],
       ["last message", fmtTime(merged.last_seen_at)],
       ["parcel doors", occupancy.join(" · ") || "–"],
       ["temperature", d.temperature_c === null ? "–" : `${fmtNumber(d.temperature_c, 1)} °C`],
@@ -453,6 +463,7 @@
     ];
     const alerts = openAlertsOf(boxId);
     target.replaceChildren(
+      ...nodes([
       el(
         "h3",
         { class: "detail-name" },
@@ -468,6 +479,7 @@
         : el("p", { class: "hint" }, "No layout announced yet."),
       alerts.length ? el("h3", {}, `Open alerts (${alerts.length})`) : null,
       alerts.length ? el("ul", {}, alerts.map((a) => el("li", {}, `${alertKind(a)}: ${alertMessage(a)}`))) : null,
+      ]),
     );
   }
 

@@ -1,0 +1,234 @@
+"""The dashboard in a real browser: headless Chromium (Debian's package, driven by Playwright) against the
+real pipeline (Mosquitto with broker_config, PostgreSQL, ingest, the API on uvicorn) while the live
+simulator's boxes publish, as in ``molo demo``.
+
+The pipeline gets a database of its own, so the page shows exactly the demo's boxes. The ingest
+worker subscribes through the shared subscription, which receives no retained messages, so other
+test modules' boxes do not appear either. Boxes box-015 .. box-020 belong to this module.
+The screenshot is saved to ``test-artifacts/dashboard.png`` (ignored by git).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from playwright.sync_api import sync_playwright
+
+from backend.access.keys import Role, create_key
+from backend.api.app import create_app
+from backend.api.server import ApiServer
+from backend.dashboard import STATIC_DIR
+from backend.ingest.run import build_worker
+from backend.migrate import migrate
+from backend.settings import Settings, TimescaleMode
+from contract.messages import SCHEMA_VERSION, Status, StatusReason, encode
+from contract.topics import MessageKind, topic_for
+from molo.brokers import RunningBroker
+from molo.postgres import create_database, drop_database
+from molo.provision import Credentials
+from molo.registry import register_boxes
+from simulator.live import run_live
+from simulator.network import FJORD_LINE, Network
+from simulator.params import resolve
+from simulator.run import network_for
+from tests.fixtures.broker import close, mqtt_client, publish
+from tests.fixtures.pipeline import settings_for, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+#: The flags this machine's headless Chromium needs (no sandbox as root, no calls home).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+IDS = [f"box-{n:03d}" for n in range(15, 21)]
+#: Spread over the city, both sides of the Limfjord: indices into the 50 Aalborg boxes.
+PICK = [0, 14, 21, 28, 42, 49]
+
+
+@dataclass
+class Demo:
+    url: str
+    token: str
+    database_url: str
+    network: Network
+
+
+def demo_world() -> tuple[Any, Network]:
+    """The demo's scenario (telemetry every 30 simulated minutes), six of its boxes renamed to test ids,
+    with no random outages (the test makes its own)."""
+    scenario = resolve(overrides=["simulation.telemetry_interval_min=30", "faults.box_offline_mtbf_days=100000"])
+    full = network_for(scenario)
+    boxes = [full.boxes[i].model_copy(update={"id": box_id}) for i, box_id in zip(PICK, IDS, strict=True)]
+    return scenario, full.model_copy(update={"boxes": boxes})
+
+
+@pytest.fixture(scope="module")
+def demo(
+    pg_admin_url: str, broker: RunningBroker, credentials: Credentials, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Demo]:
+    """The demo pipeline on its own database: boxes registered and publishing live, an operator key."""
+    url = create_database(pg_admin_url, "molo_dashboard")
+    migrate(url, TimescaleMode.OFF)
+    scenario, network = demo_world()
+    register_boxes(url, network.boxes)
+    with psycopg.connect(url, autocommit=True) as conn:
+        token = create_key(conn, role=Role.OPERATOR, name="dashboard test").token
+    worker = build_worker(settings_for(url, broker, credentials))
+    worker.start()
+    assert worker.mqtt.subscribed.wait(10), worker.mqtt.last_error
+    server = ApiServer(create_app(Settings(database_url=url))).start()
+    stop = threading.Event()
+    sim = threading.Thread(
+        target=run_live,
+        name="dashboard-sim",
+        kwargs={
+            "scenario": scenario,
+            "host": broker.host,
+            "port": broker.port,
+            "passwords": credentials.boxes,
+            "state_dir": tmp_path_factory.mktemp("dashboard-boxes"),
+            "speed": 3600.0,
+            "network": network,
+            "stop": stop,
+        },
+        daemon=True,
+    )
+    sim.start()
+    try:
+        yield Demo(url=server.url, token=token, database_url=url, network=network)
+    finally:
+        stop.set()
+        sim.join(90)
+        worker.retire(quiet_s=0.2)
+        server.stop()
+        drop_database(url, pg_admin_url)
+
+
+def publish_last_will(broker: RunningBroker, credentials: Credentials, box_id: str, session: int) -> None:
+    """What the broker publishes when a box's connection dies: the retained offline status of its session."""
+    client = mqtt_client(broker, box_id, credentials.boxes[box_id])
+    try:
+        will = Status(
+            v=SCHEMA_VERSION, box_id=box_id, online=False, session=session, reason=StatusReason.CONNECTION_LOST
+        )
+        assert not publish(client, topic_for(box_id, MessageKind.STATUS), encode(will), retain=True).is_failure
+    finally:
+        close(client)
+
+
+def test_plan_data_carries_the_simulators_fjord_line() -> None:
+    """The plan's Limfjord line is simulator/network.py's FJORD_LINE, point for point."""
+    plan = json.loads((STATIC_DIR / "plan.json").read_text(encoding="utf-8"))
+    assert [tuple(p) for p in plan["fjord_line"]] == list(FJORD_LINE)
+
+
+def test_dashboard_is_served_with_its_assets_and_no_outside_sources(demo: Demo) -> None:
+    """/dashboard and its static files answer with a same-origin-only CSP; the page names no other host;
+    neither is part of the OpenAPI schema."""
+    page = httpx.get(f"{demo.url}/dashboard", timeout=10)
+    assert page.status_code == 200
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert "connect-src 'self'" in page.headers["content-security-policy"]
+    for name in ("dashboard.js", "dashboard.css", "plan.json"):
+        asset = httpx.get(f"{demo.url}/dashboard/static/{name}", timeout=10)
+        assert asset.status_code == 200, name
+        assert "http://" not in asset.text.replace("http://www.w3.org/2000/svg", ""), name
+        assert "https://" not in asset.text, name
+    assert httpx.get(f"{demo.url}/dashboard/static/../routes.py", timeout=10).status_code == 404
+    paths = httpx.get(f"{demo.url}/openapi.json", timeout=10).json()["paths"]
+    assert not any(p.startswith("/dashboard") for p in paths)
+
+
+def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(
+    demo: Demo, broker: RunningBroker, credentials: Credentials
+) -> None:
+    """In headless Chromium the dashboard (key from the URL fragment) shows every box of the running demo
+    on the plan, a box's compartments on click, the alerts and KPI panels; when a box's Last Will arrives
+    its marker turns offline without a reload; nothing is fetched from outside the API's origin; a
+    screenshot is saved."""
+    if not CHROMIUM.exists():
+        pytest.fail("the browser test needs Debian's chromium (apt-get install chromium)", pytrace=False)
+    with httpx.Client(base_url=demo.url, headers={"X-API-Key": demo.token}, timeout=10) as api:
+        check_in_browser(demo, api, broker, credentials)
+
+
+def check_in_browser(demo: Demo, api: httpx.Client, broker: RunningBroker, credentials: Credentials) -> None:
+    """The browser part of the test above (``api`` authenticates as the operator)."""
+    wait_for(lambda: len([b for b in api.get("/api/v1/boxes").json() if b["online"]]) == len(IDS), timeout=60)
+
+    outside: list[str] = []
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda r: None if r.url.startswith(demo.url) else outside.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{demo.url}/dashboard#key={demo.token}&poll=1")
+
+            markers = page.locator("#plan .box[data-box-id]")
+            markers.first.wait_for(timeout=15_000)
+            page.wait_for_function(
+                "n => document.querySelectorAll('#plan .box[data-status=online]').length === n", arg=len(IDS)
+            )
+            assert sorted(markers.evaluate_all("ms => ms.map(m => m.dataset.boxId)")) == IDS
+            assert page.locator("#unplaced").is_hidden()
+            assert "key=" not in page.url  # the key left the address bar ...
+            assert page.evaluate("sessionStorage.getItem('molo.apiKey')") == demo.token  # ... for this tab
+            assert page.locator("#plan polyline.fjord").count() == 1
+
+            # A box's detail: its compartments as the box announced them.
+            box_id = IDS[0]
+            expected = len(demo.network.boxes[0].layout.compartments)
+            page.locator(f'#plan .box[data-box-id="{box_id}"] circle').click()
+            page.locator("#detail .compartment").nth(expected - 1).wait_for(timeout=10_000)
+            assert page.locator("#detail .compartment").count() == expected
+            assert box_id in page.locator("#detail").inner_text()
+
+            # Alerts and KPIs: shown when the server has them, said plainly when not.
+            kpis = api.get("/api/v1/kpis", params={"group_by": "day"})
+            if kpis.status_code == 404:
+                page.get_by_text("no KPI data").first.wait_for(timeout=20_000)
+            else:
+                page.locator("#kpis .kpi-totals").wait_for(timeout=20_000)
+            page.locator("#alerts table, #alerts p").first.wait_for(timeout=10_000)
+            assert "Alerts unavailable" not in page.locator("#alerts").inner_text()
+
+            # A status change: the box's Last Will arrives; the page follows without a reload.
+            page.evaluate("window.__sameDocument = true")
+            victim = IDS[3]
+            session = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}[victim]["session"]
+            publish_last_will(broker, credentials, victim, session)
+            page.wait_for_selector(f'#plan .box[data-box-id="{victim}"][data-status="offline"]', timeout=20_000)
+            assert page.evaluate("window.__sameDocument === true")
+            assert page.locator("#legend li[data-status=offline]").get_attribute("data-count") == "1"
+            title = page.locator(f'#plan .box[data-box-id="{victim}"] title').text_content() or ""
+            assert "Last Will" in title
+
+            page.locator(f'#plan .box[data-box-id="{box_id}"] circle').click()  # keep a detail open for the picture
+            page.locator("#detail .compartment").first.wait_for()
+            time.sleep(0.5)
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"dashboard screenshot: {shot}")
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    assert outside == [], f"the page fetched from outside its origin: {outside}"
+    assert errors == [], f"the page raised: {errors}"
