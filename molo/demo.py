@@ -8,7 +8,7 @@
 4. Ingest worker, API, and the live simulator: the scenario's boxes (the 50 Aalborg boxes by
    default), each a firmware stub publishing over MQTT, paced at ``--speed`` simulated seconds per
    wall second.
-It prints where the API is and what is flowing, and stops cleanly on Ctrl-C or SIGTERM.
+It prints where the API and the dashboard are and what is flowing, and stops cleanly on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from backend.settings import Environment, Settings
 from molo.brokers import mosquitto_available, start_amqtt, start_mosquitto
 from molo.postgres import EmbeddedPostgres
 from molo.provision import Credentials, provision
+from molo.registry import register_boxes
 from simulator.live import LiveStats, run_live
 from simulator.params import Scenario, resolve
 from simulator.run import network_for
@@ -85,9 +86,12 @@ def run_demo(
         report = migrate(url, settings.timescale)
         log.info("database ready: %s, schema v%d (%s)", where_db, report.current, report.flavour)
         api_key = "(none outside development: `molo keys create --role operator --name ...`)"
+        dashboard_url = "/dashboard   (asks for a key)"
         if settings.environment is Environment.DEVELOPMENT:
             with psycopg.connect(url, autocommit=True) as conn:
                 api_key = rotate_named_key(conn, role=Role.OPERATOR, name="molo demo operator").token
+            dashboard_url = f"/dashboard#key={api_key}"
+        register_boxes(url, network.boxes)  # where each box stands, for the dashboard's plan
 
         # -- broker and credentials
         ids = [b.id for b in network.boxes]
@@ -181,6 +185,7 @@ def run_demo(
             f"\nMoLo Hubs demo running\n"
             f"  API          {server.url}/api/v1/boxes   (OpenAPI: {server.url}/docs, metrics: {server.url}/metrics)\n"
             f"  API key      {api_key}   (operator; send it as the X-API-Key header)\n"
+            f"  dashboard    {server.url}{dashboard_url}\n"
             f"  database     {where_db}\n"
             f"  broker       {where_broker}\n"
             f"  simulator    {len(ids)} boxes ({ids[0]} .. {ids[-1]}) of scenario '{scenario.name}', live at "

@@ -67,6 +67,9 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path, broke
         boxes = httpx.get(f"{url}/api/v1/boxes", headers=auth, timeout=10).json()
         assert sorted(b["box_id"] for b in boxes) == ["aal-001", "aal-002", "aal-003"]
         assert all(b["online"] for b in boxes), boxes
+        assert all(b["latitude"] and b["longitude"] for b in boxes), "box positions are registered for the plan"
+        assert f"dashboard    {url}/dashboard#key={key}" in "".join(lines)
+        assert httpx.get(f"{url}/dashboard", timeout=10).status_code == 200
         assert httpx.get(f"{url}/ready", timeout=10).json()["status"] == "ready"
         stored = {
             b["box_id"]: httpx.get(f"{url}/api/v1/boxes/{b['box_id']}/events", headers=auth, timeout=10).json()["items"]
