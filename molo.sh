@@ -7,8 +7,8 @@
 #
 # Needs only Python 3.11+. It installs uv (pinned) into .tools/ unless a recent enough uv is on PATH
 # (with pip if the Python has it, else by downloading the wheel from PyPI and checking its sha256),
-# then creates .venv from uv.lock (exact versions). MOLO_UV_BOOTSTRAP=download forces the download. Tests also need the Mosquitto binary: when it is
-# missing and we are root on Debian/Ubuntu, it is installed with apt-get.
+# then creates .venv from uv.lock (exact versions). MOLO_UV_BOOTSTRAP=download forces the download. Tests also need the Mosquitto binary
+# and Chromium (the dashboard's browser test): when missing and we are root on Debian/Ubuntu, they are installed with apt-get.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -100,6 +100,21 @@ ensure_mosquitto() {
     fi
 }
 
+ensure_chromium() {  # the dashboard's browser test drives Debian's chromium (Playwright never downloads one)
+    if [ -x /usr/bin/chromium ] || [ -n "${MOLO_CHROMIUM_BIN:-}" ]; then
+        return 0
+    fi
+    local sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
+    if { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; } && command -v apt-get >/dev/null 2>&1; then
+        echo "molo.sh: installing chromium with apt-get (the dashboard's browser test)" >&2
+        $sudo apt-get update -qq >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
+    else
+        echo "molo.sh: the browser test needs Chromium at /usr/bin/chromium (e.g. apt-get install chromium)" >&2
+        return 1
+    fi
+}
+
 UV="$(find_uv)"
 export UV_PYTHON_DOWNLOADS=never
 # Trust the machine's certificate store (and so any corporate or proxy CA installed there), unless
@@ -113,6 +128,7 @@ case "${1:-}" in
     test)
         shift
         ensure_mosquitto
+        ensure_chromium
         exec "$UV" run --frozen --no-sync pytest "$@"
         ;;
     "")

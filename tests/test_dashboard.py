@@ -11,6 +11,7 @@ The screenshot is saved to ``test-artifacts/dashboard.png`` (ignored by git).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -43,7 +44,8 @@ from simulator.run import network_for
 from tests.fixtures.broker import close, mqtt_client, publish
 from tests.fixtures.pipeline import settings_for, wait_for
 
-CHROMIUM = Path("/usr/bin/chromium")
+#: Debian's chromium (molo.sh installs it); MOLO_CHROMIUM_BIN names another build.
+CHROMIUM = Path(os.environ.get("MOLO_CHROMIUM_BIN", "/usr/bin/chromium"))
 #: The flags this machine's headless Chromium needs (no sandbox as root, no calls home).
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -162,7 +164,7 @@ def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(
     its marker turns offline without a reload; nothing is fetched from outside the API's origin; a
     screenshot is saved."""
     if not CHROMIUM.exists():
-        pytest.fail("the browser test needs Debian's chromium (apt-get install chromium)", pytrace=False)
+        pytest.fail(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
     with httpx.Client(base_url=demo.url, headers={"X-API-Key": demo.token}, timeout=10) as api:
         check_in_browser(demo, api, broker, credentials)
 
