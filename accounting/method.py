@@ -1,0 +1,397 @@
+"""The method: avoided trips, vehicle-km and kg CO2e of the boxes, against a stated baseline.
+
+Where it sits: the end of a message's journey, used on both sides. The simulator applies it to the
+events of a what-if run (``simulator.impact``); the backend applies it to ingested events
+(``backend/api/kpis.py``). Both call :func:`assess` on the same :class:`~accounting.activity.BoxDay`
+counts, so their figures agree. The write-up with every formula is ``docs/methodology.md``.
+
+In short (ISO 14083 / GLEC logic: emissions = vehicle-km x intensity of the vehicle category):
+
+* **Project** (with the boxes). Each carrier's round of the day over the boxes where its van
+  delivered, took parcels away or took a red box, rebuilt by nearest neighbour from its depot and cut
+  into van trips where a van is full. A trip's km are split over what it carried, by mass x shortest
+  feasible distance from the depot (``load_distance``), or by giving waste only the km its stops add
+  (``marginal``). The waste company's own round for red boxes no van took. Residents' trips to the box.
+* **Baseline** (without the boxes). Hazardous waste: residents' trips to the nearest recycling station
+  and/or a dedicated collection round. Parcels: the carriers' same rounds without the waste, with a
+  stop at each door and failed first attempts (``home_delivery``) or at a parcel shop
+  (``parcel_shop``), and residents' trips to a parcel shop to fetch or send parcels.
+* **Avoided** = baseline - project, per category, box, carrier and period.
+
+Results are lines (scenario, category, box, carrier, day, vehicle, trips, vkm); :func:`summarize` groups
+them and adds kg CO2e, well-to-wheel as the headline and tank-to-wheel beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any, Literal, NamedTuple
+
+from accounting.activity import BoxDay
+from accounting.assumptions import Method
+from accounting.geo import Distances, Geography, Point
+
+Scenario = Literal["baseline", "project"]
+CATEGORIES: tuple[str, ...] = ("hazardous_waste", "parcel_delivery", "parcel_sending")
+GROUPS: tuple[str, ...] = ("category", "box", "carrier", "day", "week", "month")
+METRICS: tuple[str, ...] = ("trips", "vkm", "kg_co2e_wtw", "kg_co2e_ttw")
+WASTE, DELIVERY, SENDING = CATEGORIES
+
+
+class Line(NamedTuple):
+    """Trips and vehicle-km of one vehicle category, for one category, box, carrier and day."""
+
+    scenario: Scenario
+    category: str
+    box_id: str | None
+    carrier: str | None
+    day: date
+    vehicle: str  # "van" (the carriers' fleet mix), "truck", "car"
+    trips: float
+    vkm: float
+
+
+class Part(NamedTuple):
+    """What a van carried for one category at one stop, with its mass x distance from the depot."""
+
+    category: str
+    box_id: str
+    load_km: float
+
+
+@dataclass
+class Assessment:
+    method: Method
+    lines: list[Line]
+    activity: dict[str, float]
+
+
+def assess(days: Iterable[BoxDay], geo: Geography, method: Method) -> Assessment:
+    """Apply ``method`` to the counted events ``days`` in ``geo``."""
+    days = list(days)
+    dist = Distances(geo, method.road_factor, method.distance_adjustment)
+    lines: list[Line] = []
+    _vans(days, dist, method, lines)
+    _waste_rounds(days, dist, method, lines, scenario="project", weight=1.0)
+    _residents(days, dist, method, lines)
+    return Assessment(method, lines, _activity(days, method))
+
+
+def _split(total: float, weights: Sequence[float]) -> list[float]:
+    """``total`` in proportion to ``weights`` (equal parts if they are all zero)."""
+    s = sum(weights)
+    if s > 0:
+        return [total * w / s for w in weights]
+    return [total / len(weights)] * len(weights) if weights else []
+
+
+# ---------------------------------------------------------------------------------------- vans
+
+
+def _parts(a: BoxDay, depot_km: float, method: Method) -> list[Part]:
+    p = method.parcels
+    m = p.mass_kg
+    out = []
+    if a.parcels_delivered or a.expired:
+        delivered = (
+            a.deposited_a * m.get("A", p.unsized_mass_kg)
+            + a.deposited_b * m.get("B", p.unsized_mass_kg)
+            + a.deposited_c * m.get("C", p.unsized_mass_kg)
+            + a.expired * p.unsized_mass_kg
+        )
+        out.append(Part(DELIVERY, a.box_id, delivered * depot_km))
+    if a.picked_up:
+        out.append(Part(SENDING, a.box_id, a.picked_up * p.unsized_mass_kg * depot_km))
+    if a.waste_collections:
+        kg = a.waste_collected_kg + a.waste_collections * method.waste.red_box_tare_kg
+        out.append(Part(WASTE, a.box_id, kg * depot_km))
+    return out
+
+
+def _van_trips(order: list[str], stops: dict[str, BoxDay], capacity: int) -> list[list[str]]:
+    """The round cut into van trips in stop order, a new van where the parcels to deliver would
+    exceed ``capacity`` (0: one van)."""
+    trips: list[list[str]] = [[]]
+    load = 0
+    for box in order:
+        n = stops[box].parcels_delivered
+        if capacity and trips[-1] and load + n > capacity:
+            trips.append([])
+            load = 0
+        trips[-1].append(box)
+        load += n
+    return [t for t in trips if t]
+
+
+def _vans(days: list[BoxDay], dist: Distances, method: Method, lines: list[Line]) -> None:
+    """The carriers' rounds: the project's (red boxes on board) and the baseline's (the same rounds
+    without the waste; with doors instead of boxes under the home-delivery baseline)."""
+    rounds: dict[tuple[str, date], dict[str, BoxDay]] = defaultdict(dict)
+    for a in days:
+        if a.carrier is not None and a.carrier != method.waste.operator and a.van_visit:
+            rounds[(a.carrier, a.day)][a.box_id] = a
+    for (carrier, day), stops in sorted(rounds.items()):
+        depot = dist.geo.depot(carrier)
+        order, _ = dist.tour(depot, stops)
+        for trip in _van_trips(order, stops, method.van_capacity_parcels):
+            parts = [pt for box in trip for pt in _parts(stops[box], dist.from_origin(depot, box), method)]
+            km = dist.path_km(depot, trip)
+            if km > 0:
+                if method.allocation == "load_distance":
+                    shares = _split(km, [pt.load_km for pt in parts])
+                else:
+                    shares = _marginal(depot, trip, parts, km, dist)
+                for pt, vkm in zip(parts, shares, strict=True):
+                    lines.append(Line("project", pt.category, pt.box_id, carrier, day, "van", vkm / km, vkm))
+            _baseline_trip(depot, trip, stops, parts, carrier, day, dist, method, lines)
+
+
+def _marginal(depot: Point, trip: list[str], parts: list[Part], km: float, dist: Distances) -> list[float]:
+    """Waste gets the km its stops add to the trip over the parcel stops (0 where the van stopped for
+    parcels anyway); parcels share the rest by mass x distance. A trip with only waste stops is all
+    waste's, split by mass x distance."""
+    parcel_stops = {pt.box_id for pt in parts if pt.category != WASTE}
+    waste = [i for i, pt in enumerate(parts) if pt.category == WASTE]
+    others = [i for i, pt in enumerate(parts) if pt.category != WASTE]
+    shares = [0.0] * len(parts)
+    if not parcel_stops:
+        for i, s in zip(waste, _split(km, [parts[i].load_km for i in waste]), strict=True):
+            shares[i] = s
+        return shares
+    base = [b for b in trip if b in parcel_stops]
+    for i in waste:
+        box = parts[i].box_id
+        shares[i] = 0.0 if box in parcel_stops else dist.insertion_km(depot, base, box)
+    detours = sum(shares)
+    if detours > km:  # only if insertions overlap; keep the trip's total exact all the same
+        shares = [s * km / detours for s in shares]
+        detours = km
+    for i, s in zip(others, _split(km - detours, [parts[i].load_km for i in others]), strict=True):
+        shares[i] = s
+    return shares
+
+
+def _baseline_trip(
+    depot: Point,
+    trip: list[str],
+    stops: dict[str, BoxDay],
+    parts: list[Part],
+    carrier: str,
+    day: date,
+    dist: Distances,
+    method: Method,
+    lines: list[Line],
+) -> None:
+    """Without the boxes the van still makes this trip for its parcels, without red boxes: over the
+    stops where it had parcels, split by mass x distance. Under ``home_delivery`` each parcel (and each
+    redelivery) adds ``door_km_per_parcel`` for a stop at the door instead of one at the box."""
+    parcel_parts = [pt for pt in parts if pt.category != WASTE]
+    if not parcel_parts:
+        return
+    served = {pt.box_id for pt in parcel_parts}
+    km = dist.path_km(depot, [b for b in trip if b in served])
+    vkms = _split(km, [pt.load_km for pt in parcel_parts])
+    p = method.parcels
+    if method.baseline.parcels == "home_delivery":
+        per_parcel = (1 + p.failed_first_attempt_share * p.failed_redelivery_share) * p.door_km_per_parcel
+        vkms = [
+            v + (stops[pt.box_id].parcels_delivered * per_parcel if pt.category == DELIVERY else 0.0)
+            for v, pt in zip(vkms, parcel_parts, strict=True)
+        ]
+    total = sum(vkms)
+    for pt, vkm in zip(parcel_parts, vkms, strict=True):
+        trips = vkm / total if total > 0 else 0.0
+        lines.append(Line("baseline", pt.category, pt.box_id, carrier, day, "van", trips, vkm))
+
+
+# ---------------------------------------------------------------------------------------- waste rounds
+
+
+def _waste_rounds(
+    days: list[BoxDay], dist: Distances, method: Method, lines: list[Line], *, scenario: Scenario, weight: float
+) -> None:
+    """One waste-company round a day over the boxes whose red boxes it collected (project), or over
+    every box whose red boxes anyone collected (the dedicated-round baseline); split over the boxes by
+    mass x distance."""
+    if weight <= 0:
+        return
+    operator = method.waste.operator
+    rounds: dict[date, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for a in days:
+        if a.waste_collections and (scenario == "baseline" or a.carrier == operator):
+            rounds[a.day][a.box_id] += a.waste_collected_kg + a.waste_collections * method.waste.red_box_tare_kg
+    if not rounds:
+        return
+    site = dist.geo.depot(operator)
+    for day, boxes in sorted(rounds.items()):
+        order, km = dist.tour(site, boxes)
+        loads = [boxes[b] * dist.from_origin(site, b) for b in order]
+        for box, vkm in zip(order, _split(km, loads), strict=True):
+            trips = vkm / km if km > 0 else 0.0
+            lines.append(Line(scenario, WASTE, box, operator, day, "truck", trips * weight, vkm * weight))
+
+
+# ---------------------------------------------------------------------------------------- residents
+
+
+def _residents(days: list[BoxDay], dist: Distances, method: Method, lines: list[Line]) -> None:
+    """Residents' car trips: to the box (project); to a recycling station and a parcel shop (baseline).
+    Trips are expected car trips (count x car share), so they need not be whole numbers."""
+    r, p, b = method.residents, method.parcels, method.baseline
+    resident = {"resident_trips": 1.0, "dedicated_round": 0.0, "mixed": b.waste_resident_share}[b.waste]
+    home = b.parcels == "home_delivery"
+    shop_per_parcel = p.failed_first_attempt_share * (1 - p.failed_redelivery_share) if home else 1.0
+    for a in days:
+        day, box, carrier = a.day, a.box_id, a.carrier
+        for category, n in ((DELIVERY, a.collected), (SENDING, a.dropped_off), (WASTE, a.waste_deposits)):
+            if n:
+                trips = n * r.box_car_share
+                lines.append(Line("project", category, box, carrier, day, "car", trips, trips * r.box_trip_km))
+        if a.waste_deposits and resident > 0:
+            trips = a.waste_deposits * r.recycling_trips_per_deposit * r.recycling_car_share * resident
+            lines.append(Line("baseline", WASTE, box, carrier, day, "car", trips, trips * 2 * dist.to_station_km(box)))
+        if a.parcels_delivered and shop_per_parcel > 0:
+            trips = a.parcels_delivered * shop_per_parcel * r.shop_car_share
+            lines.append(Line("baseline", DELIVERY, box, carrier, day, "car", trips, trips * r.shop_trip_km))
+        if a.dropped_off:
+            trips = a.dropped_off * r.shop_car_share
+            lines.append(Line("baseline", SENDING, box, carrier, day, "car", trips, trips * r.shop_trip_km))
+    _waste_rounds(days, dist, method, lines, scenario="baseline", weight=1.0 - resident)
+
+
+def _activity(days: list[BoxDay], method: Method) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for a in days:
+        out["parcels_delivered"] += a.parcels_delivered
+        out["parcels_collected"] += a.collected
+        out["parcels_taken_back"] += a.expired
+        out["parcels_sent"] += a.dropped_off
+        out["waste_deposits"] += a.waste_deposits
+        out["waste_kg_deposited"] += a.waste_deposit_kg
+        by = "operator" if a.carrier == method.waste.operator else "vans"
+        out[f"red_boxes_by_{by}"] += a.waste_collections
+        out[f"waste_kg_by_{by}"] += a.waste_collected_kg
+    keys = (
+        "parcels_delivered", "parcels_collected", "parcels_taken_back", "parcels_sent", "waste_deposits",
+        "waste_kg_deposited", "red_boxes_by_vans", "waste_kg_by_vans", "red_boxes_by_operator", "waste_kg_by_operator",
+    )  # fmt: skip
+    return {k: _round(out.get(k, 0.0)) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------- results
+
+
+def _round(x: float) -> float:
+    return round(x, 6) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _period(day: date, group: str) -> str:
+    if group == "day":
+        return day.isoformat()
+    if group == "week":
+        return (day - timedelta(days=day.weekday())).isoformat()  # the week's Monday
+    return day.replace(day=1).isoformat()
+
+
+def describe(method: Method) -> dict[str, Any]:
+    """The choices a result was made with (every result carries this beside its figures)."""
+    return {
+        "name": method.name,
+        "standard": "ISO 14083:2023 / GLEC Framework v3, activity-based",
+        "headline": "kg_co2e_wtw",
+        "allocation": method.allocation,
+        "waste_baseline": method.baseline.waste,
+        "parcel_baseline": method.baseline.parcels,
+        "van_electric_share": method.van_electric_share,
+        "days": "UTC dates of the device timestamps",
+    }
+
+
+Cell = list[float]  # baseline trips, vkm, wtw, ttw, then project trips, vkm, wtw, ttw
+
+
+def _finish(cell: Cell) -> dict[str, dict[str, float]]:
+    base, proj = cell[:4], cell[4:]
+    return {
+        "baseline": {m: _round(v) for m, v in zip(METRICS, base, strict=True)},
+        "project": {m: _round(v) for m, v in zip(METRICS, proj, strict=True)},
+        "avoided": {m: _round(x - y) for m, x, y in zip(METRICS, base, proj, strict=True)},
+    }
+
+
+def summarize(assessment: Assessment, group_by: Sequence[str] = ()) -> dict[str, Any]:
+    """Totals, per category, per vehicle and per group (any of ``GROUPS``), each with baseline,
+    project and avoided trips, vkm and kg CO2e (WTW and TTW), plus the method and assumptions."""
+    for g in group_by:
+        if g not in GROUPS:
+            raise ValueError(f"cannot group by {g!r}; choose from {', '.join(GROUPS)}")
+    method = assessment.method
+    intensity = {v: method.intensity(v) for v in {ln.vehicle for ln in assessment.lines}}
+    totals: Cell = [0.0] * 8
+    categories: dict[str, Cell] = {c: [0.0] * 8 for c in CATEGORIES}
+    vehicles: dict[str, Cell] = {v: [0.0] * 8 for v in intensity}
+    groups: dict[tuple[str | None, ...], Cell] = defaultdict(lambda: [0.0] * 8)
+    periods: dict[tuple[date, str], str] = {}
+    for ln in assessment.lines:
+        wtw, ttw = intensity[ln.vehicle]
+        o = 0 if ln.scenario == "baseline" else 4
+        values = (ln.trips, ln.vkm, ln.vkm * wtw, ln.vkm * ttw)
+        cells = [totals, categories[ln.category], vehicles[ln.vehicle]]
+        if group_by:
+            key: list[str | None] = []
+            for g in group_by:
+                if g == "category":
+                    key.append(ln.category)
+                elif g == "box":
+                    key.append(ln.box_id)
+                elif g == "carrier":
+                    key.append(ln.carrier)
+                else:
+                    pk = (ln.day, g)
+                    label = periods.get(pk)
+                    if label is None:
+                        label = periods[pk] = _period(ln.day, g)
+                    key.append(label)
+            cells.append(groups[tuple(key)])
+        for c in cells:
+            c[o] += values[0]
+            c[o + 1] += values[1]
+            c[o + 2] += values[2]
+            c[o + 3] += values[3]
+    return {
+        "method": describe(method),
+        "assumptions": method.model_dump(mode="json"),
+        "activity": assessment.activity,
+        "totals": _finish(totals),
+        "categories": {c: _finish(v) for c, v in categories.items()},
+        "vehicles": {v: _finish(cell) for v, cell in sorted(vehicles.items())},
+        "group_by": list(group_by),
+        "groups": [
+            {"key": dict(zip(group_by, key, strict=True)), **_finish(cell)}
+            for key, cell in sorted(groups.items(), key=lambda kv: tuple(k or "" for k in kv[0]))
+        ],
+    }
+
+
+def to_csv(summary: dict[str, Any]) -> str:
+    """The groups of a summary as CSV (the totals as one row when there are no groups): one column
+    per scenario and metric, and the method's choices in every row."""
+    group_by: list[str] = summary["group_by"]
+    method = summary["method"]
+    choices = ["allocation", "waste_baseline", "parcel_baseline", "van_electric_share"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    scenarios = ("baseline", "project", "avoided")
+    w.writerow([*group_by, *(f"{s}_{m}" for s in scenarios for m in METRICS), "method", *choices])
+    rows = summary["groups"] if group_by else [{"key": {}, **summary["totals"]}]
+    for row in rows:
+        keys = ["" if row["key"][g] is None else row["key"][g] for g in group_by]
+        w.writerow(
+            [*keys, *(row[s][m] for s in scenarios for m in METRICS), method["name"], *(method[c] for c in choices)]
+        )
+    return buf.getvalue()

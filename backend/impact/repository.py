@@ -1,0 +1,70 @@
+"""All SQL of the KPIs: the daily activity counts the method reads, and where the boxes stand.
+
+Where it sits: the backend's end of a message's journey. ``activity_daily`` (migration 0004) is a
+continuous aggregate on TimescaleDB and a view on plain PostgreSQL, with the same columns; this
+query pivots it into one row per (day, box, carrier), the columns of ``accounting.BoxDay``.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from accounting import BoxDay
+
+_ACTIVITY = """
+    SELECT (bucket AT TIME ZONE 'UTC')::date AS day, box_id, carrier,
+           coalesce(sum(events) FILTER (WHERE type = 'parcel.deposited' AND size_class = 'A'), 0)::bigint,
+           coalesce(sum(events) FILTER (WHERE type = 'parcel.deposited' AND size_class = 'B'), 0)::bigint,
+           coalesce(sum(events) FILTER (WHERE type = 'parcel.deposited'
+                                          AND size_class IS DISTINCT FROM 'A'
+                                          AND size_class IS DISTINCT FROM 'B'), 0)::bigint,
+           coalesce(sum(events) FILTER (WHERE type = 'parcel.collected'), 0)::bigint,
+           coalesce(sum(events) FILTER (WHERE type = 'parcel.expired'), 0)::bigint,
+           coalesce(sum(events) FILTER (WHERE type = 'parcel.dropped_off'), 0)::bigint,
+           coalesce(sum(events) FILTER (WHERE type = 'parcel.picked_up'), 0)::bigint,
+           coalesce(sum(events) FILTER (WHERE type = 'waste.deposited'), 0)::bigint,
+           coalesce(sum(weight_kg) FILTER (WHERE type = 'waste.deposited'), 0)::double precision,
+           coalesce(sum(events) FILTER (WHERE type = 'waste.collected'), 0)::bigint,
+           coalesce(sum(weight_kg) FILTER (WHERE type = 'waste.collected'), 0)::double precision
+    FROM activity_daily
+    WHERE bucket >= (%(since)s::date)::timestamp AT TIME ZONE 'UTC'
+      AND bucket < (%(until)s::date)::timestamp AT TIME ZONE 'UTC'
+      {box_filter}
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2, 3 NULLS FIRST
+"""
+
+
+async def activity(
+    conn: AsyncConnection[Any], since: date, until: date, boxes: list[str] | None = None
+) -> list[BoxDay]:
+    """The counted events of UTC days ``[since, until)``, optionally of some boxes only."""
+    query = _ACTIVITY.format(box_filter="AND box_id = ANY(%(boxes)s)" if boxes else "")
+    async with conn.cursor() as cur:
+        await cur.execute(query, {"since": since, "until": until, "boxes": boxes})
+        rows = await cur.fetchall()
+    return [BoxDay(*r) for r in rows]
+
+
+async def activity_span(conn: AsyncConnection[Any]) -> tuple[date, date] | None:
+    """The first and last UTC day with counted events, or None if there are none."""
+    async with conn.cursor() as cur:
+        await cur.execute(
+            "SELECT (min(bucket) AT TIME ZONE 'UTC')::date, (max(bucket) AT TIME ZONE 'UTC')::date FROM activity_daily"
+        )
+        row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return None
+    return row[0], row[1]
+
+
+async def box_positions(conn: AsyncConnection[Any]) -> dict[str, tuple[float, float]]:
+    """Registered box positions (``molo`` registers them from the network file)."""
+    async with conn.cursor() as cur:
+        await cur.execute(
+            "SELECT box_id, latitude, longitude FROM boxes WHERE latitude IS NOT NULL AND longitude IS NOT NULL"
+        )
+        return {box: (lat, lon) for box, lat, lon in await cur.fetchall()}

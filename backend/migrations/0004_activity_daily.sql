@@ -1,2 +1,0 @@
--- 0004_activity_daily: reserved (filled in by the issue that owns it). Until then it changes nothing.
-SELECT 1;
