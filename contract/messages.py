@@ -331,6 +331,10 @@ class CommandAction(StrEnum):
     SET_COMPARTMENT_SERVICE = "set_compartment_service"
     SET_MAINTENANCE = "set_maintenance"
     PING = "ping"
+    #: Hold a parcel door for a courier's reservation: the box offers it for nothing else.
+    RESERVE_COMPARTMENT = "reserve_compartment"
+    #: End a hold (cancelled, expired or fulfilled).
+    RELEASE_COMPARTMENT = "release_compartment"
 
 
 class Command(WireModel):
@@ -346,7 +350,12 @@ class Command(WireModel):
 
     @model_validator(mode="after")
     def _params(self) -> Self:
-        needs_compartment = {CommandAction.OPEN_COMPARTMENT, CommandAction.SET_COMPARTMENT_SERVICE}
+        needs_compartment = {
+            CommandAction.OPEN_COMPARTMENT,
+            CommandAction.SET_COMPARTMENT_SERVICE,
+            CommandAction.RESERVE_COMPARTMENT,
+            CommandAction.RELEASE_COMPARTMENT,
+        }
         if self.action in needs_compartment and self.compartment is None:
             raise PydanticCustomError("missing", f"action {self.action.value} needs a compartment")
         needs_flag = {CommandAction.SET_COMPARTMENT_SERVICE, CommandAction.SET_MAINTENANCE}

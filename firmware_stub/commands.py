@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
+from contract import CompartmentKind
 from contract.messages import (
     Command,
     CommandAction,
@@ -66,6 +67,10 @@ def execute(command: Command, state: BoxState) -> Outcome:
     - ``set_compartment_service``: takes a door out of service (``compartment.fault`` with
       ``out_of_service``) or puts it back (``compartment.restored``); no event if nothing changed.
     - ``set_maintenance``: sets the box-wide maintenance flag.
+    - ``reserve_compartment``: holds an empty, in-service parcel door for a courier's reservation
+      (it is offered for nothing else until released or a parcel goes in); ``rejected`` for a red-box
+      door, an occupied door or one out of service; holding a held door again succeeds.
+    - ``release_compartment``: ends the hold (succeeds also if there was none).
     - ``ping``: succeeds.
     """
     action = command.action
@@ -88,6 +93,24 @@ def execute(command: Command, state: BoxState) -> Outcome:
             return Outcome(CommandResult.SUCCEEDED, f"compartment {cid} was already open")
         state.set_door(cid, True)
         return Outcome(CommandResult.SUCCEEDED, f"compartment {cid} opened", [DoorOpened(compartment=cid)])
+
+    if action is CommandAction.RESERVE_COMPARTMENT:
+        if door.kind is not CompartmentKind.PARCEL:
+            return Outcome(CommandResult.REJECTED, f"compartment {cid} is not a parcel door")
+        if not door.in_service:
+            return Outcome(CommandResult.REJECTED, f"compartment {cid} is out of service")
+        if door.occupied:
+            return Outcome(CommandResult.REJECTED, f"compartment {cid} is occupied")
+        if door.reserved:
+            return Outcome(CommandResult.SUCCEEDED, f"compartment {cid} was already reserved")
+        state.set_reserved(cid, True)
+        return Outcome(CommandResult.SUCCEEDED, f"compartment {cid} reserved")
+
+    if action is CommandAction.RELEASE_COMPARTMENT:
+        if not door.reserved:
+            return Outcome(CommandResult.SUCCEEDED, f"compartment {cid} was not reserved")
+        state.set_reserved(cid, False)
+        return Outcome(CommandResult.SUCCEEDED, f"compartment {cid} released")
 
     if action is CommandAction.SET_COMPARTMENT_SERVICE:
         enabled = bool(command.enabled)

@@ -32,6 +32,8 @@ class CompartmentState:
     door_open: bool = False
     parcel_id: str | None = None
     weight_kg: float = 0.0
+    #: Held for a courier's reservation (``reserve_compartment``): offered for nothing else.
+    reserved: bool = False
 
 
 class BoxState:
@@ -79,7 +81,7 @@ class BoxState:
             self._maintenance = enabled
 
     def free_parcel_compartments(self, size_class: SizeClass | None = None) -> list[int]:
-        """Ids of empty, closed, in-service parcel doors (of ``size_class`` if given)."""
+        """Ids of empty, closed, in-service, unreserved parcel doors (of ``size_class`` if given)."""
         return [
             d.id
             for d in self.snapshot()
@@ -87,6 +89,7 @@ class BoxState:
             and not d.occupied
             and d.in_service
             and not d.door_open
+            and not d.reserved
             and (size_class is None or d.size_class is size_class)
         ]
 
@@ -129,8 +132,14 @@ class BoxState:
         return self._update(compartment_id, in_service=in_service)
 
     def set_occupied(self, compartment_id: int, occupied: bool, parcel_id: str | None = None) -> CompartmentState:
-        """Record a parcel put in (``occupied=True``, with its id) or taken out."""
-        return self._update(compartment_id, occupied=occupied, parcel_id=parcel_id if occupied else None)
+        """Record a parcel put in (``occupied=True``, with its id; this ends a hold on the door) or taken out."""
+        if occupied:
+            return self._update(compartment_id, occupied=True, parcel_id=parcel_id, reserved=False)
+        return self._update(compartment_id, occupied=False, parcel_id=None)
+
+    def set_reserved(self, compartment_id: int, reserved: bool) -> CompartmentState:
+        """Hold the door for a reservation, or end the hold."""
+        return self._update(compartment_id, reserved=reserved)
 
     def add_waste(self, compartment_id: int, weight_kg: float) -> CompartmentState:
         """Add ``weight_kg`` to a red box's fill."""

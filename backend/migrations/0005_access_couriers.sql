@@ -45,5 +45,3 @@ CREATE INDEX reservations_active_expiry ON reservations (expires_at) WHERE statu
 
 -- The capacity query filters boxes by a latitude/longitude bounding box before the exact distance.
 CREATE INDEX boxes_lat_lon ON boxes (latitude, longitude);
--- The maintenance flag of a box is its newest acknowledged set_maintenance command.
-CREATE INDEX commands_box_action_acked ON commands (box_id, action, acked_at DESC) WHERE status = 'succeeded';
