@@ -79,6 +79,30 @@ class Settings(BaseSettings):
     #: (3 missed telemetry intervals of the default firmware).
     heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 90.0
 
+    # --- operations: alerts, the monitor sweep, commands (backend/operations, docs/operations.md)
+    #: Above this a box is too hot: aerosol cans in the red box are labelled "do not expose to
+    #: temperatures above 50 °C" (EU Aerosol Dispensers Directive 75/324/EEC; DOMAIN.md: aerosols
+    #: can burst when heated), so the alert comes 5 °C before that.
+    alert_temperature_max_c: float = 45.0
+    #: Below this a box is too cold: -20 °C is the low end of the usual outdoor parcel-locker
+    #: operating range (locks, displays, batteries). Uncertain: a parameter.
+    alert_temperature_min_c: float = -20.0
+    #: A temperature alert clears only this far back inside the range, so a reading hovering at
+    #: the threshold does not raise and clear on every telemetry.
+    alert_temperature_hysteresis_c: Annotated[float, Field(ge=0)] = 2.0
+    #: A red box at or above this share of its capacity (4 kg by default) is near its limit.
+    alert_red_box_near_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    #: How long a parcel waits before it goes back: 72 h, the simulator's pickup window
+    #: (InPost UK / Amazon Hub 3 days; DOMAIN.md).
+    parcel_pickup_window_h: Annotated[float, Field(gt=0)] = 72.0
+    #: A parcel is near expiry this long before its window ends.
+    alert_parcel_expiry_margin_h: Annotated[float, Field(ge=0)] = 12.0
+    #: How often the monitor sweep runs (in the ingest worker): missed heartbeats, parcels near
+    #: expiry, command timeouts.
+    monitor_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    #: A command with no acknowledgement this long after it was sent ends ``timed_out``.
+    command_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+
     # --- API
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000

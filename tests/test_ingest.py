@@ -231,7 +231,17 @@ def test_telemetry_updates_latest_state_only_forward(
     assert detail["occupancy"]["A"] == {"total": 4, "occupied": 1, "out_of_service": 0, "free": 3}
     assert detail["occupancy"]["B"] == {"total": 6, "occupied": 1, "out_of_service": 0, "free": 5}
     assert detail["occupancy"]["C"] == {"total": 4, "occupied": 1, "out_of_service": 0, "free": 3}
-    assert detail["red_boxes"][0] == {"compartment": 1, "weight_kg": 2.0, "capacity_kg": 4.0, "fill_ratio": 0.5}
+    assert detail["red_boxes"][0] == {
+        "compartment": 1,
+        "weight_kg": 2.0,
+        "capacity_kg": 4.0,
+        "fill_ratio": 0.5,
+        # no waste events for this box: nothing deposited since a collection (telemetry only)
+        "deposited_kg": 0.0,
+        "deposits": 0,
+        "fractions_kg": {},
+        "collected_ts": None,
+    }
     assert detail["telemetry"]["seq"] == 2
 
 

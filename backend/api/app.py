@@ -1,7 +1,9 @@
-"""The FastAPI application: ``create_app(settings)``; the pool opens in the lifespan."""
+"""The FastAPI application: ``create_app(settings)``; the pool, the command sender (MQTT) and the
+live-stream listener open in the lifespan."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,9 +13,32 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from backend import dashboard
-from backend.api import boxes, ops
+from backend.api import alerts, boxes, commands, ops, stream
 from backend.api.errors import install_error_handlers
+from backend.operations.commands import CommandSender
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _command_sender(settings: Settings) -> CommandSender | None:
+    """The MQTT connection commands go out on (the ``ingest`` identity), or None without a broker."""
+    if settings.mqtt_host is None:
+        return None
+    try:
+        password = settings.mqtt_secret()
+    except ValueError as exc:
+        log.warning("commands disabled: %s", exc)
+        return None
+    return CommandSender(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        username=settings.mqtt_username,
+        password=password,
+        protocol=settings.mqtt_protocol,
+        use_tls=settings.mqtt_tls,
+        tls_ca_file=str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None,
+    )
 
 
 def create_app(settings: Settings, *, database_url: str | None = None) -> FastAPI:
@@ -34,9 +59,19 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
         )
         await pool.open(wait=False)
         app.state.pool = pool
+        sender = _command_sender(settings)
+        if sender is not None:
+            sender.start()
+        app.state.commands = sender
+        hub = stream.LiveHub(url)
+        hub.start()
+        app.state.live = hub
         try:
             yield
         finally:
+            await hub.stop()
+            if sender is not None:
+                sender.stop()
             await pool.close()
 
     app = FastAPI(
@@ -49,5 +84,8 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(boxes.router)
+    app.include_router(alerts.router)
+    app.include_router(commands.router)
+    app.include_router(stream.router)
     dashboard.install(app)
     return app

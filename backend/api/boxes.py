@@ -42,9 +42,11 @@ def _now() -> datetime:
 )
 async def list_boxes(conn: ConnDep, settings: SettingsDep, viewer: ViewerDep) -> list[BoxSummary]:
     rows = await repository.list_boxes(conn)
+    fills = await repository.red_box_fills(conn)
+    kinds = await repository.open_alert_kinds(conn)
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
     now = _now()
-    return [service.summarize(r, now, timeout) for r in rows]
+    return [service.summarize(r, now, timeout, fills, kinds.get(r["box_id"])) for r in rows]
 
 
 @router.get(
@@ -57,7 +59,9 @@ async def get_box(box_id: BoxIdPath, conn: ConnDep, settings: SettingsDep, viewe
     row = await repository.get_box(conn, box_id)
     if row is None:
         raise ApiError(404, "box_not_found", f"no box {box_id!r}")
-    return service.detail(row, _now(), timedelta(seconds=settings.heartbeat_timeout_s))
+    fills = await repository.red_box_fills(conn, box_id)
+    alerts = await repository.list_alerts(conn, box_id=box_id, state="open", limit=1000)
+    return service.detail(row, _now(), timedelta(seconds=settings.heartbeat_timeout_s), fills, alerts)
 
 
 def _encode_cursor(ts: datetime, seq: int) -> str:

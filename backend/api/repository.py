@@ -8,13 +8,18 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
+from backend.operations.alerts import ALERT_COLUMNS, COMMAND_COLUMNS, alert_data
+from backend.operations.live import CHANNEL, LiveEvent
+from backend.operations.live import encode as encode_live
+
 Row = dict[str, Any]
 
 _BOX_SELECT = """
     SELECT coalesce(b.box_id, s.box_id) AS box_id, b.name, b.latitude, b.longitude, b.layout, b.firmware,
            s.status_online, s.status_session, s.status_changed_at, s.status_reason,
            s.last_seq, s.last_seen_at, s.last_received_at,
-           s.telemetry_ts, s.telemetry_seq, s.power, s.battery_pct, s.temperature_c, s.compartments, s.red_boxes
+           s.telemetry_ts, s.telemetry_seq, s.power, s.battery_pct, s.temperature_c, s.compartments, s.red_boxes,
+           coalesce(s.maintenance, false) AS maintenance, s.maintenance_since
     FROM boxes b FULL OUTER JOIN box_state s ON s.box_id = b.box_id
 """
 
@@ -91,3 +96,115 @@ async def metrics_snapshot(conn: AsyncConnection[Any]) -> dict[str, list[Row]]:
         await cur.execute("SELECT box_id, status_online, last_received_at FROM box_state ORDER BY box_id")
         out["boxes"] = await cur.fetchall()
     return out
+
+
+# --------------------------------------------------------------------------- operations (issue 5)
+
+
+async def red_box_fills(conn: AsyncConnection[Any], box_id: str | None = None) -> dict[tuple[str, int], Row]:
+    """What each red box holds since its last collection, by (box, compartment)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT box_id, compartment, deposited_kg, deposits, fractions, collected_ts FROM red_box_fill "
+            "WHERE %(box)s::text IS NULL OR box_id = %(box)s",
+            {"box": box_id},
+        )
+        return {(r["box_id"], int(r["compartment"])): r for r in await cur.fetchall()}
+
+
+async def open_alert_kinds(conn: AsyncConnection[Any]) -> dict[str, list[str]]:
+    """The kinds of every box's open alerts (one entry per alert)."""
+    async with conn.cursor() as cur:
+        await cur.execute("SELECT box_id, kind FROM alerts WHERE cleared_at IS NULL ORDER BY box_id, raised_at")
+        out: dict[str, list[str]] = {}
+        for box_id, kind in await cur.fetchall():
+            out.setdefault(box_id, []).append(kind)
+        return out
+
+
+async def list_alerts(
+    conn: AsyncConnection[Any],
+    *,
+    box_id: str | None = None,
+    kinds: list[str] | None = None,
+    state: str = "all",
+    acknowledged: bool | None = None,
+    before: int | None = None,
+    limit: int = 100,
+) -> list[Row]:
+    """Alerts newest first (by id), filtered; keyset-paginated with ``before``."""
+    where = ["TRUE"]
+    params: dict[str, Any] = {"limit": limit}
+    if box_id is not None:
+        where.append("box_id = %(box)s")
+        params["box"] = box_id
+    if kinds:
+        where.append("kind = ANY(%(kinds)s)")
+        params["kinds"] = kinds
+    if state == "open":
+        where.append("cleared_at IS NULL")
+    elif state == "cleared":
+        where.append("cleared_at IS NOT NULL")
+    if acknowledged is not None:
+        where.append("acknowledged_at IS NOT NULL" if acknowledged else "acknowledged_at IS NULL")
+    if before is not None:
+        where.append("id < %(before)s")
+        params["before"] = before
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"SELECT {ALERT_COLUMNS} FROM alerts WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT %(limit)s",
+            params,  # the query is composed only from the constants above
+        )
+        return await cur.fetchall()
+
+
+async def get_alert(conn: AsyncConnection[Any], alert_id: int) -> Row | None:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(f"SELECT {ALERT_COLUMNS} FROM alerts WHERE id = %s", (alert_id,))
+        return await cur.fetchone()
+
+
+async def acknowledge_alert(conn: AsyncConnection[Any], alert_id: int, by: str) -> Row | None:
+    """Acknowledge an unacknowledged alert (and notify ``alert.acknowledged``); None if there is no
+    such unacknowledged alert."""
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"""UPDATE alerts SET acknowledged_at = now(), acknowledged_by = %s
+                WHERE id = %s AND acknowledged_at IS NULL RETURNING {ALERT_COLUMNS}""",
+            (by, alert_id),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            await cur.execute(
+                "SELECT pg_notify(%s, %s)", (CHANNEL, encode_live(LiveEvent.ALERT_ACKNOWLEDGED, alert_data(row)))
+            )
+        return row
+
+
+async def expire_commands(conn: AsyncConnection[Any], box_id: str | None = None) -> None:
+    """Mark this box's unanswered commands past their expiry ``timed_out`` now, so a read is exact
+    even between two monitor sweeps (the sweep does the same for all boxes)."""
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"""UPDATE commands SET status = 'timed_out',
+                       detail = 'no acknowledgement from the box by ' || to_char(expires_at AT TIME ZONE 'UTC',
+                                                                             'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                WHERE status IN ('pending', 'sent') AND expires_at < now()
+                  AND (%(box)s::text IS NULL OR box_id = %(box)s)
+                RETURNING {COMMAND_COLUMNS}""",
+            {"box": box_id},
+        )
+        for row in await cur.fetchall():
+            await cur.execute(
+                "SELECT pg_notify(%s, %s)",
+                (CHANNEL, encode_live(LiveEvent.COMMAND_UPDATED, {k: row[k] for k in COMMAND_COLUMNS.split(", ")})),
+            )
+
+
+async def list_commands(conn: AsyncConnection[Any], box_id: str, limit: int) -> list[Row]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"SELECT {COMMAND_COLUMNS} FROM commands WHERE box_id = %s ORDER BY created_at DESC LIMIT %s",
+            (box_id, limit),
+        )
+        return await cur.fetchall()

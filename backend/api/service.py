@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast, get_args
 
 from backend.api.schemas import (
+    AlertOut,
     BoxDetail,
     BoxSummary,
     CompartmentView,
@@ -20,6 +21,7 @@ from backend.api.schemas import (
     StatusReasonOut,
     TelemetryView,
 )
+from backend.operations.alerts import alert_data
 from contract import SIZE_DIMENSIONS_MM, BoxLayout, CompartmentKind, SizeClass
 from contract.domain import RED_BOX_MAX_KG
 
@@ -61,7 +63,15 @@ def _readings(row: Row) -> tuple[dict[int, Row], dict[int, float]]:
     return compartments, weights
 
 
-def summarize(row: Row, now: datetime, timeout: timedelta) -> BoxSummary:
+def summarize(
+    row: Row,
+    now: datetime,
+    timeout: timedelta,
+    fills: dict[tuple[str, int], Row] | None = None,
+    alert_kinds: list[str] | None = None,
+) -> BoxSummary:
+    """The list view of a box; ``fills`` (red-box contents since collection) and ``alert_kinds``
+    (its open alerts) come from the operations tables."""
     online, reason, since = online_state(row, now, timeout)
     layout = _layout(row)
     readings, weights = _readings(row)
@@ -83,12 +93,17 @@ def summarize(row: Row, now: datetime, timeout: timedelta) -> BoxSummary:
         for rb in layout.red_boxes:
             weight = weights.get(rb.id)
             cap = rb.red_box_capacity_kg
+            fill = (fills or {}).get((row["box_id"], rb.id))
             red_boxes.append(
                 RedBoxView(
                     compartment=rb.id,
                     weight_kg=weight,
                     capacity_kg=cap,
                     fill_ratio=None if weight is None else round(weight / cap, 4),
+                    deposited_kg=round(float(fill["deposited_kg"]), 3) if fill else 0.0,
+                    deposits=int(fill["deposits"]) if fill else 0,
+                    fractions_kg={k: float(v) for k, v in (fill["fractions"] or {}).items()} if fill else {},
+                    collected_ts=fill["collected_ts"] if fill else None,
                 )
             )
     return BoxSummary(
@@ -108,11 +123,23 @@ def summarize(row: Row, now: datetime, timeout: timedelta) -> BoxSummary:
         temperature_c=row.get("temperature_c"),
         power=row.get("power"),
         battery_pct=row.get("battery_pct"),
+        maintenance=bool(row.get("maintenance")),
+        maintenance_since=row.get("maintenance_since"),
+        open_alerts=len(alert_kinds or []),
+        open_alert_kinds=sorted(set(alert_kinds or [])),
     )
 
 
-def detail(row: Row, now: datetime, timeout: timedelta) -> BoxDetail:
-    summary = summarize(row, now, timeout)
+def detail(
+    row: Row,
+    now: datetime,
+    timeout: timedelta,
+    fills: dict[tuple[str, int], Row] | None = None,
+    alerts: list[Row] | None = None,
+) -> BoxDetail:
+    """One box with its compartments, latest telemetry and open alerts (``alerts``: alert rows)."""
+    open_rows = alerts or []
+    summary = summarize(row, now, timeout, fills, [a["kind"] for a in open_rows])
     layout = _layout(row)
     readings, weights = _readings(row)
     compartments: list[CompartmentView] = []
@@ -143,5 +170,9 @@ def detail(row: Row, now: datetime, timeout: timedelta) -> BoxDetail:
             temperature_c=row.get("temperature_c"),
         )
     return BoxDetail(
-        **summary.model_dump(), firmware=row.get("firmware"), compartments=compartments, telemetry=telemetry
+        **summary.model_dump(),
+        firmware=row.get("firmware"),
+        compartments=compartments,
+        telemetry=telemetry,
+        alerts=[AlertOut(**alert_data(a)) for a in open_rows],
     )

@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 
 from backend.ingest.mqtt import IngestMqtt
 from backend.ingest.worker import IngestWorker
+from backend.operations.alerts import AlertRules
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def build_worker(
         worker_id=settings.worker_id,
         batch_max=settings.ingest_batch_max,
         batch_wait_s=settings.ingest_batch_wait_ms / 1000,
+        alert_rules=AlertRules.from_settings(settings),
+        monitor_interval_s=settings.monitor_interval_s,
     )
 
 

@@ -5,6 +5,10 @@ its dead letter) has committed. If the process dies anywhere before that, the br
 message in the worker's persistent session and redelivers it; the writer's idempotent insert makes
 the redelivery harmless. If the database is unreachable, the worker keeps the batch, retries with
 backoff, and acknowledges nothing meanwhile (the broker queues the rest).
+
+Between batches the worker also runs the monitor sweep (:mod:`backend.operations.monitor`: missed
+heartbeats, parcels near expiry, command timeouts) every ``monitor_interval_s``; with several
+workers an advisory lock lets one sweep at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from backend.ingest.mqtt import IngestMqtt, Received
 from backend.ingest.writer import BatchResult, BatchWriter, merge_results
+from backend.operations.alerts import AlertEngine, AlertRules
+from backend.operations.monitor import sweep
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +86,17 @@ class IngestWorker:
         batch_max: int = 2000,
         batch_wait_s: float = 0.05,
         registry: CollectorRegistry | None = None,
+        alert_rules: AlertRules | None = None,
+        monitor_interval_s: float = 5.0,
     ) -> None:
         self.database_url = database_url
         self.mqtt = mqtt
         self.worker_id = worker_id
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
+        self.alert_rules = alert_rules or AlertRules()
+        self.monitor_interval_s = monitor_interval_s
+        self._next_sweep = 0.0
         self.registry = registry or CollectorRegistry()
         self.metrics = IngestMetrics(self.registry)
         self.totals = BatchResult()
@@ -159,6 +170,25 @@ class IngestWorker:
             batch = self._next_batch()
             if batch:
                 self._process(batch)
+            if time.monotonic() >= self._next_sweep:
+                self._sweep()
+
+    def _sweep(self) -> None:
+        """Run the monitor sweep; errors are logged and retried next interval, never fatal."""
+        self._next_sweep = time.monotonic() + self.monitor_interval_s
+        try:
+            writer = self._connect()
+            sweep(writer.conn, self.alert_rules)
+        except Exception as exc:  # the ingest loop must outlive the sweep
+            log.warning(
+                "ingest: monitor sweep failed (%s: %s); retrying in %.0fs",
+                type(exc).__name__,
+                exc,
+                self.monitor_interval_s,
+            )
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and self._conn is not None:
+                self._conn.close()
+                self._writer = None
 
     # ------------------------------------------------------------------ internals
 
@@ -190,7 +220,7 @@ class IngestWorker:
             self._conn = psycopg.connect(
                 self.database_url, autocommit=True, application_name=f"molo-ingest-{self.worker_id}"
             )
-            self._writer = BatchWriter(self._conn, self.worker_id)
+            self._writer = BatchWriter(self._conn, self.worker_id, AlertEngine(self.alert_rules))
         return self._writer
 
     def _process(self, batch: list[Received]) -> None:

@@ -13,6 +13,8 @@ Exactly-once storage on top of at-least-once delivery:
   bytes; a message the database itself refuses is isolated by retrying the batch one message at a
   time and dead-lettered with code ``storage_rejected``.
 - per-worker counters are updated in the same transaction, so they are exact.
+- alerts are raised and cleared in the same transaction too (:mod:`backend.operations.alerts`), and
+  status changes and alerts are NOTIFYed to the API's live stream on commit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from backend.ingest.mqtt import Received
+from backend.operations.alerts import AlertEngine, AppliedStatus, OpsBatch
 from contract import BoxLayout, ContractError, ErrorCode, MessageKind, TopicInfo, parse_topic
 from contract.messages import (
     BoxEvent,
@@ -118,9 +121,10 @@ def _wall(seconds: float) -> datetime:
 class BatchWriter:
     """Writes batches on one connection (owned by one ingest worker thread)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], worker_id: str) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], worker_id: str, alerts: AlertEngine | None = None) -> None:
         self.conn = conn
         self.worker_id = worker_id
+        self.alerts = alerts or AlertEngine()
         self._layouts: dict[str, tuple[BoxLayout | None, float]] = {}  # box -> (layout, good until)
         self._months: set[tuple[str, datetime]] = set()
         self._partitioned = bool(
@@ -288,9 +292,20 @@ class BatchWriter:
                     )
                 )
             r.duplicates = len(d.events) + len(d.telemetry) - r.events - r.telemetry - len(conflicts)
-            self._update_box_state(d)
+            applied = self._update_box_state(d)
             r.statuses = len(d.statuses)
             r.command_acks = self._apply_command_acks(d.acks, d.dead)
+            self.alerts.apply(
+                conn,
+                OpsBatch(
+                    events=[e for _, e in d.events],
+                    telemetry_boxes={e.box_id for _, e in d.telemetry},
+                    heard_boxes={e.box_id for _, e in d.events + d.telemetry},
+                    statuses=applied,
+                    acked_commands=sorted({a.command_id for _, a in d.acks}),  # unknown ones: no row
+                    layouts={b: entry[0] for b, entry in self._layouts.items()},
+                ),
+            )
             if d.dead:
                 with conn.cursor().copy(
                     "COPY dead_letters (received_at, topic, box_id, error_code, reason, payload, worker_id) FROM STDIN"
@@ -362,7 +377,7 @@ class BatchWriter:
             )
             return inserted, [(int(row[0]), str(row[1])) for row in cur.fetchall()]
 
-    def _update_box_state(self, d: _Decoded) -> None:
+    def _update_box_state(self, d: _Decoded) -> list[AppliedStatus]:
         seen: dict[str, tuple[int, int, float]] = {}  # box -> (max seq, max ts_ms, max received)
         newest_telemetry: dict[str, tuple[Received, BoxEvent]] = {}
         for msg, e in d.events + d.telemetry:
@@ -372,9 +387,12 @@ class BatchWriter:
             current = newest_telemetry.get(e.box_id)
             if current is None or (e.ts_ms, e.seq) > (current[1].ts_ms, current[1].seq):
                 newest_telemetry[e.box_id] = (msg, e)
+        applied: list[AppliedStatus] = []
         with self.conn.cursor() as cur:
             for msg, status in d.statuses:
-                self._apply_status(cur, msg, status)
+                moved = self._apply_status(cur, msg, status)
+                if moved is not None:
+                    applied.append(moved)
             if seen:
                 cur.executemany(
                     """INSERT INTO box_state AS b (box_id, last_seq, last_seen_at, last_received_at)
@@ -409,8 +427,10 @@ class BatchWriter:
                              OR (telemetry_ts, telemetry_seq) < (%s, %s))""",
                     [(*row, row[0], row[1]) for row in rows],
                 )
+        return applied
 
-    def _apply_status(self, cur: psycopg.Cursor[Any], msg: Received, status: Status) -> None:
+    def _apply_status(self, cur: psycopg.Cursor[Any], msg: Received, status: Status) -> AppliedStatus | None:
+        """Apply a status if it is newer (see the module docstring); what it changed, or None."""
         reason = (
             status.reason.value
             if status.reason
@@ -418,6 +438,9 @@ class BatchWriter:
         )
         ts = _ts(status.ts_ms) if status.ts_ms is not None else None
         received = _wall(msg.received_at)
+        before = cur.execute(
+            "SELECT status_online FROM box_state WHERE box_id = %s FOR UPDATE", (status.box_id,)
+        ).fetchone()
         cur.execute(
             """INSERT INTO box_state AS b (box_id, status_online, status_session, status_ts, status_changed_at,
                                           status_reason, last_received_at)
@@ -436,7 +459,8 @@ class BatchWriter:
                                            ELSE b.last_received_at END,
                    updated_at = now()
                WHERE excluded.status_session > b.status_session
-                  OR (excluded.status_session = b.status_session AND NOT excluded.status_online)""",
+                  OR (excluded.status_session = b.status_session AND NOT excluded.status_online)
+               RETURNING status_changed_at""",
             {
                 "box": status.box_id,
                 "online": status.online,
@@ -446,6 +470,7 @@ class BatchWriter:
                 "reason": reason,
             },
         )
+        moved = cur.fetchone()
         if status.layout is not None or status.firmware is not None:
             cur.execute(
                 """INSERT INTO boxes AS x (box_id, layout, firmware) VALUES (%s, %s, %s)
@@ -457,6 +482,17 @@ class BatchWriter:
                     status.firmware,
                 ),
             )
+        if moved is None:
+            return None
+        return AppliedStatus(
+            box_id=status.box_id,
+            online=status.online,
+            was_online=None if before is None else bool(before[0]),
+            reason=reason,
+            session=status.session,
+            changed_at=moved[0],
+            ts=ts,
+        )
 
     def _apply_command_acks(self, acks: list[tuple[Received, CommandAck]], dead: list[Any]) -> int:
         """Record each ack on its command (the first ack wins; a repeat is harmless). An ack for a

@@ -1,0 +1,494 @@
+"""Operations (issue 5) end to end: alerts from real events through Mosquitto and ingest, their
+acknowledgement, commands through the broker to a firmware stub and back, and the live stream.
+
+Real Mosquitto (broker_config) and PostgreSQL, never mocked. Boxes box-015 .. box-020, box-033 ..
+box-035 and box-040 belong to this module.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from backend.api.app import create_app
+from backend.api.server import ApiServer
+from backend.ingest.worker import IngestWorker
+from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
+from contract.messages import (
+    DoorClosed,
+    DoorLeftOpen,
+    EventPayload,
+    ParcelCollected,
+    ParcelDeposited,
+    Status,
+    StatusReason,
+    WasteCollected,
+    WasteDeposited,
+)
+from firmware_stub.box import BoxFirmware
+from molo.brokers import RunningBroker
+from molo.provision import Credentials
+from tests.fixtures.broker import close, mqtt_client, publish
+from tests.fixtures.keys import Headers
+from tests.fixtures.pipeline import settings_for, wait_for
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+HOUR_MS = 3_600_000
+
+
+@pytest.fixture
+def ops_api(
+    database_url: str, broker: RunningBroker, credentials: Credentials, api_keys: dict[str, Headers]
+) -> Iterator[httpx.Client]:
+    """The API with its broker connection (commands), as an operator."""
+    settings = settings_for(database_url, broker, credentials, heartbeat_timeout_s=30.0)
+    server = ApiServer(create_app(settings)).start()
+    with httpx.Client(base_url=server.url, timeout=10, headers=api_keys["operator"]) as client:
+        yield client
+    server.stop()
+
+
+@pytest.fixture
+def ops_ingest(start_ingest: Callable[..., IngestWorker]) -> IngestWorker:
+    """An ingest worker sweeping every 0.2 s (heartbeat timeout 30 s: idle stub boxes stay online)."""
+    return start_ingest(monitor_interval_s=0.2, heartbeat_timeout_s=30.0)
+
+
+def firmware(broker: RunningBroker, credentials: Credentials, box_id: str, state: Path, **kw: Any) -> BoxFirmware:
+    box = BoxFirmware(box_id, credentials.boxes[box_id], broker.host, broker.port, state / box_id, keepalive=2, **kw)
+    box.start()
+    assert box.wait_connected(10), f"{box_id} did not connect"
+    return box
+
+
+def alerts(api: httpx.Client, box_id: str, **params: Any) -> list[dict[str, Any]]:
+    response = api.get("/api/v1/alerts", params={"box_id": box_id, **params})
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+def open_alert(api: httpx.Client, box_id: str, kind: str) -> dict[str, Any] | None:
+    found = [a for a in alerts(api, box_id, state="open") if a["kind"] == kind]
+    assert len(found) <= 1, f"more than one open {kind} alert: {found}"
+    return found[0] if found else None
+
+
+def cleared(api: httpx.Client, box_id: str, kind: str) -> list[dict[str, Any]]:
+    return [a for a in alerts(api, box_id, state="cleared") if a["kind"] == kind]
+
+
+def online(api: httpx.Client, box_id: str) -> bool:
+    response = api.get(f"/api/v1/boxes/{box_id}")
+    return response.status_code == 200 and response.json()["online"] is True
+
+
+# --------------------------------------------------------------------------- alerts from real events
+
+
+def test_killed_box_raises_offline_alert_and_its_return_clears_it(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """A box killed without DISCONNECT gets an open box_offline alert from its Last Will; started
+    again, its birth (newer session) clears it, and the box list shows no open alert."""
+    box = firmware(broker, credentials, "box-015", tmp_path)
+    wait_for(lambda: online(ops_api, "box-015"))
+    assert open_alert(ops_api, "box-015", "box_offline") is None
+    box.kill()
+    alert = wait_for(lambda: open_alert(ops_api, "box-015", "box_offline"))
+    assert alert["details"]["reason"] == "connection_lost"
+    assert alert["severity"] == "critical"
+    assert "connection_lost" in alert["raised_by"]
+    listed = {b["box_id"]: b for b in ops_api.get("/api/v1/boxes").json()}
+    assert listed["box-015"]["open_alerts"] == 1
+    assert listed["box-015"]["open_alert_kinds"] == ["box_offline"]
+    again = firmware(broker, credentials, "box-015", tmp_path)
+    try:
+        wait_for(lambda: open_alert(ops_api, "box-015", "box_offline") is None)
+        done = [a for a in cleared(ops_api, "box-015", "box_offline") if a["id"] == alert["id"]]
+        assert len(done) == 1
+        assert done[0]["cleared_by"] == f"status birth session {again.session}"
+        assert done[0]["cleared_at"] >= done[0]["raised_at"]
+        detail = ops_api.get("/api/v1/boxes/box-015").json()
+        assert detail["online"] is True
+        assert detail["open_alerts"] == 0
+        assert detail["alerts"] == []
+    finally:
+        again.stop()
+
+
+def test_silent_box_gets_heartbeat_alert_and_clears_when_heard(
+    broker: RunningBroker,
+    credentials: Credentials,
+    start_ingest: Callable[..., IngestWorker],
+    ops_api: httpx.Client,
+) -> None:
+    """A box whose connection stays up but sends nothing past the heartbeat timeout gets a
+    box_offline alert (heartbeat_timeout) from the sweep; its next telemetry clears it."""
+    start_ingest(monitor_interval_s=0.2, heartbeat_timeout_s=1.0)
+    box_id = "box-016"
+    client = mqtt_client(broker, box_id, credentials.boxes[box_id])
+    try:
+        status = Status(
+            v=1, box_id=box_id, online=True, session=1, reason=StatusReason.BIRTH, ts_ms=T0, layout=default_layout()
+        )
+        assert not publish(client, topic_for(box_id, MessageKind.STATUS), encode(status)).is_failure
+        alert = wait_for(lambda: open_alert(ops_api, box_id, "box_offline"), timeout=15)
+        assert alert["details"]["reason"] == "heartbeat_timeout"
+        assert alert["raised_by"].startswith("sweep: nothing received since")
+        telemetry = make_event(
+            box_id=box_id,
+            seq=1,
+            session=1,
+            ts_ms=T0 + 1000,
+            payload=_telemetry(temperature_c=12.0),
+        )
+        assert not publish(client, topic_for(box_id, MessageKind.TELEMETRY), encode(telemetry)).is_failure
+        wait_for(lambda: any(a["id"] == alert["id"] for a in cleared(ops_api, box_id, "box_offline")))
+        assert [a["cleared_by"] for a in cleared(ops_api, box_id, "box_offline")] == ["heard from again"]
+    finally:
+        close(client)
+
+
+def _telemetry(temperature_c: float, red_box_kg: float = 0.0) -> EventPayload:
+    from contract.messages import CompartmentReading, PowerSource, RedBoxReading, Telemetry
+
+    layout = default_layout()
+    return Telemetry(
+        power=PowerSource.MAINS,
+        temperature_c=temperature_c,
+        compartments=[CompartmentReading(id=c.id, occupied=False) for c in layout.parcel_compartments],
+        red_boxes=[RedBoxReading(compartment=c.id, weight_kg=red_box_kg) for c in layout.red_boxes],
+    )
+
+
+def test_door_left_open_raises_is_acknowledged_and_door_closed_clears(
+    broker: RunningBroker,
+    credentials: Credentials,
+    ops_ingest: IngestWorker,
+    ops_api: httpx.Client,
+    api_keys: dict[str, Headers],
+    tmp_path: Path,
+) -> None:
+    """door.left_open raises a door_left_open alert for that door; an operator acknowledges it once
+    (409 alert_already_acknowledged after, 404 alert_not_found for no such alert, 403 for a
+    researcher); door.closed clears it, naming the event."""
+    box = firmware(broker, credentials, "box-017", tmp_path)
+    try:
+        seq = box.emit(DoorLeftOpen(compartment=5, open_s=180))
+        alert = wait_for(lambda: open_alert(ops_api, "box-017", "door_left_open"))
+        assert alert["subject"] == "5"
+        assert alert["compartment"] == 5
+        assert alert["raised_by"] == f"event door.left_open seq {seq}"
+        assert alert["details"] == {"open_s": 180}
+        assert alert["acknowledged_at"] is None
+
+        refused = ops_api.post(f"/api/v1/alerts/{alert['id']}/ack", headers=api_keys["researcher"])
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "forbidden_role"
+        assert alerts(ops_api, "box-017", acknowledged="true") == []
+        acked = ops_api.post(f"/api/v1/alerts/{alert['id']}/ack")
+        assert acked.status_code == 200, acked.text
+        body = acked.json()
+        assert body["acknowledged_at"] is not None
+        assert body["acknowledged_by"].startswith("test operator")
+        assert body["open"] is True  # acknowledged is not cleared: the door is still open
+        again = ops_api.post(f"/api/v1/alerts/{alert['id']}/ack")
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "alert_already_acknowledged"
+        assert again.json()["error"]["details"]["acknowledged_by"] == body["acknowledged_by"]
+        assert [a["id"] for a in alerts(ops_api, "box-017", acknowledged="true")] == [alert["id"]]
+        assert alerts(ops_api, "box-017", acknowledged="false") == []
+        missing = ops_api.post("/api/v1/alerts/999999999/ack")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "alert_not_found"
+        assert ops_api.get(f"/api/v1/alerts/{alert['id']}", headers=api_keys["researcher"]).status_code == 200
+
+        closed = box.emit(DoorClosed(compartment=5))
+        wait_for(lambda: open_alert(ops_api, "box-017", "door_left_open") is None)
+        (done,) = cleared(ops_api, "box-017", "door_left_open")
+        assert done["id"] == alert["id"]
+        assert done["cleared_by"] == f"event door.closed seq {closed}"
+    finally:
+        box.stop()
+
+
+def test_stale_door_closed_does_not_clear_a_newer_alert(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client
+) -> None:
+    """A door.closed older (by seq) than the door.left_open that raised an alert clears nothing; a
+    newer one does. A late door.left_open older than a stored door.closed raises nothing."""
+    box_id = "box-018"
+    client = mqtt_client(broker, box_id, credentials.boxes[box_id])
+
+    def send(seq: int, payload: EventPayload) -> None:
+        event = make_event(box_id=box_id, seq=seq, session=1, ts_ms=T0 + seq * 1000, payload=payload)
+        assert not publish(client, topic_for(box_id, MessageKind.EVENTS), encode(event)).is_failure
+
+    try:
+        send(5, DoorLeftOpen(compartment=6, open_s=120))
+        alert = wait_for(lambda: open_alert(ops_api, box_id, "door_left_open"))
+        send(4, DoorClosed(compartment=6))  # stale: before the left_open
+        wait_for(lambda: len(ops_api.get(f"/api/v1/boxes/{box_id}/events").json()["items"]) == 2)
+        still = open_alert(ops_api, box_id, "door_left_open")
+        assert still is not None
+        assert still["id"] == alert["id"]
+        send(6, DoorClosed(compartment=6))
+        wait_for(lambda: open_alert(ops_api, box_id, "door_left_open") is None)
+        send(3, DoorLeftOpen(compartment=6, open_s=60))  # late, and older than the stored door.closed
+        wait_for(lambda: len(ops_api.get(f"/api/v1/boxes/{box_id}/events").json()["items"]) == 4)
+        assert open_alert(ops_api, box_id, "door_left_open") is None
+        assert len(alerts(ops_api, box_id, kind="door_left_open")) == 1
+    finally:
+        close(client)
+
+
+def test_red_box_near_then_at_limit_then_collected(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """Deposits filling a red box to 85% raise red_box_near_limit, past 100% also red_box_at_limit;
+    the box detail shows the fill and fraction mix; waste.collected clears both and empties it."""
+    box = firmware(broker, credentials, "box-019", tmp_path)
+    try:
+        box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=1.4))
+        box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.SPRAY_CANS, weight_kg=2.0))
+        near = wait_for(lambda: open_alert(ops_api, "box-019", "red_box_near_limit"))
+        assert near["subject"] == "1"
+        assert near["details"]["weight_kg"] == pytest.approx(3.4)
+        assert near["details"]["capacity_kg"] == 4.0
+        assert open_alert(ops_api, "box-019", "red_box_at_limit") is None
+        red = {r["compartment"]: r for r in ops_api.get("/api/v1/boxes/box-019").json()["red_boxes"]}
+        assert red[1]["deposited_kg"] == pytest.approx(3.4)
+        assert red[1]["deposits"] == 2
+        assert red[1]["fractions_kg"] == {"batteries": pytest.approx(1.4), "spray_cans": pytest.approx(2.0)}
+        assert red[2]["deposited_kg"] == 0.0
+        box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.PAINT, weight_kg=0.8))
+        full = wait_for(lambda: open_alert(ops_api, "box-019", "red_box_at_limit"))
+        assert full["severity"] == "critical"
+        assert open_alert(ops_api, "box-019", "red_box_near_limit")["id"] == near["id"]  # type: ignore[index]
+        box.emit(WasteCollected(compartment=1, carrier="gls", weight_kg=4.2))
+        wait_for(lambda: not [a for a in alerts(ops_api, "box-019", state="open") if a["kind"].startswith("red_box")])
+        assert {a["id"] for a in alerts(ops_api, "box-019", state="cleared")} == {near["id"], full["id"]}
+        red = {r["compartment"]: r for r in ops_api.get("/api/v1/boxes/box-019").json()["red_boxes"]}
+        assert red[1]["deposited_kg"] == 0.0
+        assert red[1]["fractions_kg"] == {}
+        assert red[1]["collected_ts"] is not None
+    finally:
+        box.stop()
+
+
+def test_temperature_out_of_range_raises_and_clears_with_hysteresis(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """Telemetry above 45 °C raises a critical temperature alert; 44 °C (inside the 2 °C hysteresis)
+    keeps it open; 20 °C clears it."""
+    box = firmware(broker, credentials, "box-020", tmp_path)
+    try:
+        box.telemetry(temperature_c=52.0)
+        alert = wait_for(lambda: open_alert(ops_api, "box-020", "temperature_out_of_range"))
+        assert alert["severity"] == "critical"
+        assert alert["details"]["direction"] == "high"
+        assert alert["details"]["temperature_c"] == 52.0
+        seq = box.telemetry(temperature_c=44.0)
+        wait_for(lambda: ops_api.get("/api/v1/boxes/box-020").json()["telemetry"]["seq"] == seq)
+        assert open_alert(ops_api, "box-020", "temperature_out_of_range") is not None
+        last = box.telemetry(temperature_c=20.0)
+        wait_for(lambda: open_alert(ops_api, "box-020", "temperature_out_of_range") is None)
+        (done,) = cleared(ops_api, "box-020", "temperature_out_of_range")
+        assert done["cleared_by"] == f"telemetry seq {last}"
+    finally:
+        box.stop()
+
+
+def test_parcel_near_expiry_by_the_box_clock_and_collection_clears(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """A parcel not collected 61 h after deposit by the box's clock (72 h window, 12 h margin) gets
+    a parcel_near_expiry alert from the sweep; at 59 h it has none; its collection clears it."""
+    now = [T0]
+    box = firmware(broker, credentials, "box-033", tmp_path, clock=lambda: now[0])
+    try:
+        box.emit(ParcelDeposited(compartment=7, size_class=SizeClass.A, parcel_id="NX-1", carrier="gls"))
+        now[0] = T0 + 59 * HOUR_MS
+        seq = box.telemetry()
+        wait_for(lambda: ops_api.get("/api/v1/boxes/box-033").json().get("last_seq") == seq)
+        assert open_alert(ops_api, "box-033", "parcel_near_expiry") is None
+        now[0] = T0 + 61 * HOUR_MS
+        box.telemetry()
+        alert = wait_for(lambda: open_alert(ops_api, "box-033", "parcel_near_expiry"))
+        assert alert["subject"] == "NX-1"
+        assert alert["compartment"] == 7
+        assert alert["details"]["carrier"] == "gls"
+        box.emit(ParcelCollected(compartment=7, parcel_id="NX-1"))
+        wait_for(lambda: open_alert(ops_api, "box-033", "parcel_near_expiry") is None)
+        (done,) = cleared(ops_api, "box-033", "parcel_near_expiry")
+        assert done["cleared_by"].startswith("event parcel.collected seq ")
+    finally:
+        box.stop()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def wait_command(api: httpx.Client, command_id: str, status: str, timeout: float = 10.0) -> dict[str, Any]:
+    result: dict[str, Any] = wait_for(
+        lambda: (c := api.get(f"/api/v1/commands/{command_id}").json())["status"] == status and c, timeout
+    )
+    return result
+
+
+def test_command_round_trip_through_the_broker_to_a_firmware_stub(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """open_compartment goes through Mosquitto to the firmware stub, which opens the door and
+    acknowledges; ingest records it succeeded. set_maintenance succeeded shows the box in maintenance."""
+    box = firmware(broker, credentials, "box-034", tmp_path)
+    try:
+        wait_for(lambda: online(ops_api, "box-034"))
+        response = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "open_compartment", "compartment": 5})
+        assert response.status_code == 202, response.text
+        sent = response.json()
+        assert sent["status"] in ("sent", "succeeded")
+        assert sent["requested_by"].startswith("test operator")
+        done = wait_command(ops_api, sent["command_id"], "succeeded")
+        assert done["detail"] == "compartment 5 opened"
+        assert done["acked_at"] is not None
+        assert done["sent_at"] is not None
+        assert box.state[5].door_open is True
+        events = wait_for(
+            lambda: [
+                e for e in ops_api.get("/api/v1/boxes/box-034/events").json()["items"] if e["type"] == "door.opened"
+            ]
+        )
+        assert events[0]["payload"] == {"compartment": 5}
+        listed = ops_api.get("/api/v1/boxes/box-034/commands").json()
+        assert [c["command_id"] for c in listed] == [sent["command_id"]]
+        assert ops_api.get("/api/v1/boxes/box-034").json()["maintenance"] is False
+        maint = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "set_maintenance", "enabled": True})
+        assert maint.status_code == 202, maint.text
+        wait_command(ops_api, maint.json()["command_id"], "succeeded")
+        assert box.state.maintenance is True
+        detail = wait_for(lambda: (d := ops_api.get("/api/v1/boxes/box-034").json())["maintenance"] and d)
+        assert detail["maintenance_since"] is not None
+    finally:
+        box.stop()
+
+
+def test_command_to_a_box_that_is_not_running_times_out(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """A command to a box that is offline is sent (the broker takes it) but never acknowledged: it
+    ends timed_out at its expiry, and the list of the box's commands says so too."""
+    box = firmware(broker, credentials, "box-035", tmp_path)
+    box.stop()
+    wait_for(lambda: ops_api.get("/api/v1/boxes/box-035").json().get("status_reason") == "shutdown")
+    response = ops_api.post("/api/v1/boxes/box-035/commands", json={"action": "ping", "timeout_s": 1})
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "sent"
+    done = wait_command(ops_api, response.json()["command_id"], "timed_out")
+    assert done["acked_at"] is None
+    assert done["detail"].startswith("no acknowledgement from the box by ")
+    listed = ops_api.get("/api/v1/boxes/box-035/commands").json()
+    assert listed[0]["status"] == "timed_out"
+
+
+def test_command_permissions_and_rejections(
+    ops_api: httpx.Client, api_keys: dict[str, Headers], db: psycopg.Connection[Any]
+) -> None:
+    """A researcher may read commands but not send them (403 forbidden_role), no key is 401;
+    invalid commands are 422 (invalid_command, unknown_compartment), unknown boxes and commands 404."""
+    db.execute(
+        "INSERT INTO boxes (box_id, layout) VALUES ('box-034', %s) ON CONFLICT (box_id) DO NOTHING",
+        (Jsonb(default_layout().model_dump(mode="json")),),
+    )
+    body = {"action": "ping"}
+    researcher = ops_api.post("/api/v1/boxes/box-034/commands", json=body, headers=api_keys["researcher"])
+    assert researcher.status_code == 403
+    assert researcher.json()["error"]["code"] == "forbidden_role"
+    courier = ops_api.post("/api/v1/boxes/box-034/commands", json=body, headers=api_keys["courier_gls"])
+    assert courier.status_code == 403
+    anonymous = ops_api.post("/api/v1/boxes/box-034/commands", json=body, headers={"X-API-Key": ""})
+    assert anonymous.status_code == 401
+    assert ops_api.get("/api/v1/boxes/box-034/commands", headers=api_keys["researcher"]).status_code == 200
+    missing_flag = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "set_maintenance"})
+    assert missing_flag.status_code == 422
+    assert missing_flag.json()["error"]["code"] == "invalid_command"
+    no_door = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "open_compartment", "compartment": 60})
+    assert no_door.status_code == 422
+    assert no_door.json()["error"]["code"] == "unknown_compartment"
+    nobox = ops_api.post("/api/v1/boxes/box-999/commands", json=body)
+    assert nobox.status_code == 404
+    assert nobox.json()["error"]["code"] == "box_not_found"
+    nocmd = ops_api.get(f"/api/v1/commands/{uuid.uuid4()}")
+    assert nocmd.status_code == 404
+    assert nocmd.json()["error"]["code"] == "command_not_found"
+
+
+# --------------------------------------------------------------------------- live stream
+
+
+def read_events(lines: Iterator[str], until: Callable[[str, dict[str, Any]], bool]) -> list[tuple[str, Any]]:
+    """SSE events from ``lines`` up to and including the first for which ``until`` is true."""
+    seen: list[tuple[str, Any]] = []
+    event, data = "message", list[str]()
+    for line in lines:
+        if line.startswith(":"):
+            continue
+        if line == "":
+            if data:
+                payload = json.loads("\n".join(data))
+                seen.append((event, payload))
+                if until(event, payload):
+                    return seen
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+    raise AssertionError(f"the stream ended before the expected event; saw {seen}")
+
+
+def test_stream_delivers_status_change_and_alert(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """A client of GET /api/v1/stream (text/event-stream) receives box.status when a box goes
+    offline, and alert.raised for its box_offline alert."""
+    box = firmware(broker, credentials, "box-040", tmp_path)
+    wait_for(lambda: online(ops_api, "box-040"))
+    with ops_api.stream("GET", "/api/v1/stream", params={"box_id": "box-040"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.iter_lines()
+        (hello,) = read_events(lines, lambda e, d: e == "hello")
+        assert hello[1]["listening"] is True
+        box.kill()
+        seen = read_events(lines, lambda e, d: e == "alert.raised")
+    names = [e for e, _ in seen]
+    status = [d for e, d in seen if e == "box.status"]
+    assert status
+    assert status[0] == {
+        "box_id": "box-040",
+        "online": False,
+        "reason": "connection_lost",
+        "session": box.session,
+        "since": status[0]["since"],
+    }
+    assert names.index("box.status") < names.index("alert.raised")
+    raised = next(d for e, d in seen if e == "alert.raised")
+    assert raised["kind"] == "box_offline"
+    assert raised["box_id"] == "box-040"
+    assert raised["open"] is True
+
+
+def test_stream_needs_a_viewer_key(ops_api: httpx.Client, api_keys: dict[str, Headers]) -> None:
+    """The stream refuses a request without a key (401) and a courier key (403)."""
+    assert ops_api.get("/api/v1/stream", headers={"X-API-Key": ""}).status_code == 401
+    assert ops_api.get("/api/v1/stream", headers=api_keys["courier_gls"]).status_code == 403
