@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     #: A command with no acknowledgement this long after it was sent ends ``timed_out``.
     command_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
 
+    # --- KPIs (backend/impact, docs/methodology.md)
+    #: The network file whose depots and recycling stations the trip and CO2 method measures from
+    #: (and box positions not registered in the database); unset = the bundled Aalborg network.
+    network_file: Path | None = None
+
     # --- API
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000

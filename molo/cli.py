@@ -170,6 +170,56 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_impact(args: argparse.Namespace) -> int:
+    """``molo impact``: avoided trips and CO2 of a simulated run, by the method the backend uses."""
+    import json
+
+    from accounting import Method, apply_overrides, to_csv
+    from simulator.impact import report_text, run_impact, sensitivity, sensitivity_markdown
+    from simulator.params import dump, resolve
+
+    overrides = list(args.set or [])
+    if args.seed is not None:
+        overrides.append(f"simulation.seed={args.seed}")
+    if args.days is not None:
+        overrides.append(f"simulation.days={args.days}")
+    method_sets = list(args.method_set or [])
+    for flag, key in (("allocation", "allocation"), ("waste_baseline", "baseline.waste"),
+                      ("parcel_baseline", "baseline.parcels")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            method_sets.append(f'{key}="{getattr(args, flag)}"')
+    if args.van_electric_share is not None:
+        method_sets.append(f"van_electric_share={args.van_electric_share}")
+    try:
+        scenario = resolve(Path(args.scenario) if args.scenario else None, overrides)
+        method = apply_overrides(Method(), method_sets)
+    except ValueError as exc:
+        print(f"molo impact: invalid parameters: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "params.json").write_text(dump(scenario))
+    if args.sensitivity:
+        rows = sensitivity(scenario)
+        table = sensitivity_markdown(rows)
+        print(f"Avoided t CO2e (well-to-wheel) of scenario {scenario.name}, seed {scenario.simulation.seed}, "
+              f"{scenario.simulation.days:g} days, by baseline, allocation and electric van share:\n")  # fmt: skip
+        print(table, end="")
+        if out is not None:
+            (out / "sensitivity.json").write_text(json.dumps(rows, indent=2) + "\n")
+            (out / "sensitivity.md").write_text(table)
+        return 0
+    result = run_impact(scenario, method, group_by=tuple(args.group_by or ["box"]),
+                        counterfactual=not args.no_counterfactual)  # fmt: skip
+    print(report_text(result), end="")
+    if out is not None:
+        (out / "impact.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        (out / "impact.csv").write_text(to_csv(result))
+        print(f"# results in {out}/ (impact.json, impact.csv, params.json)", file=sys.stderr)
+    return 0
+
+
 def _simulate_live(args: argparse.Namespace, scenario: Any) -> int:
     """``molo simulate --live``: the scenario's boxes publish to MOLO_MQTT_HOST until done or stopped."""
     import signal
@@ -318,6 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", default=None, help="with --live: credentials.json from `molo provision`")
     p.add_argument("--state-dir", default="var/boxes", help="with --live: where the boxes keep their outboxes")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("impact", help="avoided trips and CO2 of a simulated run (docs/methodology.md)")
+    p.add_argument("--scenario", default=None, help="scenario TOML (default: the bundled Aalborg one)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario parameter")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--days", type=float, default=None)
+    p.add_argument("--method-set", action="append", metavar="KEY=VALUE", help="override a method parameter")
+    p.add_argument("--allocation", choices=["load_distance", "marginal"], default=None)
+    p.add_argument("--waste-baseline", choices=["resident_trips", "dedicated_round", "mixed"], default=None)
+    p.add_argument("--parcel-baseline", choices=["home_delivery", "parcel_shop"], default=None)
+    p.add_argument("--van-electric-share", type=float, default=None, help="electric share of van-km, 0..1")
+    p.add_argument("--group-by", action="append", choices=["box", "carrier", "category", "day", "week", "month"])
+    p.add_argument("--no-counterfactual", action="store_true", help="skip the common-random-numbers run")
+    p.add_argument("--sensitivity", action="store_true", help="avoided CO2 across baselines and e-van shares")
+    p.add_argument("--out", default=None, help="directory for impact.json, impact.csv and params.json")
+    p.set_defaults(func=cmd_impact)
 
     p = sub.add_parser("boxes", help="run N stand-in boxes against MOLO_MQTT_HOST")
     p.add_argument("--count", type=int, default=50)

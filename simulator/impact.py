@@ -145,3 +145,56 @@ def sensitivity(
                         }
                     )
     return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.1f}"
+
+
+def report_text(result: dict[str, Any]) -> str:
+    """A short human-readable report of :func:`run_impact`'s result (the JSON has everything)."""
+    m, s = result["method"], result["scenario"]
+    lines = [
+        f"Avoided trips and CO2: scenario {s['name']}, seed {s['seed']}, {s['days']:g} days",
+        f"method {m['name']}: allocation {m['allocation']}, waste baseline {m['waste_baseline']}, "
+        f"parcel baseline {m['parcel_baseline']}, electric van share {m['van_electric_share']:g}; "
+        "kg CO2e well-to-wheel (tank-to-wheel in brackets)",
+        "",
+        f"{'category':<17} {'baseline kg':>12} {'project kg':>12} {'avoided kg':>18} {'avoided trips':>14} "
+        f"{'avoided vkm':>12}",
+    ]
+    rows = [*result["categories"].items(), ("total", result["totals"])]
+    for name, cell in rows:
+        b, p, a = cell["baseline"], cell["project"], cell["avoided"]
+        lines.append(
+            f"{name:<17} {_fmt(b['kg_co2e_wtw']):>12} {_fmt(p['kg_co2e_wtw']):>12} "
+            f"{_fmt(a['kg_co2e_wtw']):>9} ({_fmt(a['kg_co2e_ttw']):>6}) {_fmt(a['trips']):>14} {_fmt(a['vkm']):>12}"
+        )
+    cf = result.get("simulated_counterfactual")
+    if cf:
+        lines += [
+            "",
+            "Common-random-numbers check (hazardous waste, kg CO2e WTW): vans take no red boxes -> "
+            f"{_fmt(cf['no_van_collection']['kg_co2e_wtw'])} kg; with the hub {_fmt(cf['hub']['kg_co2e_wtw'])} kg; "
+            f"the method's dedicated-round baseline from the hub run "
+            f"{_fmt(cf['method_estimate_of_dedicated_round']['kg_co2e_wtw'])} kg.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def sensitivity_markdown(rows: list[dict[str, Any]]) -> str:
+    """:func:`sensitivity` as a Markdown table: avoided t CO2e WTW a year, per baseline pair and
+    allocation (rows) and electric van share (columns)."""
+    shares = sorted({r["van_electric_share"] for r in rows})
+    head = "| waste baseline | parcel baseline | allocation | " + " | ".join(f"e-van {s:.0%}" for s in shares) + " |"
+    out = [head, "|" + "---|" * (3 + len(shares))]
+    keyed = {(r["waste_baseline"], r["parcel_baseline"], r["allocation"], r["van_electric_share"]): r for r in rows}
+    seen: list[tuple[str, str, str]] = []
+    for r in rows:
+        k = (r["waste_baseline"], r["parcel_baseline"], r["allocation"])
+        if k not in seen:
+            seen.append(k)
+    for k in seen:
+        cells = [f"{keyed[(*k, s)]['avoided']['kg_co2e_wtw'] / 1000:,.1f}" for s in shares]
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from accounting.overrides import parse_override, set_dotted
 from contract import SizeClass, WasteFraction
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
@@ -231,35 +232,12 @@ class Scenario(Params):
         return self
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"--set {dotted}: {key} is not a table")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key.path=value``; the value is read as TOML (numbers, booleans, strings, arrays), else a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {text!r} is not key.path=value")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.strip(), value
-
-
 def resolve(path: Path | None = None, overrides: list[str] | None = None) -> Scenario:
     """The scenario in ``path`` (default: the bundled Aalborg one) with ``overrides`` applied."""
     data: dict[str, Any] = tomllib.loads((path or DEFAULT_SCENARIO).read_text())
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return Scenario.model_validate(data)
 
 

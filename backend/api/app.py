@@ -13,7 +13,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from backend import dashboard
-from backend.api import alerts, boxes, commands, ops, stream
+from backend.api import alerts, boxes, commands, couriers, kpis, ops, stream
 from backend.api.errors import install_error_handlers
 from backend.operations.commands import CommandSender
 from backend.settings import Settings
@@ -86,6 +86,8 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
     app.include_router(boxes.router)
     app.include_router(alerts.router)
     app.include_router(commands.router)
+    app.include_router(couriers.router)
+    app.include_router(kpis.router)
     app.include_router(stream.router)
     dashboard.install(app)
     return app

@@ -1,0 +1,228 @@
+"""The trip and CO2 method on hand-made days, with every expected number written out from the
+formulas of docs/methodology.md (no services needed).
+
+The geography puts everything on the meridian 10 E, so road km are easy: with road factor 1 and no
+distance adjustment, 0.01 degree of latitude is U = 6371.0088 x 0.01 x pi/180 = 1.11195 km.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import date
+
+import pytest
+
+from accounting import BoxDay, Geography, Method, Point, apply_overrides, assess, summarize, to_csv
+from accounting.factors import Factors
+from accounting.method import Line
+
+U = 6371.0088 * math.radians(0.01)
+DAY = date(2026, 3, 2)
+GEO = Geography(
+    boxes={"x": Point(57.01, 10.0), "y": Point(57.02, 10.0), "z": Point(57.03, 10.0)},
+    depots={"gls": Point(57.0, 10.0), "nordvaerk": Point(57.0, 10.0)},
+    recycling_stations=[Point(57.04, 10.0)],
+)
+DIESEL_VAN_WTW = 0.256 / 2.571 * 3.24  # L/vkm x kg/L
+DIESEL_VAN_TTW = 0.256
+CAR_WTW, CAR_TTW = 0.065 * 3.24, 0.065 * 2.571
+TRUCK_WTW = 1.0 * 3.24
+
+
+def method(*sets: str) -> Method:
+    """The default method on plain distances (road factor 1, no GLEC adjustment), plus ``sets``."""
+    return apply_overrides(Method(), ["road_factor=1.0", "distance_adjustment=0.0", *sets])
+
+
+def lines(days: list[BoxDay], m: Method, scenario: str, vehicle: str | None = None) -> list[Line]:
+    return [ln for ln in assess(days, GEO, m).lines if ln.scenario == scenario and vehicle in (None, ln.vehicle)]
+
+
+def vkm(ls: list[Line], category: str | None = None, box: str | None = None) -> float:
+    return sum(ln.vkm for ln in ls if category in (None, ln.category) and box in (None, ln.box_id))
+
+
+def test_intensities_follow_energy_use_times_factor() -> None:
+    """Diesel van WTW = 0.0996 L/vkm x 3.24 kg/L, TTW = 0.256; electric van WTW = 0.24 kWh x 0.096 kg,
+    TTW 0; an electric share mixes the two linearly; the truck burns 1 L/km."""
+    f = Factors()
+    assert f.intensity("diesel_van") == pytest.approx((DIESEL_VAN_WTW, DIESEL_VAN_TTW))
+    assert f.intensity("electric_van") == pytest.approx((0.24 * 0.096, 0.0))
+    assert method("van_electric_share=0.25").intensity("van") == pytest.approx(
+        (0.75 * DIESEL_VAN_WTW + 0.25 * 0.02304, 0.75 * DIESEL_VAN_TTW)
+    )
+    assert method().intensity("truck") == pytest.approx((TRUCK_WTW, 2.571))
+    with pytest.raises(KeyError, match="unknown vehicle category 'bike'"):
+        f.intensity("bike")
+
+
+def test_shared_tour_is_split_by_load_times_distance() -> None:
+    """Depot -> x (10 A parcels, 1 kg each) -> y (2 B parcels of 3 kg, a 3.5 kg red box + 0.5 kg tare)
+    -> depot is 4U; weights: x 10 kg x 1U, y parcels 6 kg x 2U, y waste 4 kg x 2U (sum 30U kg): waste
+    gets 8/30 of the tour, one van trip in all."""
+    days = [
+        BoxDay(DAY, "x", "gls", deposited_a=10),
+        BoxDay(DAY, "y", "gls", deposited_b=2, waste_collections=1, waste_collected_kg=3.5),
+    ]
+    project = lines(days, method(), "project", "van")
+    assert vkm(project) == pytest.approx(4 * U)
+    assert vkm(project, "hazardous_waste") == pytest.approx(4 * U * 8 / 30)
+    assert vkm(project, "parcel_delivery", "x") == pytest.approx(4 * U * 10 / 30)
+    assert vkm(project, "parcel_delivery", "y") == pytest.approx(4 * U * 12 / 30)
+    assert sum(ln.trips for ln in project) == pytest.approx(1.0)
+
+
+def test_marginal_allocation_charges_waste_only_its_detour() -> None:
+    """Marginal: a red box taken where the van stopped for parcels anyway costs 0 km; a waste-only
+    stop z costs its cheapest insertion into depot -> x -> depot: d(x,z) + d(z,depot) - d(x,depot)
+    = 2U + 3U - 1U = 4U. The tour depot -> x -> z -> depot (6U) keeps its total."""
+    shared = [BoxDay(DAY, "x", "gls", deposited_a=3, waste_collections=1, waste_collected_kg=2.0)]
+    assert vkm(lines(shared, method("allocation='marginal'"), "project", "van"), "hazardous_waste") == 0.0
+    detour = [
+        BoxDay(DAY, "x", "gls", deposited_a=3),
+        BoxDay(DAY, "z", "gls", waste_collections=1, waste_collected_kg=2.0),
+    ]
+    project = lines(detour, method("allocation='marginal'"), "project", "van")
+    assert vkm(project) == pytest.approx(6 * U)
+    assert vkm(project, "hazardous_waste") == pytest.approx(4 * U)
+    assert vkm(project, "parcel_delivery") == pytest.approx(2 * U)
+    # The same tour split by load x distance: waste 2.5 kg x 3U against parcels 3 kg x 1U.
+    by_load = lines(detour, method(), "project", "van")
+    assert vkm(by_load, "hazardous_waste") == pytest.approx(6 * U * 7.5 / 10.5)
+
+
+def test_baseline_trip_to_the_recycling_station() -> None:
+    """Two red-box deposits at x, station 3U away: 2 x 0.6 car trips, each 2 x 3U km by car; with
+    the hub the residents walk or drive 1 km to the box with 26% by car."""
+    days = [BoxDay(DAY, "x", None, waste_deposits=2, waste_deposit_kg=1.2)]
+    base = lines(days, method(), "baseline")
+    assert [(ln.vehicle, ln.category) for ln in base] == [("car", "hazardous_waste")]
+    assert base[0].trips == pytest.approx(1.2)
+    assert base[0].vkm == pytest.approx(1.2 * 6 * U)
+    project = lines(days, method(), "project")
+    assert project[0].trips == pytest.approx(0.52)
+    assert project[0].vkm == pytest.approx(0.52)
+    s = summarize(assess(days, GEO, method()))
+    assert s["categories"]["hazardous_waste"]["avoided"]["kg_co2e_wtw"] == pytest.approx(
+        (1.2 * 6 * U - 0.52) * CAR_WTW, rel=1e-6
+    )
+    assert s["categories"]["hazardous_waste"]["avoided"]["kg_co2e_ttw"] == pytest.approx(
+        (1.2 * 6 * U - 0.52) * CAR_TTW, rel=1e-6
+    )
+
+
+def test_dedicated_round_baseline_is_one_truck_round_a_day() -> None:
+    """Red boxes taken at x and y on one day: the waste company's baseline round depot -> x -> y ->
+    depot is 4U at 1 L/km, split by mass x distance (x 2.5 kg x 1U, y 4.5 kg x 2U)."""
+    days = [
+        BoxDay(DAY, "x", "gls", deposited_a=1, waste_collections=1, waste_collected_kg=2.0),
+        BoxDay(DAY, "y", "gls", deposited_a=1, waste_collections=1, waste_collected_kg=4.0),
+    ]
+    trucks = lines(days, method("baseline.waste='dedicated_round'"), "baseline", "truck")
+    assert vkm(trucks) == pytest.approx(4 * U)
+    assert vkm(trucks, box="x") == pytest.approx(4 * U * 2.5 / 11.5)
+    assert sum(ln.trips for ln in trucks) == pytest.approx(1.0)
+    mixed = lines(days, method("baseline.waste='mixed'", "baseline.waste_resident_share=0.25"), "baseline", "truck")
+    assert vkm(mixed) == pytest.approx(0.75 * 4 * U)
+    s = summarize(assess(days, GEO, method("baseline.waste='dedicated_round'")))
+    assert s["vehicles"]["truck"]["baseline"]["kg_co2e_wtw"] == pytest.approx(4 * U * TRUCK_WTW, rel=1e-6)
+
+
+def test_the_waste_companys_own_collection_is_a_project_truck_round() -> None:
+    """A red box no van took, fetched by the waste company: depot -> y -> depot = 4U by truck."""
+    days = [BoxDay(DAY, "y", "nordvaerk", waste_collections=1, waste_collected_kg=3.0)]
+    trucks = lines(days, method(), "project", "truck")
+    assert vkm(trucks) == pytest.approx(4 * U)
+    assert [ln.carrier for ln in trucks] == ["nordvaerk"]
+    assert lines(days, method(), "project", "van") == []
+
+
+def test_home_delivery_baseline_adds_door_stops_and_failed_attempts() -> None:
+    """10 parcels at x: the same round (2U) plus 10 x (1 + 0.055 x 0.5) x 0.2 km of door stops; the
+    failed first attempts not delivered again (10 x 0.055 x 0.5) go to a parcel shop, 46% by car,
+    3 km a trip. Under parcel_shop, every parcel is a shop visit and the van drives only the round."""
+    days = [BoxDay(DAY, "x", "gls", deposited_a=10), BoxDay(DAY, "x", None, collected=10)]
+    base = lines(days, method(), "baseline")
+    assert vkm([ln for ln in base if ln.vehicle == "van"]) == pytest.approx(2 * U + 10 * 1.0275 * 0.2)
+    cars = [ln for ln in base if ln.vehicle == "car"]
+    assert sum(ln.trips for ln in cars) == pytest.approx(10 * 0.0275 * 0.46)
+    assert vkm(cars) == pytest.approx(10 * 0.0275 * 0.46 * 3.0)
+    shop = lines(days, method("baseline.parcels='parcel_shop'"), "baseline")
+    assert vkm([ln for ln in shop if ln.vehicle == "van"]) == pytest.approx(2 * U)
+    assert vkm([ln for ln in shop if ln.vehicle == "car"]) == pytest.approx(10 * 0.46 * 3.0)
+    pickups = [ln for ln in lines(days, method(), "project") if ln.vehicle == "car"]
+    assert vkm(pickups) == pytest.approx(10 * 0.26 * 1.0)
+
+
+def test_sending_compares_shop_trips_with_box_trips() -> None:
+    """4 parcels sent from y: 4 x 0.46 car trips of 3 km to a shop in the baseline, 4 x 0.26 of 1 km
+    to the box with the hub; the van's pickup at y is its own round in both (depot -> y -> depot)."""
+    days = [BoxDay(DAY, "y", "gls", dropped_off=4, picked_up=4)]
+    s = summarize(assess(days, GEO, method()))["categories"]["parcel_sending"]
+    assert s["baseline"]["vkm"] == pytest.approx(4 * 0.46 * 3 + 4 * U, abs=1e-6)
+    assert s["project"]["vkm"] == pytest.approx(4 * 0.26 * 1 + 4 * U, abs=1e-6)
+    assert s["avoided"]["trips"] == pytest.approx(4 * (0.46 - 0.26), abs=1e-6)
+
+
+def test_a_full_van_makes_a_second_trip() -> None:
+    """x, y, z with 50 parcels each and vans of 120: the round is cut after y (100 parcels), so two
+    trips: depot -> x -> y -> depot (4U) and depot -> z -> depot (6U)."""
+    days = [BoxDay(DAY, b, "gls", deposited_a=50) for b in ("x", "y", "z")]
+    project = lines(days, method(), "project", "van")
+    assert vkm(project) == pytest.approx(10 * U)
+    assert sum(ln.trips for ln in project) == pytest.approx(2.0)
+    one_van = lines(days, method("van_capacity_parcels=0"), "project", "van")
+    assert vkm(one_van) == pytest.approx(6 * U)
+
+
+def test_totals_do_not_depend_on_the_allocation() -> None:
+    """Allocation moves km between categories, never changes the whole: the project's and baseline's
+    totals are the same under both choices, and the road factor and GLEC adjustment scale tour km."""
+    days = [
+        BoxDay(DAY, "x", "gls", deposited_a=5, picked_up=2),
+        BoxDay(DAY, "z", "gls", waste_collections=2, waste_collected_kg=6.0),
+        BoxDay(DAY, "y", None, collected=4, dropped_off=1, waste_deposits=3, waste_deposit_kg=1.0),
+    ]
+    a = summarize(assess(days, GEO, method()))["totals"]
+    b = summarize(assess(days, GEO, method("allocation='marginal'")))["totals"]
+    assert a == b
+    scaled = lines(days[:2], apply_overrides(Method(), ["road_factor=1.3"]), "project", "van")
+    assert vkm(scaled) == pytest.approx(6 * U * 1.3 * 1.05)
+
+
+def test_results_group_by_box_day_week_and_carry_the_method() -> None:
+    """Groups partition the totals; every result names its allocation and baselines; the CSV has one
+    row per group with the method's choices in every row."""
+    days = [
+        BoxDay(date(2026, 3, 2), "x", "gls", deposited_a=5),
+        BoxDay(date(2026, 3, 8), "y", "gls", deposited_b=2, waste_collections=1, waste_collected_kg=1.0),
+        BoxDay(date(2026, 3, 9), "y", None, waste_deposits=1, waste_deposit_kg=1.0),
+    ]
+    s = summarize(assess(days, GEO, method()), ["week", "box"])
+    assert [g["key"] for g in s["groups"]] == [
+        {"week": "2026-03-02", "box": "x"},
+        {"week": "2026-03-02", "box": "y"},
+        {"week": "2026-03-09", "box": "y"},
+    ]
+    assert sum(g["avoided"]["kg_co2e_wtw"] for g in s["groups"]) == pytest.approx(s["totals"]["avoided"]["kg_co2e_wtw"])
+    assert s["method"]["allocation"] == "load_distance"
+    assert s["method"]["waste_baseline"] == "resident_trips"
+    assert s["assumptions"]["residents"]["box_car_share"] == 0.26
+    csv_rows = to_csv(s).splitlines()
+    assert csv_rows[0].startswith("week,box,baseline_trips,")
+    assert len(csv_rows) == 4
+    assert csv_rows[1].endswith(",molo-hubs-activity-v1,load_distance,resident_trips,home_delivery,0.0")
+    with pytest.raises(ValueError, match="cannot group by 'hour'"):
+        summarize(assess(days, GEO, method()), ["hour"])
+
+
+def test_overrides_are_validated() -> None:
+    """An unknown parameter, a share above 1 or a vehicle category without factors is refused."""
+    with pytest.raises(ValueError, match="box_car_shar"):
+        apply_overrides(Method(), ["residents.box_car_shar=0.1"])
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        apply_overrides(Method(), ["van_electric_share=1.5"])
+    with pytest.raises(ValueError, match="unknown vehicle category 'hovercraft'"):
+        apply_overrides(Method(), ["truck='hovercraft'"])
+    with pytest.raises(ValueError, match=r"not key\.path=value"):
+        apply_overrides(Method(), ["allocation"])

@@ -1,0 +1,267 @@
+"""Avoided trips and CO2 from the API: the same method on ingested events as in the simulator.
+
+The API tests write events straight into the events table (ingest is tested elsewhere), boxes
+kpi-001 .. kpi-003; the end-to-end test runs the simulator live through real Mosquitto and ingest
+into PostgreSQL, boxes box-061 .. box-063. Each test asks only for its own boxes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from accounting import ActivityCounter, Geography, Method, Point, apply_overrides, assess, summarize
+from backend.ingest.worker import IngestWorker
+from molo.brokers import RunningBroker
+from molo.provision import Credentials
+from molo.registry import register_boxes
+from simulator.impact import run_impact
+from simulator.live import run_live
+from simulator.network import load_network
+from simulator.params import resolve
+from simulator.run import network_for
+from tests.fixtures.pipeline import wait_for
+
+T0 = datetime(2026, 4, 6, 8, tzinfo=UTC)  # a Monday
+BOXES = {"kpi-001": (57.0470, 9.9180), "kpi-002": (57.0350, 9.9300)}  # kpi-003 has no registered position
+Event = tuple[datetime, str, str, dict[str, Any]]
+
+
+def events() -> list[Event]:
+    """Three days of parcels, sends and hazardous waste at kpi-001 and kpi-002 (and one at kpi-003)."""
+    out: list[Event] = []
+    for d in range(3):
+        t = T0 + timedelta(days=d)
+        for box in ("kpi-001", "kpi-002"):
+            for i, size in enumerate(["A", "B", "C", "A"][: 2 + d]):
+                pid = f"{box}-{d}-{i}"
+                out.append((t, box, "parcel.deposited", {"compartment": 3 + i, "size_class": size, "parcel_id": pid,
+                                                         "carrier": "gls"}))  # fmt: skip
+                out.append((t + timedelta(hours=5), box, "parcel.collected", {"compartment": 3 + i, "parcel_id": pid}))
+            out.append((t + timedelta(hours=2), box, "waste.deposited",
+                        {"compartment": 1, "fraction": "batteries", "weight_kg": 0.4 + d / 10}))  # fmt: skip
+            send = {"compartment": 9, "size_class": "B", "parcel_id": f"s-{box}-{d}", "carrier": "postnord"}
+            out.append((t + timedelta(hours=3), box, "parcel.dropped_off", send))
+        out.append((t + timedelta(hours=6), "kpi-002", "parcel.picked_up",
+                    {"compartment": 9, "parcel_id": f"s-kpi-002-{d}", "carrier": "postnord"}))  # fmt: skip
+    out.append((T0 + timedelta(days=2, hours=1), "kpi-001", "waste.collected",
+                {"compartment": 1, "carrier": "gls", "weight_kg": 3.1}))  # fmt: skip
+    out.append((T0 + timedelta(days=1, hours=1), "kpi-002", "waste.collected",
+                {"compartment": 2, "carrier": "nordvaerk", "weight_kg": 2.2}))  # fmt: skip
+    out.append((T0, "kpi-003", "waste.deposited", {"compartment": 1, "fraction": "paint", "weight_kg": 1.0}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def seeded(database_url: str) -> list[Event]:
+    """The events above in the events table, and where kpi-001 and kpi-002 stand."""
+    rows = events()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for box, (lat, lon) in BOXES.items():
+            conn.execute(
+                "INSERT INTO boxes (box_id, latitude, longitude) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (box, lat, lon),
+            )
+        conn.execute("SELECT molo_ensure_partitions('events', %s, %s)", (T0, T0 + timedelta(days=4)))
+        with conn.cursor().copy(
+            "COPY events (ts, received_at, box_id, seq, session, type, compartment, parcel_id, carrier, size_class,"
+            " fraction, weight_kg, payload) FROM STDIN"
+        ) as copy:
+            for seq, (ts, box, kind, p) in enumerate(rows, start=1):
+                copy.write_row(
+                    (ts, ts, box, seq, 1, kind, p["compartment"], p.get("parcel_id"), p.get("carrier"),
+                     p.get("size_class"), p.get("fraction"), p.get("weight_kg"), json.dumps(p))
+                )  # fmt: skip
+    return rows
+
+
+MINE = {"box": ["kpi-001", "kpi-002", "kpi-003"], "since": "2026-04-06", "until": "2026-04-09"}
+
+
+def flat(value: Any, path: str = "") -> dict[str, Any]:
+    """Nested dicts and lists as one flat {path: leaf} dict (pytest.approx compares flat ones)."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{path}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{path}[{i}]").items()}
+    return {path: value}
+
+
+def assert_close(got: Any, want: Any) -> None:
+    """Equal structure and text, numbers equal to 1e-6 relative (sums may be added in another order)."""
+    g, w = flat(got), flat(want)
+    assert sorted(g) == sorted(w)
+    numbers = {k for k, v in w.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    assert {k: g[k] for k in numbers} == pytest.approx({k: w[k] for k in numbers}, rel=1e-6, abs=1e-6)
+    assert {k: g[k] for k in g if k not in numbers} == {k: w[k] for k in w if k not in numbers}
+
+
+def expected(rows: list[Event], method: Method, group_by: list[str]) -> dict[str, Any]:
+    """The method applied in Python to the same events, counted by the simulator's counter."""
+    counter = ActivityCounter()
+    for ts, box, kind, payload in rows:
+        if box in BOXES:
+            counter.add(round(ts.timestamp() * 1000), box, kind, payload)
+    network = load_network()
+    geo = Geography(
+        boxes={b: Point(*p) for b, p in BOXES.items()},
+        depots={k: Point(s.lat, s.lon) for k, s in network.depots.items()},
+        recycling_stations=[Point(s.lat, s.lon) for s in network.recycling_stations],
+    )
+    return summarize(assess(counter.rows(), geo, method), group_by)
+
+
+def test_kpis_equal_the_method_applied_to_the_same_events(api: httpx.Client, seeded: list[Event]) -> None:
+    """The database aggregate and the Python counter feed the method the same counts: totals, every
+    category and every (box, day) group agree; the box without a position is left out and named."""
+    got = api.get("/api/v1/kpis", params={**MINE, "group_by": ["box", "day"]})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    want = expected(seeded, Method(), ["box", "day"])
+    for part in ("totals", "categories", "vehicles", "groups", "activity", "method", "assumptions"):
+        assert_close(body[part], want[part])
+    assert body["excluded"] == {"boxes_without_position": ["kpi-003"], "carriers_without_depot": []}
+    assert body["period"] == {"since": "2026-04-06", "until": "2026-04-09"}
+    assert body["activity"]["parcels_delivered"] == 18
+    assert body["activity"]["red_boxes_by_vans"] == 1
+    assert body["activity"]["red_boxes_by_operator"] == 1
+    # kpi-002's red box fetched by the waste company's own truck is a project truck round.
+    assert body["vehicles"]["truck"]["project"]["vkm"] > 0
+
+
+def test_overrides_change_the_result_and_are_stated(api: httpx.Client, seeded: list[Event]) -> None:
+    """An all-electric van fleet lowers the project's van emissions to 0.24 kWh x 0.096 kg a vkm; the
+    dedicated-round baseline and a car-share override are applied and echoed in the result."""
+    params: dict[str, Any] = {**MINE, "van_electric_share": 1.0, "waste_baseline": "dedicated_round",
+              "set": ["residents.box_car_share=0.1"]}  # fmt: skip
+    body = api.get("/api/v1/kpis", params=params).json()
+    method = apply_overrides(
+        Method(), ["van_electric_share=1.0", "baseline.waste='dedicated_round'", "residents.box_car_share=0.1"]
+    )
+    assert_close(body["totals"], expected(seeded, method, [])["totals"])
+    van = body["vehicles"]["van"]["project"]
+    assert van["kg_co2e_wtw"] == pytest.approx(van["vkm"] * 0.24 * 0.096, rel=1e-5)
+    assert van["kg_co2e_ttw"] == 0.0
+    assert body["method"]["waste_baseline"] == "dedicated_round"
+    assert body["assumptions"]["residents"]["box_car_share"] == 0.1
+    assert body["vehicles"]["truck"]["baseline"]["vkm"] > 0
+
+
+def test_csv_export_has_the_json_figures(api: httpx.Client, seeded: list[Event]) -> None:
+    """The CSV has a row per group with the same avoided kg CO2e as the JSON, and the method per row."""
+    params = {**MINE, "group_by": ["category"]}
+    body = api.get("/api/v1/kpis", params=params).json()
+    got = api.get("/api/v1/kpis.csv", params=params)
+    assert got.status_code == 200
+    assert got.headers["content-type"].startswith("text/csv")
+    assert "attachment" in got.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(got.text)))
+    assert [r["category"] for r in rows] == [g["key"]["category"] for g in body["groups"]]
+    for r, g in zip(rows, body["groups"], strict=True):
+        assert float(r["avoided_kg_co2e_wtw"]) == pytest.approx(g["avoided"]["kg_co2e_wtw"])
+        assert (r["method"], r["allocation"]) == ("molo-hubs-activity-v1", "load_distance")
+
+
+def test_assumptions_endpoint_lists_every_factor_with_its_source(api: httpx.Client) -> None:
+    """The assumptions in force, with overrides applied, the van intensity they imply and a source
+    for every energy carrier and vehicle category."""
+    body = api.get("/api/v1/kpis/assumptions", params={"van_electric_share": 0.5}).json()
+    assert body["assumptions"]["van_electric_share"] == 0.5
+    wtw = body["intensities_kg_co2e_per_vkm"]["van"]["wtw"]
+    assert wtw == pytest.approx(0.5 * 0.256 / 2.571 * 3.24 + 0.5 * 0.24 * 0.096)
+    assert "Danish Energy Agency" in body["sources"]["energy.diesel"]
+    assert set(body["sources"]) >= {"vehicles.diesel_van", "vehicles.electric_van", "vehicles.waste_truck"}
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "code"),
+    [
+        ({"since": "2026-04-09", "until": "2026-04-06"}, 400, "invalid_range"),
+        ({"since": "2000-01-01", "until": "2026-04-06"}, 400, "invalid_range"),
+        ({"set": ["residents.box_car_share=2"]}, 400, "invalid_parameter"),
+        ({"set": ["no_such_parameter=1"]}, 400, "invalid_parameter"),
+        ({"set": ["not an override"]}, 400, "invalid_parameter"),
+        ({"box": ["NOT A BOX"]}, 400, "invalid_parameter"),
+        ({"group_by": ["box", "box"]}, 400, "invalid_parameter"),
+        ({"group_by": ["hour"]}, 422, "invalid_request"),
+        ({"van_electric_share": 2}, 422, "invalid_request"),
+        ({"allocation": "by_weight"}, 422, "invalid_request"),
+    ],
+)
+def test_bad_requests_get_precise_errors(api: httpx.Client, params: dict[str, Any], status: int, code: str) -> None:
+    """Each malformed request is refused with its status and machine-readable code."""
+    got = api.get("/api/v1/kpis", params=params)
+    assert (got.status_code, got.json()["error"]["code"]) == (status, code)
+
+
+def test_kpis_are_for_operators_and_researchers(api: httpx.Client, api_keys: dict[str, dict[str, str]]) -> None:
+    """Researchers and operators may read KPIs; a courier may not, and no key is a 401."""
+    assert api.get("/api/v1/kpis", params=MINE, headers=api_keys["researcher"]).status_code == 200
+    courier = api.get("/api/v1/kpis/assumptions", headers=api_keys["courier_gls"])
+    assert (courier.status_code, courier.json()["error"]["code"]) == (403, "forbidden_role")
+    anonymous = httpx.get(f"{api.base_url}/api/v1/kpis")
+    assert anonymous.status_code == 401
+
+
+IDS = ["box-061", "box-062", "box-063"]
+
+
+def test_live_run_gives_the_simulators_figures(
+    broker: RunningBroker,
+    credentials: Credentials,
+    ingest: IngestWorker,
+    database_url: str,
+    api: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    """Three boxes, three simulated days with van rounds, sends, waste and an outage, run live
+    through Mosquitto and ingest: the API's avoided trips and CO2 (per box and day, and in total)
+    equal what the simulator reports for the same scenario and seed."""
+    scenario = resolve(
+        overrides=[
+            "network.boxes=3",
+            "simulation.days=3",
+            "simulation.telemetry_interval_min=720",
+            "waste.deposits_per_household_year=12",
+            "faults.box_offline_mtbf_days=1.5",
+        ]
+    )
+    base = network_for(scenario)
+    network = base.model_copy(
+        update={"boxes": [b.model_copy(update={"id": i}) for b, i in zip(base.boxes, IDS, strict=True)]}
+    )
+    register_boxes(database_url, network.boxes)
+    report = run_impact(scenario, network=network, group_by=("box", "day"), counterfactual=False)
+    assert report["activity"]["parcels_delivered"] > 20
+    assert report["activity"]["red_boxes_by_vans"] + report["activity"]["waste_deposits"] > 0
+
+    result = run_live(
+        scenario,
+        host=broker.host,
+        port=broker.port,
+        passwords=credentials.boxes,
+        state_dir=tmp_path,
+        speed=12 * 3600,
+        network=network,
+    )
+    assert result.delivered
+    start = scenario.simulation.start.date()
+    params = {"box": IDS, "since": start.isoformat(), "until": (start + timedelta(days=4)).isoformat(),
+              "group_by": ["box", "day"]}  # fmt: skip
+
+    def caught_up() -> dict[str, Any] | None:
+        body: dict[str, Any] = api.get("/api/v1/kpis", params=params).json()
+        return body if body["activity"] == report["activity"] else None
+
+    body = wait_for(caught_up, timeout=30)
+    for part in ("totals", "categories", "vehicles", "groups", "method"):
+        assert_close(body[part], report[part])
+    assert date.fromisoformat(body["groups"][0]["key"]["day"]) >= start
