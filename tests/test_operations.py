@@ -1,8 +1,8 @@
 """Operations (issue 5) end to end: alerts from real events through Mosquitto and ingest, their
 acknowledgement, commands through the broker to a firmware stub and back, and the live stream.
 
-Real Mosquitto (broker_config) and PostgreSQL, never mocked. Boxes box-015 .. box-020, box-033 ..
-box-035 and box-040 belong to this module.
+Real Mosquitto (broker_config) and PostgreSQL, never mocked. Boxes box-064 .. box-075 belong to
+this module.
 """
 
 from __future__ import annotations
@@ -99,25 +99,25 @@ def test_killed_box_raises_offline_alert_and_its_return_clears_it(
 ) -> None:
     """A box killed without DISCONNECT gets an open box_offline alert from its Last Will; started
     again, its birth (newer session) clears it, and the box list shows no open alert."""
-    box = firmware(broker, credentials, "box-015", tmp_path)
-    wait_for(lambda: online(ops_api, "box-015"))
-    assert open_alert(ops_api, "box-015", "box_offline") is None
+    box = firmware(broker, credentials, "box-064", tmp_path)
+    wait_for(lambda: online(ops_api, "box-064"))
+    assert open_alert(ops_api, "box-064", "box_offline") is None
     box.kill()
-    alert = wait_for(lambda: open_alert(ops_api, "box-015", "box_offline"))
+    alert = wait_for(lambda: open_alert(ops_api, "box-064", "box_offline"))
     assert alert["details"]["reason"] == "connection_lost"
     assert alert["severity"] == "critical"
     assert "connection_lost" in alert["raised_by"]
     listed = {b["box_id"]: b for b in ops_api.get("/api/v1/boxes").json()}
-    assert listed["box-015"]["open_alerts"] == 1
-    assert listed["box-015"]["open_alert_kinds"] == ["box_offline"]
-    again = firmware(broker, credentials, "box-015", tmp_path)
+    assert listed["box-064"]["open_alerts"] == 1
+    assert listed["box-064"]["open_alert_kinds"] == ["box_offline"]
+    again = firmware(broker, credentials, "box-064", tmp_path)
     try:
-        wait_for(lambda: open_alert(ops_api, "box-015", "box_offline") is None)
-        done = [a for a in cleared(ops_api, "box-015", "box_offline") if a["id"] == alert["id"]]
+        wait_for(lambda: open_alert(ops_api, "box-064", "box_offline") is None)
+        done = [a for a in cleared(ops_api, "box-064", "box_offline") if a["id"] == alert["id"]]
         assert len(done) == 1
         assert done[0]["cleared_by"] == f"status birth session {again.session}"
         assert done[0]["cleared_at"] >= done[0]["raised_at"]
-        detail = ops_api.get("/api/v1/boxes/box-015").json()
+        detail = ops_api.get("/api/v1/boxes/box-064").json()
         assert detail["online"] is True
         assert detail["open_alerts"] == 0
         assert detail["alerts"] == []
@@ -134,7 +134,7 @@ def test_silent_box_gets_heartbeat_alert_and_clears_when_heard(
     """A box whose connection stays up but sends nothing past the heartbeat timeout gets a
     box_offline alert (heartbeat_timeout) from the sweep; its next telemetry clears it."""
     start_ingest(monitor_interval_s=0.2, heartbeat_timeout_s=1.0)
-    box_id = "box-016"
+    box_id = "box-065"
     client = mqtt_client(broker, box_id, credentials.boxes[box_id])
     try:
         status = Status(
@@ -181,10 +181,10 @@ def test_door_left_open_raises_is_acknowledged_and_door_closed_clears(
     """door.left_open raises a door_left_open alert for that door; an operator acknowledges it once
     (409 alert_already_acknowledged after, 404 alert_not_found for no such alert, 403 for a
     researcher); door.closed clears it, naming the event."""
-    box = firmware(broker, credentials, "box-017", tmp_path)
+    box = firmware(broker, credentials, "box-066", tmp_path)
     try:
         seq = box.emit(DoorLeftOpen(compartment=5, open_s=180))
-        alert = wait_for(lambda: open_alert(ops_api, "box-017", "door_left_open"))
+        alert = wait_for(lambda: open_alert(ops_api, "box-066", "door_left_open"))
         assert alert["subject"] == "5"
         assert alert["compartment"] == 5
         assert alert["raised_by"] == f"event door.left_open seq {seq}"
@@ -194,7 +194,7 @@ def test_door_left_open_raises_is_acknowledged_and_door_closed_clears(
         refused = ops_api.post(f"/api/v1/alerts/{alert['id']}/ack", headers=api_keys["researcher"])
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "forbidden_role"
-        assert alerts(ops_api, "box-017", acknowledged="true") == []
+        assert alerts(ops_api, "box-066", acknowledged="true") == []
         acked = ops_api.post(f"/api/v1/alerts/{alert['id']}/ack")
         assert acked.status_code == 200, acked.text
         body = acked.json()
@@ -205,16 +205,16 @@ def test_door_left_open_raises_is_acknowledged_and_door_closed_clears(
         assert again.status_code == 409
         assert again.json()["error"]["code"] == "alert_already_acknowledged"
         assert again.json()["error"]["details"]["acknowledged_by"] == body["acknowledged_by"]
-        assert [a["id"] for a in alerts(ops_api, "box-017", acknowledged="true")] == [alert["id"]]
-        assert alerts(ops_api, "box-017", acknowledged="false") == []
+        assert [a["id"] for a in alerts(ops_api, "box-066", acknowledged="true")] == [alert["id"]]
+        assert alerts(ops_api, "box-066", acknowledged="false") == []
         missing = ops_api.post("/api/v1/alerts/999999999/ack")
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "alert_not_found"
         assert ops_api.get(f"/api/v1/alerts/{alert['id']}", headers=api_keys["researcher"]).status_code == 200
 
         closed = box.emit(DoorClosed(compartment=5))
-        wait_for(lambda: open_alert(ops_api, "box-017", "door_left_open") is None)
-        (done,) = cleared(ops_api, "box-017", "door_left_open")
+        wait_for(lambda: open_alert(ops_api, "box-066", "door_left_open") is None)
+        (done,) = cleared(ops_api, "box-066", "door_left_open")
         assert done["id"] == alert["id"]
         assert done["cleared_by"] == f"event door.closed seq {closed}"
     finally:
@@ -226,7 +226,7 @@ def test_stale_door_closed_does_not_clear_a_newer_alert(
 ) -> None:
     """A door.closed older (by seq) than the door.left_open that raised an alert clears nothing; a
     newer one does. A late door.left_open older than a stored door.closed raises nothing."""
-    box_id = "box-018"
+    box_id = "box-067"
     client = mqtt_client(broker, box_id, credentials.boxes[box_id])
 
     def send(seq: int, payload: EventPayload) -> None:
@@ -256,28 +256,28 @@ def test_red_box_near_then_at_limit_then_collected(
 ) -> None:
     """Deposits filling a red box to 85% raise red_box_near_limit, past 100% also red_box_at_limit;
     the box detail shows the fill and fraction mix; waste.collected clears both and empties it."""
-    box = firmware(broker, credentials, "box-019", tmp_path)
+    box = firmware(broker, credentials, "box-068", tmp_path)
     try:
         box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=1.4))
         box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.SPRAY_CANS, weight_kg=2.0))
-        near = wait_for(lambda: open_alert(ops_api, "box-019", "red_box_near_limit"))
+        near = wait_for(lambda: open_alert(ops_api, "box-068", "red_box_near_limit"))
         assert near["subject"] == "1"
         assert near["details"]["weight_kg"] == pytest.approx(3.4)
         assert near["details"]["capacity_kg"] == 4.0
-        assert open_alert(ops_api, "box-019", "red_box_at_limit") is None
-        red = {r["compartment"]: r for r in ops_api.get("/api/v1/boxes/box-019").json()["red_boxes"]}
+        assert open_alert(ops_api, "box-068", "red_box_at_limit") is None
+        red = {r["compartment"]: r for r in ops_api.get("/api/v1/boxes/box-068").json()["red_boxes"]}
         assert red[1]["deposited_kg"] == pytest.approx(3.4)
         assert red[1]["deposits"] == 2
         assert red[1]["fractions_kg"] == {"batteries": pytest.approx(1.4), "spray_cans": pytest.approx(2.0)}
         assert red[2]["deposited_kg"] == 0.0
         box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.PAINT, weight_kg=0.8))
-        full = wait_for(lambda: open_alert(ops_api, "box-019", "red_box_at_limit"))
+        full = wait_for(lambda: open_alert(ops_api, "box-068", "red_box_at_limit"))
         assert full["severity"] == "critical"
-        assert open_alert(ops_api, "box-019", "red_box_near_limit")["id"] == near["id"]  # type: ignore[index]
+        assert open_alert(ops_api, "box-068", "red_box_near_limit")["id"] == near["id"]  # type: ignore[index]
         box.emit(WasteCollected(compartment=1, carrier="gls", weight_kg=4.2))
-        wait_for(lambda: not [a for a in alerts(ops_api, "box-019", state="open") if a["kind"].startswith("red_box")])
-        assert {a["id"] for a in alerts(ops_api, "box-019", state="cleared")} == {near["id"], full["id"]}
-        red = {r["compartment"]: r for r in ops_api.get("/api/v1/boxes/box-019").json()["red_boxes"]}
+        wait_for(lambda: not [a for a in alerts(ops_api, "box-068", state="open") if a["kind"].startswith("red_box")])
+        assert {a["id"] for a in alerts(ops_api, "box-068", state="cleared")} == {near["id"], full["id"]}
+        red = {r["compartment"]: r for r in ops_api.get("/api/v1/boxes/box-068").json()["red_boxes"]}
         assert red[1]["deposited_kg"] == 0.0
         assert red[1]["fractions_kg"] == {}
         assert red[1]["collected_ts"] is not None
@@ -290,19 +290,19 @@ def test_temperature_out_of_range_raises_and_clears_with_hysteresis(
 ) -> None:
     """Telemetry above 45 °C raises a critical temperature alert; 44 °C (inside the 2 °C hysteresis)
     keeps it open; 20 °C clears it."""
-    box = firmware(broker, credentials, "box-020", tmp_path)
+    box = firmware(broker, credentials, "box-069", tmp_path)
     try:
         box.telemetry(temperature_c=52.0)
-        alert = wait_for(lambda: open_alert(ops_api, "box-020", "temperature_out_of_range"))
+        alert = wait_for(lambda: open_alert(ops_api, "box-069", "temperature_out_of_range"))
         assert alert["severity"] == "critical"
         assert alert["details"]["direction"] == "high"
         assert alert["details"]["temperature_c"] == 52.0
         seq = box.telemetry(temperature_c=44.0)
-        wait_for(lambda: ops_api.get("/api/v1/boxes/box-020").json()["telemetry"]["seq"] == seq)
-        assert open_alert(ops_api, "box-020", "temperature_out_of_range") is not None
+        wait_for(lambda: ops_api.get("/api/v1/boxes/box-069").json()["telemetry"]["seq"] == seq)
+        assert open_alert(ops_api, "box-069", "temperature_out_of_range") is not None
         last = box.telemetry(temperature_c=20.0)
-        wait_for(lambda: open_alert(ops_api, "box-020", "temperature_out_of_range") is None)
-        (done,) = cleared(ops_api, "box-020", "temperature_out_of_range")
+        wait_for(lambda: open_alert(ops_api, "box-069", "temperature_out_of_range") is None)
+        (done,) = cleared(ops_api, "box-069", "temperature_out_of_range")
         assert done["cleared_by"] == f"telemetry seq {last}"
     finally:
         box.stop()
@@ -314,22 +314,22 @@ def test_parcel_near_expiry_by_the_box_clock_and_collection_clears(
     """A parcel not collected 61 h after deposit by the box's clock (72 h window, 12 h margin) gets
     a parcel_near_expiry alert from the sweep; at 59 h it has none; its collection clears it."""
     now = [T0]
-    box = firmware(broker, credentials, "box-033", tmp_path, clock=lambda: now[0])
+    box = firmware(broker, credentials, "box-070", tmp_path, clock=lambda: now[0])
     try:
         box.emit(ParcelDeposited(compartment=7, size_class=SizeClass.A, parcel_id="NX-1", carrier="gls"))
         now[0] = T0 + 59 * HOUR_MS
         seq = box.telemetry()
-        wait_for(lambda: ops_api.get("/api/v1/boxes/box-033").json().get("last_seq") == seq)
-        assert open_alert(ops_api, "box-033", "parcel_near_expiry") is None
+        wait_for(lambda: ops_api.get("/api/v1/boxes/box-070").json().get("last_seq") == seq)
+        assert open_alert(ops_api, "box-070", "parcel_near_expiry") is None
         now[0] = T0 + 61 * HOUR_MS
         box.telemetry()
-        alert = wait_for(lambda: open_alert(ops_api, "box-033", "parcel_near_expiry"))
+        alert = wait_for(lambda: open_alert(ops_api, "box-070", "parcel_near_expiry"))
         assert alert["subject"] == "NX-1"
         assert alert["compartment"] == 7
         assert alert["details"]["carrier"] == "gls"
         box.emit(ParcelCollected(compartment=7, parcel_id="NX-1"))
-        wait_for(lambda: open_alert(ops_api, "box-033", "parcel_near_expiry") is None)
-        (done,) = cleared(ops_api, "box-033", "parcel_near_expiry")
+        wait_for(lambda: open_alert(ops_api, "box-070", "parcel_near_expiry") is None)
+        (done,) = cleared(ops_api, "box-070", "parcel_near_expiry")
         assert done["cleared_by"].startswith("event parcel.collected seq ")
     finally:
         box.stop()
@@ -350,10 +350,10 @@ def test_command_round_trip_through_the_broker_to_a_firmware_stub(
 ) -> None:
     """open_compartment goes through Mosquitto to the firmware stub, which opens the door and
     acknowledges; ingest records it succeeded. set_maintenance succeeded shows the box in maintenance."""
-    box = firmware(broker, credentials, "box-034", tmp_path)
+    box = firmware(broker, credentials, "box-071", tmp_path)
     try:
-        wait_for(lambda: online(ops_api, "box-034"))
-        response = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "open_compartment", "compartment": 5})
+        wait_for(lambda: online(ops_api, "box-071"))
+        response = ops_api.post("/api/v1/boxes/box-071/commands", json={"action": "open_compartment", "compartment": 5})
         assert response.status_code == 202, response.text
         sent = response.json()
         assert sent["status"] in ("sent", "succeeded")
@@ -365,19 +365,44 @@ def test_command_round_trip_through_the_broker_to_a_firmware_stub(
         assert box.state[5].door_open is True
         events = wait_for(
             lambda: [
-                e for e in ops_api.get("/api/v1/boxes/box-034/events").json()["items"] if e["type"] == "door.opened"
+                e for e in ops_api.get("/api/v1/boxes/box-071/events").json()["items"] if e["type"] == "door.opened"
             ]
         )
         assert events[0]["payload"] == {"compartment": 5}
-        listed = ops_api.get("/api/v1/boxes/box-034/commands").json()
+        listed = ops_api.get("/api/v1/boxes/box-071/commands").json()
         assert [c["command_id"] for c in listed] == [sent["command_id"]]
-        assert ops_api.get("/api/v1/boxes/box-034").json()["maintenance"] is False
-        maint = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "set_maintenance", "enabled": True})
+        assert ops_api.get("/api/v1/boxes/box-071").json()["maintenance"] is False
+        maint = ops_api.post("/api/v1/boxes/box-071/commands", json={"action": "set_maintenance", "enabled": True})
         assert maint.status_code == 202, maint.text
         wait_command(ops_api, maint.json()["command_id"], "succeeded")
         assert box.state.maintenance is True
-        detail = wait_for(lambda: (d := ops_api.get("/api/v1/boxes/box-034").json())["maintenance"] and d)
+        detail = wait_for(lambda: (d := ops_api.get("/api/v1/boxes/box-071").json())["maintenance"] and d)
         assert detail["maintenance_since"] is not None
+    finally:
+        box.stop()
+
+
+def test_compartment_taken_out_of_service_by_command_raises_fault_until_restored(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """set_compartment_service(enabled=false) makes the stub report compartment.fault (out_of_service):
+    an info compartment_fault alert for that door; enabled=true reports compartment.restored: cleared."""
+    box = firmware(broker, credentials, "box-074", tmp_path)
+    try:
+        wait_for(lambda: online(ops_api, "box-074"))
+        off = {"action": "set_compartment_service", "compartment": 9, "enabled": False}
+        response = ops_api.post("/api/v1/boxes/box-074/commands", json=off)
+        assert response.status_code == 202, response.text
+        wait_command(ops_api, response.json()["command_id"], "succeeded")
+        alert = wait_for(lambda: open_alert(ops_api, "box-074", "compartment_fault"))
+        assert alert["subject"] == "9"
+        assert alert["severity"] == "info"
+        assert alert["details"]["fault"] == "out_of_service"
+        on = ops_api.post("/api/v1/boxes/box-074/commands", json={**off, "enabled": True})
+        wait_command(ops_api, on.json()["command_id"], "succeeded")
+        wait_for(lambda: open_alert(ops_api, "box-074", "compartment_fault") is None)
+        (done,) = cleared(ops_api, "box-074", "compartment_fault")
+        assert done["cleared_by"].startswith("event compartment.restored seq ")
     finally:
         box.stop()
 
@@ -387,16 +412,16 @@ def test_command_to_a_box_that_is_not_running_times_out(
 ) -> None:
     """A command to a box that is offline is sent (the broker takes it) but never acknowledged: it
     ends timed_out at its expiry, and the list of the box's commands says so too."""
-    box = firmware(broker, credentials, "box-035", tmp_path)
+    box = firmware(broker, credentials, "box-072", tmp_path)
     box.stop()
-    wait_for(lambda: ops_api.get("/api/v1/boxes/box-035").json().get("status_reason") == "shutdown")
-    response = ops_api.post("/api/v1/boxes/box-035/commands", json={"action": "ping", "timeout_s": 1})
+    wait_for(lambda: ops_api.get("/api/v1/boxes/box-072").json().get("status_reason") == "shutdown")
+    response = ops_api.post("/api/v1/boxes/box-072/commands", json={"action": "ping", "timeout_s": 1})
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "sent"
     done = wait_command(ops_api, response.json()["command_id"], "timed_out")
     assert done["acked_at"] is None
     assert done["detail"].startswith("no acknowledgement from the box by ")
-    listed = ops_api.get("/api/v1/boxes/box-035/commands").json()
+    listed = ops_api.get("/api/v1/boxes/box-072/commands").json()
     assert listed[0]["status"] == "timed_out"
 
 
@@ -406,22 +431,22 @@ def test_command_permissions_and_rejections(
     """A researcher may read commands but not send them (403 forbidden_role), no key is 401;
     invalid commands are 422 (invalid_command, unknown_compartment), unknown boxes and commands 404."""
     db.execute(
-        "INSERT INTO boxes (box_id, layout) VALUES ('box-034', %s) ON CONFLICT (box_id) DO NOTHING",
+        "INSERT INTO boxes (box_id, layout) VALUES ('box-071', %s) ON CONFLICT (box_id) DO NOTHING",
         (Jsonb(default_layout().model_dump(mode="json")),),
     )
     body = {"action": "ping"}
-    researcher = ops_api.post("/api/v1/boxes/box-034/commands", json=body, headers=api_keys["researcher"])
+    researcher = ops_api.post("/api/v1/boxes/box-071/commands", json=body, headers=api_keys["researcher"])
     assert researcher.status_code == 403
     assert researcher.json()["error"]["code"] == "forbidden_role"
-    courier = ops_api.post("/api/v1/boxes/box-034/commands", json=body, headers=api_keys["courier_gls"])
+    courier = ops_api.post("/api/v1/boxes/box-071/commands", json=body, headers=api_keys["courier_gls"])
     assert courier.status_code == 403
-    anonymous = ops_api.post("/api/v1/boxes/box-034/commands", json=body, headers={"X-API-Key": ""})
+    anonymous = ops_api.post("/api/v1/boxes/box-071/commands", json=body, headers={"X-API-Key": ""})
     assert anonymous.status_code == 401
-    assert ops_api.get("/api/v1/boxes/box-034/commands", headers=api_keys["researcher"]).status_code == 200
-    missing_flag = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "set_maintenance"})
+    assert ops_api.get("/api/v1/boxes/box-071/commands", headers=api_keys["researcher"]).status_code == 200
+    missing_flag = ops_api.post("/api/v1/boxes/box-071/commands", json={"action": "set_maintenance"})
     assert missing_flag.status_code == 422
     assert missing_flag.json()["error"]["code"] == "invalid_command"
-    no_door = ops_api.post("/api/v1/boxes/box-034/commands", json={"action": "open_compartment", "compartment": 60})
+    no_door = ops_api.post("/api/v1/boxes/box-071/commands", json={"action": "open_compartment", "compartment": 60})
     assert no_door.status_code == 422
     assert no_door.json()["error"]["code"] == "unknown_compartment"
     nobox = ops_api.post("/api/v1/boxes/box-999/commands", json=body)
@@ -461,9 +486,9 @@ def test_stream_delivers_status_change_and_alert(
 ) -> None:
     """A client of GET /api/v1/stream (text/event-stream) receives box.status when a box goes
     offline, and alert.raised for its box_offline alert."""
-    box = firmware(broker, credentials, "box-040", tmp_path)
-    wait_for(lambda: online(ops_api, "box-040"))
-    with ops_api.stream("GET", "/api/v1/stream", params={"box_id": "box-040"}) as response:
+    box = firmware(broker, credentials, "box-073", tmp_path)
+    wait_for(lambda: online(ops_api, "box-073"))
+    with ops_api.stream("GET", "/api/v1/stream", params={"box_id": "box-073"}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = response.iter_lines()
@@ -475,7 +500,7 @@ def test_stream_delivers_status_change_and_alert(
     status = [d for e, d in seen if e == "box.status"]
     assert status
     assert status[0] == {
-        "box_id": "box-040",
+        "box_id": "box-073",
         "online": False,
         "reason": "connection_lost",
         "session": box.session,
@@ -484,7 +509,7 @@ def test_stream_delivers_status_change_and_alert(
     assert names.index("box.status") < names.index("alert.raised")
     raised = next(d for e, d in seen if e == "alert.raised")
     assert raised["kind"] == "box_offline"
-    assert raised["box_id"] == "box-040"
+    assert raised["box_id"] == "box-073"
     assert raised["open"] is True
 
 

@@ -34,7 +34,7 @@ async def list_alerts(
     kind: Annotated[list[AlertKind] | None, Query(description="only these kinds (repeatable)")] = None,
     state: Annotated[Literal["open", "cleared", "all"], Query(description="open or cleared alerts")] = "all",
     acknowledged: Annotated[bool | None, Query(description="only (un)acknowledged alerts")] = None,
-    before: Annotated[int | None, Query(ge=1, description="the next_before of the previous page")] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="the next_before of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AlertPage:
     rows = await repository.list_alerts(
