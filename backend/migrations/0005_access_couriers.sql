@@ -43,5 +43,6 @@ CREATE UNIQUE INDEX reservations_one_active_parcel ON reservations (carrier, par
 CREATE INDEX reservations_carrier_created ON reservations (carrier, created_at DESC);
 CREATE INDEX reservations_active_expiry ON reservations (expires_at) WHERE status = 'active';
 
--- The capacity query filters boxes by a latitude/longitude bounding box before the exact distance.
-CREATE INDEX boxes_lat_lon ON boxes (latitude, longitude);
+-- The capacity query filters boxes by a latitude/longitude bounding box before the exact distance;
+-- with box_id included that is an index-only scan (the wide layout column is never read for it).
+CREATE INDEX boxes_lat_lon ON boxes (latitude, longitude) INCLUDE (box_id);
