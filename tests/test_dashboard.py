@@ -160,9 +160,9 @@ def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(
     demo: Demo, broker: RunningBroker, credentials: Credentials
 ) -> None:
     """In headless Chromium the dashboard (key from the URL fragment) shows every box of the running demo
-    on the plan, a box's compartments on click, the alerts and KPI panels; when a box's Last Will arrives
-    its marker turns offline without a reload; nothing is fetched from outside the API's origin; a
-    screenshot is saved."""
+    on the plan, a box's compartments on click, the KPIs with their chart and the alerts; when a box's
+    Last Will arrives its marker turns offline and its alert appears, without a reload; nothing is
+    fetched from outside the API's origin; a screenshot is saved."""
     if not CHROMIUM.exists():
         pytest.fail(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
     with httpx.Client(base_url=demo.url, headers={"X-API-Key": demo.token}, timeout=10) as api:
@@ -202,12 +202,16 @@ def check_in_browser(demo: Demo, api: httpx.Client, broker: RunningBroker, crede
             assert page.locator("#detail .compartment").count() == expected
             assert box_id in page.locator("#detail").inner_text()
 
-            # Alerts and KPIs: shown when the server has them, said plainly when not.
-            kpis = api.get("/api/v1/kpis", params={"group_by": "day"})
-            if kpis.status_code == 404:
-                page.get_by_text("no KPI data").first.wait_for(timeout=20_000)
+            # KPIs, once the first activity is stored: the totals and a chart bar per day (or, on a
+            # server without the KPI endpoint, the plain "no KPI data").
+            if api.get("/api/v1/kpis").status_code == 404:
+                page.get_by_text("no KPI data").first.wait_for(timeout=10_000)
             else:
+                kpis = wait_for(lambda: (r := api.get("/api/v1/kpis", params={"group_by": "day"})).is_success and r, 60)
                 page.locator("#kpis .kpi-totals").wait_for(timeout=20_000)
+                page.locator("#kpi-chart rect.bar").first.wait_for(timeout=20_000)  # visible
+                assert kpis.json()["groups"][0]["key"]["day"] in page.locator("#kpi-chart").inner_html()
+            has_alerts = api.get("/api/v1/alerts").status_code != 404
             page.locator("#alerts table, #alerts p").first.wait_for(timeout=10_000)
             assert "Alerts unavailable" not in page.locator("#alerts").inner_text()
 
@@ -221,6 +225,8 @@ def check_in_browser(demo: Demo, api: httpx.Client, broker: RunningBroker, crede
             assert page.locator("#legend li[data-status=offline]").get_attribute("data-count") == "1"
             title = page.locator(f'#plan .box[data-box-id="{victim}"] title').text_content() or ""
             assert "Last Will" in title
+            if has_alerts:  # the offline alert the Last Will raised shows up too
+                page.wait_for_selector(f'#alerts tr[data-box-id="{victim}"]', timeout=20_000)
 
             page.locator(f'#plan .box[data-box-id="{box_id}"] circle').click()  # keep a detail open for the picture
             page.locator("#detail .compartment").first.wait_for()

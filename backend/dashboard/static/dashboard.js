@@ -41,7 +41,6 @@
     selected: null,
     detail: null,
     stream: "off", // off | connecting | live | unavailable
-    lastKpiAt: 0,
     kpi: null,
     kpiNote: "loading…",
     geometry: null,
@@ -292,7 +291,9 @@
 
   function markerTitle(box, status) {
     const reason = box.online ? "" : ` (${REASON_TEXT[box.status_reason] || box.status_reason})`;
-    return `${box.name || box.box_id} · ${box.box_id}\n${STATUS_TEXT[status]}${reason}`;
+    const kinds = (box.open_alert_kinds || []).map((k) => k.replaceAll("_", " "));
+    const alerts = kinds.length ? `\nopen alerts: ${kinds.join(", ")}` : "";
+    return `${box.name || box.box_id} · ${box.box_id}\n${STATUS_TEXT[status]}${reason}${alerts}`;
   }
 
   function renderBoxes() {
@@ -461,7 +462,16 @@
       ["power", [d.power, d.battery_pct === null ? null : `battery ${fmtNumber(d.battery_pct)} %`].filter(Boolean).join(", ") || "–"],
       ["firmware", d.firmware || "–"],
     ];
-    const alerts = openAlertsOf(boxId);
+    const alerts = Array.isArray(d.alerts) && d.alerts.length ? d.alerts.filter(isOpen) : openAlertsOf(boxId);
+    const redBoxes = (merged.red_boxes || []).map((r) => {
+      const mix = Object.entries(r.fractions_kg || {})
+        .filter(([, kg]) => kg > 0)
+        .map(([fraction, kg]) => `${fraction.replaceAll("_", " ")} ${fmtNumber(kg, 1)} kg`);
+      const fill = r.fill_ratio === null || r.fill_ratio === undefined ? "" : ` (${fmtNumber(r.fill_ratio * 100)} %)`;
+      return `#${r.compartment}: ${r.weight_kg === null ? "–" : fmtNumber(r.weight_kg, 1)} of ${fmtNumber(r.capacity_kg)} kg${fill}${mix.length ? ` – ${mix.join(", ")}` : ""}`;
+    });
+    if (redBoxes.length) facts.splice(4, 0, ["red boxes", redBoxes.join(" · ")]);
+    if (merged.maintenance) facts.splice(2, 0, ["maintenance", `since ${fmtTime(merged.maintenance_since)}`]);
     target.replaceChildren(
       ...nodes([
       el(
@@ -543,25 +553,28 @@
 
   // ------------------------------------------------------------------ KPIs
 
-  async function loadKpis() {
-    state.lastKpiAt = Date.now();
+  /** KPIs on their own clock: every 15 s, every 5 s while there are none yet. */
+  async function kpiLoop() {
     try {
-      let body;
-      try {
-        body = await api("/kpis?group_by=day");
-      } catch (err) {
-        if (err.status !== 400 && err.status !== 422) throw err;
-        // The endpoint wants a range: everything up to a day past the newest box time.
-        const newest = [...state.boxes.values()].map((b) => b.last_seen_at).filter(Boolean).sort().pop();
-        const until = new Date((newest ? Date.parse(newest) : Date.now()) + 86400000).toISOString();
-        body = await api(`/kpis?group_by=day&since=2000-01-01T00:00:00Z&until=${encodeURIComponent(until)}`);
-      }
+      await loadKpis();
+      renderKpis();
+    } finally {
+      setTimeout(kpiLoop, state.kpi ? 15000 : 5000);
+    }
+  }
+
+  async function loadKpis() {
+    try {
+      // No range: the server takes every day with activity (the simulated days in the demo).
+      const body = await api("/kpis?group_by=day");
       state.kpi = body;
       state.kpiNote = body?.totals ? null : "no KPI data";
     } catch (err) {
       state.kpi = null;
-      state.kpiNote = err.status === 404 || err.status === 405 ? "no KPI data (this server has no KPI endpoint yet)" : `no KPI data: ${err.message}`;
-      if (err.status === 403) state.kpiNote = "no KPI data: this key may not see KPIs";
+      if (err.status === 404 || err.status === 405) state.kpiNote = "no KPI data (this server has no KPI endpoint)";
+      else if (err.status === 400 && err.code === "invalid_range") state.kpiNote = "no KPI data yet (no activity stored)";
+      else if (err.status === 403) state.kpiNote = "no KPI data: this key may not see KPIs";
+      else state.kpiNote = `no KPI data: ${err.message}`;
     }
   }
 
@@ -571,7 +584,7 @@
     const totals = state.kpi?.totals;
     if (!totals) {
       target.replaceChildren(el("p", { class: "hint", id: "kpi-empty" }, state.kpiNote || "no KPI data"));
-      chart.hidden = true;
+      chart.toggleAttribute("hidden", true);
       $("kpi-method").textContent = "";
       return;
     }
@@ -579,7 +592,7 @@
     const baseline = totals.baseline || {};
     const project = totals.project || {};
     const items = [
-      [fmtNumber(avoided.trips), "trips avoided", `baseline ${fmtNumber(baseline.trips)}, with the boxes ${fmtNumber(project.trips)}`],
+      [fmtNumber(avoided.trips, 1), "trips avoided", `baseline ${fmtNumber(baseline.trips, 1)}, with the boxes ${fmtNumber(project.trips, 1)}`],
       [fmtKg(avoided.kg_co2e_wtw), "CO₂e avoided (well-to-wheel)", `tank-to-wheel ${fmtKg(avoided.kg_co2e_ttw)}`],
       [`${fmtNumber(avoided.vkm, 1)} km`, "vehicle-km avoided", `baseline ${fmtNumber(baseline.vkm, 1)} km`],
     ];
@@ -593,10 +606,16 @@
       ),
     );
     const method = state.kpi.method;
-    $("kpi-method").textContent =
-      method && typeof method === "object"
-        ? `Method: ${method.name || method.id || ""} ${method.version ? `v${method.version}` : ""} ${method.summary || method.description || ""}`.trim()
-        : "";
+    const period = state.kpi.period;
+    $("kpi-method").textContent = [
+      period ? `Days ${period.since} to ${period.until} (exclusive), UTC days of the boxes' own timestamps` : "",
+      method?.standard ? `Method: ${method.standard}` : "",
+      method?.allocation ? `allocation ${method.allocation}` : "",
+      method?.waste_baseline ? `waste baseline ${method.waste_baseline}` : "",
+      method?.parcel_baseline ? `parcel baseline ${method.parcel_baseline}` : "",
+    ]
+      .filter(Boolean)
+      .join("; ");
     renderChart(state.kpi.groups || []);
   }
 
@@ -607,10 +626,10 @@
       .filter((g) => g.day)
       .sort((a, b) => String(a.day).localeCompare(String(b.day)));
     if (!days.length) {
-      chart.hidden = true;
+      chart.toggleAttribute("hidden", true);
       return;
     }
-    chart.hidden = false;
+    chart.toggleAttribute("hidden", false);
     const width = Math.max(320, Math.round(chart.getBoundingClientRect().width || 640));
     const height = 220;
     chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -626,14 +645,15 @@
     const yDay = (v) => pad.t + h - ((v - minDay) / (maxDay - minDay)) * h;
     const yTotal = (v) => pad.t + h - (Math.max(v, 0) / maxTotal) * h;
     const step = w / days.length;
+    const barWidth = Math.min(Math.max(step * 0.7, 1), 48);
     const bars = days.map((d, i) =>
       svg(
         "rect",
         {
           class: "bar",
-          x: (pad.l + i * step + step * 0.15).toFixed(1),
+          x: (pad.l + (i + 0.5) * step - barWidth / 2).toFixed(1),
           y: Math.min(yDay(d.kg), yDay(0)).toFixed(1),
-          width: Math.max(step * 0.7, 1).toFixed(1),
+          width: barWidth.toFixed(1),
           height: Math.abs(yDay(0) - yDay(d.kg)).toFixed(1),
         },
         svg("title", {}, `${d.day}: ${fmtKg(d.kg)} CO₂e avoided`),
@@ -681,12 +701,10 @@
       const boxes = await api("/boxes");
       state.boxes = new Map(boxes.map((b) => [b.box_id, b]));
       await loadAlerts();
-      if (Date.now() - state.lastKpiAt > 15000) await loadKpis();
       if (state.selected) await loadDetail();
       renderBoxes();
       renderAlerts();
       renderDetail();
-      renderKpis();
       setConnection(...connectionText());
       $("connection").title = `updated ${new Date().toLocaleTimeString()}`;
     } catch (err) {
@@ -697,7 +715,7 @@
         state.refreshAgain = false;
         refreshSoon(50);
       } else {
-        refreshSoon(state.stream === "live" ? 30000 : pollSeconds * 1000);
+        refreshSoon(state.stream === "live" ? 10000 : pollSeconds * 1000);
       }
     }
   }
@@ -799,6 +817,7 @@
     renderBoxes();
     openStream();
     await refresh();
+    kpiLoop();
     let resizeTimer = null;
     window.addEventListener("resize", () => {
       clearTimeout(resizeTimer);
