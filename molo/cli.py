@@ -57,7 +57,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = _settings()
     uvicorn.run(
-        create_app(settings), host=args.host or settings.api_host, port=args.port or settings.api_port, log_config=None
+        create_app(settings),
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_config=None,
+        timeout_graceful_shutdown=5,  # live streams (SSE) never end by themselves
     )
     return 0
 

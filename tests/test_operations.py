@@ -8,6 +8,8 @@ this module.
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from psycopg.types.json import Jsonb
 from backend.api.app import create_app
 from backend.api.server import ApiServer
 from backend.ingest.worker import IngestWorker
+from backend.settings import Settings
 from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
 from contract.messages import (
     DoorClosed,
@@ -517,3 +520,30 @@ def test_stream_needs_a_viewer_key(ops_api: httpx.Client, api_keys: dict[str, He
     """The stream refuses a request without a key (401) and a courier key (403)."""
     assert ops_api.get("/api/v1/stream", headers={"X-API-Key": ""}).status_code == 401
     assert ops_api.get("/api/v1/stream", headers=api_keys["courier_gls"]).status_code == 403
+
+
+def test_stopping_the_server_ends_open_streams(database_url: str, api_keys: dict[str, Headers]) -> None:
+    """Stopping the API ends its open SSE streams at once instead of waiting for them."""
+    server = ApiServer(create_app(Settings(database_url=database_url))).start()
+    lines: list[str] = []
+    connected = threading.Event()
+
+    def read() -> None:
+        with (
+            httpx.Client(base_url=server.url, timeout=10, headers=api_keys["researcher"]) as client,
+            client.stream("GET", "/api/v1/stream") as response,
+        ):
+            for line in response.iter_lines():
+                lines.append(line)
+                if line.startswith("event: hello"):
+                    connected.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert connected.wait(10)
+    started = time.monotonic()
+    server.stop()
+    reader.join(5)
+    assert not reader.is_alive()
+    assert time.monotonic() - started < 3
+    assert "event: hello" in lines

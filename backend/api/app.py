@@ -3,6 +3,7 @@ live-stream listener open in the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -66,6 +67,8 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
         hub = stream.LiveHub(url)
         hub.start()
         app.state.live = hub
+        loop = asyncio.get_running_loop()
+        app.state.end_streams = lambda: loop.call_soon_threadsafe(hub.end_streams)  # from any thread
         try:
             yield
         finally:

@@ -18,7 +18,9 @@ class ApiServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_config=None, lifespan="on", access_log=False)
+        self._app = app
+        # Live streams never end by themselves: stop() ends them first (see there); this is the net.
+        config = uvicorn.Config(app, log_config=None, lifespan="on", access_log=False, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, name="api", daemon=True
@@ -38,6 +40,11 @@ class ApiServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        # uvicorn waits for open responses before shutting down, and an SSE stream stays open: end
+        # them first (the app's lifespan installs ``end_streams``, thread-safe).
+        end_streams = getattr(self._app.state, "end_streams", None)
+        if callable(end_streams):
+            end_streams()
         self._server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()

@@ -63,16 +63,27 @@ class LiveHub:
         self._subscribers: set[_Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
+        self.ending = False
         self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="live-hub")
 
+    def end_streams(self) -> None:
+        """End every open stream (the server is shutting down); new ones end after ``hello``."""
+        self.ending = True
+        for sub in list(self._subscribers):
+            sub.lagged = False
+            while True:  # make room for the end marker
+                try:
+                    sub.queue.put_nowait(None)
+                    break
+                except asyncio.QueueFull:
+                    sub.queue.get_nowait()
+
     async def stop(self) -> None:
         self._closed = True
-        for sub in list(self._subscribers):
-            with contextlib.suppress(asyncio.QueueFull):
-                sub.queue.put_nowait(None)
+        self.end_streams()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,7 +164,7 @@ async def stream(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hub.listening.wait(), 5.0)
             yield f"event: hello\ndata: {json.dumps({'listening': hub.listening.is_set(), 'box_id': box_id})}\n\n"
-            while True:
+            while not hub.ending or not sub.queue.empty():
                 if sub.lagged and sub.queue.empty():
                     yield 'event: lagged\ndata: {"reason": "too far behind; reconnect and re-read the alerts"}\n\n'
                     return
