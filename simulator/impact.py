@@ -9,6 +9,7 @@ hub run can be checked against a simulated one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -113,37 +114,39 @@ def sensitivity(
     electric_shares: tuple[float, ...] = (0.0, 0.5, 1.0),
     network: Network | None = None,
 ) -> list[dict[str, Any]]:
-    """Avoided kg CO2e (WTW and TTW) and trips of ``scenario`` for every waste and parcel baseline and
-    electric share of the van fleet: one simulated run, the method applied to it many times."""
+    """Avoided trips and kg CO2e of ``scenario`` for every waste and parcel baseline and electric share
+    of the van fleet (allocation by load x distance), and for hazardous waste under both allocations:
+    one simulated run, the method applied to it again for each choice."""
     net = network or network_for(scenario)
     geo = geography_of(net)
     sink = ImpactSink(scenario.simulation.start)
     run_batch(scenario, sink, network=net)
     rows = sink.counter.rows()
     base = method_for(scenario)
+    choices = [(w, p, "load_distance") for w in ("resident_trips", "dedicated_round", "mixed")
+               for p in ("home_delivery", "parcel_shop")]  # fmt: skip
+    choices.append(("resident_trips", "home_delivery", "marginal"))
     out: list[dict[str, Any]] = []
-    for waste in ("resident_trips", "dedicated_round", "mixed"):
-        for parcels in ("home_delivery", "parcel_shop"):
-            for share in electric_shares:
-                for allocation in ("load_distance", "marginal"):
-                    m = base.model_copy(
-                        update={
-                            "allocation": allocation,
-                            "van_electric_share": share,
-                            "baseline": base.baseline.model_copy(update={"waste": waste, "parcels": parcels}),
-                        }
-                    )
-                    s = summarize(assess(rows, geo, m))
-                    out.append(
-                        {
-                            "waste_baseline": waste,
-                            "parcel_baseline": parcels,
-                            "van_electric_share": share,
-                            "allocation": allocation,
-                            "avoided": s["totals"]["avoided"],
-                            "avoided_waste": s["categories"]["hazardous_waste"]["avoided"],
-                        }
-                    )
+    for waste, parcels, allocation in choices:
+        for share in electric_shares:
+            m = base.model_copy(
+                update={
+                    "allocation": allocation,
+                    "van_electric_share": share,
+                    "baseline": base.baseline.model_copy(update={"waste": waste, "parcels": parcels}),
+                }
+            )
+            s = summarize(assess(rows, geo, m))
+            out.append(
+                {
+                    "waste_baseline": waste,
+                    "parcel_baseline": parcels,
+                    "allocation": allocation,
+                    "van_electric_share": share,
+                    "avoided": s["totals"]["avoided"],
+                    "categories": {c: v["avoided"] for c, v in s["categories"].items()},
+                }
+            )
     return out
 
 
@@ -182,19 +185,37 @@ def report_text(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table(
+    head: str, shares: list[float], rows: Sequence[tuple[tuple[str, ...], list[float]]], digits: int
+) -> list[str]:
+    out = [f"| {head} | " + " | ".join(f"e-van {s:.0%}" for s in shares) + " |"]
+    out.append("|" + "---|" * (head.count("|") + 1 + len(shares)))
+    out += [f"| {' | '.join(k)} | " + " | ".join(f"{v / 1000:,.{digits}f}" for v in vs) + " |" for k, vs in rows]
+    return out
+
+
 def sensitivity_markdown(rows: list[dict[str, Any]]) -> str:
-    """:func:`sensitivity` as a Markdown table: avoided t CO2e WTW a year, per baseline pair and
-    allocation (rows) and electric van share (columns)."""
+    """:func:`sensitivity` as two Markdown tables of avoided t CO2e (well-to-wheel): the network's total
+    per baseline pair and electric van share, then hazardous waste per allocation."""
     shares = sorted({r["van_electric_share"] for r in rows})
-    head = "| waste baseline | parcel baseline | allocation | " + " | ".join(f"e-van {s:.0%}" for s in shares) + " |"
-    out = [head, "|" + "---|" * (3 + len(shares))]
-    keyed = {(r["waste_baseline"], r["parcel_baseline"], r["allocation"], r["van_electric_share"]): r for r in rows}
-    seen: list[tuple[str, str, str]] = []
-    for r in rows:
-        k = (r["waste_baseline"], r["parcel_baseline"], r["allocation"])
-        if k not in seen:
-            seen.append(k)
-    for k in seen:
-        cells = [f"{keyed[(*k, s)]['avoided']['kg_co2e_wtw'] / 1000:,.1f}" for s in shares]
-        out.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    by = {(r["waste_baseline"], r["parcel_baseline"], r["allocation"], r["van_electric_share"]): r for r in rows}
+    pairs = dict.fromkeys((r["waste_baseline"], r["parcel_baseline"]) for r in rows)
+    total: list[tuple[tuple[str, ...], list[float]]] = [
+        (pair, [by[(*pair, "load_distance", s)]["avoided"]["kg_co2e_wtw"] for s in shares])
+        for pair in pairs
+        if (*pair, "load_distance", shares[0]) in by
+    ]
+    waste: list[tuple[tuple[str, ...], list[float]]] = [
+        (
+            (a,),
+            [
+                by[("resident_trips", "home_delivery", a, s)]["categories"]["hazardous_waste"]["kg_co2e_wtw"]
+                for s in shares
+            ],
+        )
+        for a in ("load_distance", "marginal")
+        if ("resident_trips", "home_delivery", a, shares[0]) in by
+    ]
+    lines = _table("waste baseline | parcel baseline", shares, total, 1)
+    lines += ["", *_table("allocation (hazardous waste only)", shares, waste, 2)]
+    return "\n".join(lines) + "\n"

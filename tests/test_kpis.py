@@ -265,3 +265,19 @@ def test_live_run_gives_the_simulators_figures(
     for part in ("totals", "categories", "vehicles", "groups", "method"):
         assert_close(body[part], report[part])
     assert date.fromisoformat(body["groups"][0]["key"]["day"]) >= start
+
+
+def test_the_daily_counts_are_exact_under_replay(db: psycopg.Connection[Any]) -> None:
+    """activity_daily counts an event once: a replayed (box, seq) that ingest's ON CONFLICT DO NOTHING
+    skips is not counted again, and events the method does not read are not counted at all."""
+    ts = datetime(2026, 5, 4, 12, tzinfo=UTC)
+    db.execute("SELECT molo_ensure_partitions('events', %s, %s)", (ts, ts))
+    insert = """INSERT INTO events (ts, received_at, box_id, seq, session, type, carrier, weight_kg, payload)
+                VALUES (%s, now(), 'kpi-009', %s, 1, %s, %s, %s, '{}') ON CONFLICT DO NOTHING"""
+    for _ in range(3):  # the same two events, delivered three times
+        db.execute(insert, (ts, 1, "waste.collected", "gls", 2.5))
+        db.execute(insert, (ts, 2, "door.opened", None, None))
+    rows = db.execute(
+        "SELECT type, carrier, events, weight_kg FROM activity_daily WHERE box_id = 'kpi-009'"
+    ).fetchall()
+    assert rows == [("waste.collected", "gls", 1, 2.5)]
