@@ -8,7 +8,20 @@ The method, its formulas, parameters and sources: ``docs/methodology.md``.
 from accounting.activity import COLUMNS, ActivityCounter, BoxDay
 from accounting.assumptions import Method
 from accounting.geo import Geography, Point, UnknownPlaceError
-from accounting.method import CATEGORIES, GROUPS, Assessment, Line, assess, describe, summarize, to_csv
+from accounting.method import (
+    CATEGORIES,
+    GROUPS,
+    Assessment,
+    Assessor,
+    Line,
+    Tally,
+    assess,
+    describe,
+    report,
+    summarize,
+    tally,
+    to_csv,
+)
 from accounting.overrides import apply_overrides
 
 __all__ = [
@@ -17,15 +30,19 @@ __all__ = [
     "GROUPS",
     "ActivityCounter",
     "Assessment",
+    "Assessor",
     "BoxDay",
     "Geography",
     "Line",
     "Method",
     "Point",
+    "Tally",
     "UnknownPlaceError",
     "apply_overrides",
     "assess",
     "describe",
+    "report",
     "summarize",
+    "tally",
     "to_csv",
 ]

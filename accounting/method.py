@@ -28,7 +28,7 @@ import csv
 import io
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any, Literal, NamedTuple
 
@@ -41,6 +41,11 @@ CATEGORIES: tuple[str, ...] = ("hazardous_waste", "parcel_delivery", "parcel_sen
 GROUPS: tuple[str, ...] = ("category", "box", "carrier", "day", "week", "month")
 METRICS: tuple[str, ...] = ("trips", "vkm", "kg_co2e_wtw", "kg_co2e_ttw")
 WASTE, DELIVERY, SENDING = CATEGORIES
+#: Activity counts every result carries beside its figures.
+ACTIVITY: tuple[str, ...] = (
+    "parcels_delivered", "parcels_collected", "parcels_taken_back", "parcels_sent", "waste_deposits",
+    "waste_kg_deposited", "red_boxes_by_vans", "waste_kg_by_vans", "red_boxes_by_operator", "waste_kg_by_operator",
+)  # fmt: skip
 
 
 class Line(NamedTuple):
@@ -71,15 +76,28 @@ class Assessment:
     activity: dict[str, float]
 
 
+class Assessor:
+    """The method in ``geo``, keeping the road distances and rebuilt tours it has worked out, so
+    assessing day after day (the backend's cache does) costs no more than all days at once."""
+
+    def __init__(self, geo: Geography, method: Method) -> None:
+        self.geo, self.method = geo, method
+        self.dist = Distances(geo, method.road_factor, method.distance_adjustment)
+
+    def assess(self, days: Iterable[BoxDay]) -> Assessment:
+        """Apply the method to the counted events ``days``. Every part of the method works on one day
+        at a time, so assessing days apart and adding the results up gives the same figures."""
+        days = list(days)
+        lines: list[Line] = []
+        _vans(days, self.dist, self.method, lines)
+        _waste_rounds(days, self.dist, self.method, lines, scenario="project", weight=1.0)
+        _residents(days, self.dist, self.method, lines)
+        return Assessment(self.method, lines, _activity(days, self.method))
+
+
 def assess(days: Iterable[BoxDay], geo: Geography, method: Method) -> Assessment:
     """Apply ``method`` to the counted events ``days`` in ``geo``."""
-    days = list(days)
-    dist = Distances(geo, method.road_factor, method.distance_adjustment)
-    lines: list[Line] = []
-    _vans(days, dist, method, lines)
-    _waste_rounds(days, dist, method, lines, scenario="project", weight=1.0)
-    _residents(days, dist, method, lines)
-    return Assessment(method, lines, _activity(days, method))
+    return Assessor(geo, method).assess(days)
 
 
 def _split(total: float, weights: Sequence[float]) -> list[float]:
@@ -276,11 +294,7 @@ def _activity(days: list[BoxDay], method: Method) -> dict[str, float]:
         by = "operator" if a.carrier == method.waste.operator else "vans"
         out[f"red_boxes_by_{by}"] += a.waste_collections
         out[f"waste_kg_by_{by}"] += a.waste_collected_kg
-    keys = (
-        "parcels_delivered", "parcels_collected", "parcels_taken_back", "parcels_sent", "waste_deposits",
-        "waste_kg_deposited", "red_boxes_by_vans", "waste_kg_by_vans", "red_boxes_by_operator", "waste_kg_by_operator",
-    )  # fmt: skip
-    return {k: _round(out.get(k, 0.0)) for k in keys}
+    return {k: out.get(k, 0.0) for k in ACTIVITY}
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -324,24 +338,58 @@ def _finish(cell: Cell) -> dict[str, dict[str, float]]:
     }
 
 
-def summarize(assessment: Assessment, group_by: Sequence[str] = ()) -> dict[str, Any]:
-    """Totals, per category, per vehicle and per group (any of ``GROUPS``), each with baseline,
-    project and avoided trips, vkm and kg CO2e (WTW and TTW), plus the method and assumptions."""
+GroupKey = tuple[str | None, ...]
+
+
+@dataclass
+class Tally:
+    """Summed figures of an assessment (totals, per category, vehicle and group, and activity).
+    Tallies of different days add up to the tally of all of them."""
+
+    totals: Cell = field(default_factory=lambda: [0.0] * 8)
+    categories: dict[str, Cell] = field(default_factory=lambda: {c: [0.0] * 8 for c in CATEGORIES})
+    vehicles: dict[str, Cell] = field(default_factory=dict)
+    groups: dict[GroupKey, Cell] = field(default_factory=dict)
+    activity: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ACTIVITY, 0.0))
+
+    def add(self, other: Tally) -> None:
+        """Add ``other``'s figures to these."""
+        _add(self.totals, other.totals)
+        for mine, theirs in ((self.categories, other.categories), (self.vehicles, other.vehicles)):
+            for k, cell in theirs.items():
+                _add(mine.setdefault(k, [0.0] * 8), cell)
+        for gk, cell in other.groups.items():
+            _add(self.groups.setdefault(gk, [0.0] * 8), cell)
+        for k, v in other.activity.items():
+            self.activity[k] = self.activity.get(k, 0.0) + v
+
+
+def _add(into: Cell, cell: Cell) -> None:
+    for i, v in enumerate(cell):
+        into[i] += v
+
+
+def _check_groups(group_by: Sequence[str]) -> None:
     for g in group_by:
         if g not in GROUPS:
             raise ValueError(f"cannot group by {g!r}; choose from {', '.join(GROUPS)}")
+
+
+def tally(assessment: Assessment, group_by: Sequence[str] = ()) -> Tally:
+    """Sum an assessment's lines: trips, vkm and kg CO2e (WTW and TTW) per scenario."""
+    _check_groups(group_by)
     method = assessment.method
     intensity = {v: method.intensity(v) for v in {ln.vehicle for ln in assessment.lines}}
-    totals: Cell = [0.0] * 8
-    categories: dict[str, Cell] = {c: [0.0] * 8 for c in CATEGORIES}
-    vehicles: dict[str, Cell] = {v: [0.0] * 8 for v in intensity}
-    groups: dict[tuple[str | None, ...], Cell] = defaultdict(lambda: [0.0] * 8)
+    t = Tally(activity=dict(assessment.activity))
+    for v in intensity:
+        t.vehicles[v] = [0.0] * 8
+    groups = t.groups
     periods: dict[tuple[date, str], str] = {}
     for ln in assessment.lines:
         wtw, ttw = intensity[ln.vehicle]
         o = 0 if ln.scenario == "baseline" else 4
         values = (ln.trips, ln.vkm, ln.vkm * wtw, ln.vkm * ttw)
-        cells = [totals, categories[ln.category], vehicles[ln.vehicle]]
+        cells = [t.totals, t.categories[ln.category], t.vehicles[ln.vehicle]]
         if group_by:
             key: list[str | None] = []
             for g in group_by:
@@ -357,25 +405,42 @@ def summarize(assessment: Assessment, group_by: Sequence[str] = ()) -> dict[str,
                     if label is None:
                         label = periods[pk] = _period(ln.day, g)
                     key.append(label)
-            cells.append(groups[tuple(key)])
+            gk = tuple(key)
+            cell = groups.get(gk)
+            if cell is None:
+                cell = groups[gk] = [0.0] * 8
+            cells.append(cell)
         for c in cells:
             c[o] += values[0]
             c[o + 1] += values[1]
             c[o + 2] += values[2]
             c[o + 3] += values[3]
+    return t
+
+
+def report(t: Tally, method: Method, group_by: Sequence[str] = ()) -> dict[str, Any]:
+    """A tally as a result: totals, per category, per vehicle and per group, each with baseline,
+    project and avoided figures (rounded to 6 decimals), with the method and every assumption."""
+    _check_groups(group_by)
     return {
         "method": describe(method),
         "assumptions": method.model_dump(mode="json"),
-        "activity": assessment.activity,
-        "totals": _finish(totals),
-        "categories": {c: _finish(v) for c, v in categories.items()},
-        "vehicles": {v: _finish(cell) for v, cell in sorted(vehicles.items())},
+        "activity": {k: _round(v) for k, v in t.activity.items()},
+        "totals": _finish(t.totals),
+        "categories": {c: _finish(v) for c, v in t.categories.items()},
+        "vehicles": {v: _finish(cell) for v, cell in sorted(t.vehicles.items())},
         "group_by": list(group_by),
         "groups": [
             {"key": dict(zip(group_by, key, strict=True)), **_finish(cell)}
-            for key, cell in sorted(groups.items(), key=lambda kv: tuple(k or "" for k in kv[0]))
+            for key, cell in sorted(t.groups.items(), key=lambda kv: tuple(k or "" for k in kv[0]))
         ],
     }
+
+
+def summarize(assessment: Assessment, group_by: Sequence[str] = ()) -> dict[str, Any]:
+    """Totals, per category, per vehicle and per group (any of ``GROUPS``), each with baseline,
+    project and avoided trips, vkm and kg CO2e (WTW and TTW), plus the method and assumptions."""
+    return report(tally(assessment, group_by), assessment.method, group_by)
 
 
 def to_csv(summary: dict[str, Any]) -> str:

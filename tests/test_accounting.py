@@ -226,3 +226,43 @@ def test_overrides_are_validated() -> None:
         apply_overrides(Method(), ["truck='hovercraft'"])
     with pytest.raises(ValueError, match=r"not key\.path=value"):
         apply_overrides(Method(), ["allocation"])
+
+
+def test_day_by_day_tallies_add_up_to_the_whole_and_are_reused_only_for_the_same_counts() -> None:
+    """The backend's cache tallies day by day: the sum equals assessing every day at once; asking
+    again reuses every day; a day whose counts changed is worked out again, with the new figures."""
+    from dataclasses import replace
+
+    from backend.impact.service import DayCache, compute
+
+    days = [
+        BoxDay(
+            date(2026, 3, d), box, "gls", deposited_a=d, picked_up=1, waste_collections=d % 2, waste_collected_kg=2.0
+        )
+        for d in range(2, 9)
+        for box in ("x", "y")
+    ] + [BoxDay(date(2026, 3, d), "z", None, collected=3, waste_deposits=1, waste_deposit_kg=0.5) for d in range(2, 9)]
+    days.sort(key=lambda d: d.day)
+    cache = DayCache()
+    first = compute(days, GEO, method(), ["week", "category"], cache)
+    whole = summarize(assess(days, GEO, method()), ["week", "category"])
+    assert json_close(first, whole)
+    assert (cache.hits, cache.misses) == (0, 7)
+    assert compute(days, GEO, method(), ["week", "category"], cache) == first
+    assert (cache.hits, cache.misses) == (7, 7)
+    changed = [replace(d, deposited_a=40) if (d.day, d.box_id) == (date(2026, 3, 8), "x") else d for d in days]
+    again = compute(changed, GEO, method(), ["week", "category"], cache)
+    assert (cache.hits, cache.misses) == (13, 8)
+    assert json_close(again, summarize(assess(changed, GEO, method()), ["week", "category"]))
+    assert again["activity"]["parcels_delivered"] == first["activity"]["parcels_delivered"] + 32
+
+
+def json_close(a: object, b: object) -> bool:
+    """Equal up to float rounding in the last of the 6 decimals results carry."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=2e-6)
+    return a == b

@@ -1,8 +1,9 @@
 """All SQL of the KPIs: the daily activity counts the method reads, and where the boxes stand.
 
 Where it sits: the backend's end of a message's journey. ``activity_daily`` (migration 0004) is a
-continuous aggregate on TimescaleDB and a view on plain PostgreSQL, with the same columns; this
-query pivots it into one row per (day, box, carrier), the columns of ``accounting.BoxDay``.
+continuous aggregate on TimescaleDB and a rollup table kept by a trigger on plain PostgreSQL, with
+the same columns; this query pivots it into one row per (day, box, carrier), the columns of
+``accounting.BoxDay``.
 """
 
 from __future__ import annotations
