@@ -327,13 +327,13 @@ class AlertEngine:
         if not batch.heard_boxes:
             return
         rows = conn.execute(
-            """SELECT a.box_id, s.status_session, s.status_changed_at FROM alerts a
+            """SELECT a.box_id, s.status_session, s.status_changed_at, s.status_reason FROM alerts a
                JOIN box_state s ON s.box_id = a.box_id AND s.status_online
                WHERE a.box_id = ANY(%s) AND a.kind = 'box_offline' AND a.cleared_at IS NULL
                  AND a.details->>'reason' = 'heartbeat_timeout'""",
             (sorted(batch.heard_boxes),),
         ).fetchall()
-        for box_id, session, changed_at in rows:
+        for box_id, session, changed_at, status_reason in rows:
             cleared = clear_alerts(
                 conn,
                 box_id=box_id,
@@ -342,7 +342,8 @@ class AlertEngine:
                 reason="heartbeat_timeout",
             )
             if cleared:
-                notify(conn, LiveEvent.BOX_STATUS, status_data(box_id, True, "birth", session, changed_at))
+                reason = status_reason or "birth"
+                notify(conn, LiveEvent.BOX_STATUS, status_data(box_id, True, reason, session, changed_at))
 
     # ------------------------------------------------------------------ discrete events
 
