@@ -22,7 +22,10 @@ from psycopg.types.json import Jsonb
 
 from backend.api.app import create_app
 from backend.api.server import ApiServer
+from backend.ingest.mqtt import Received
 from backend.ingest.worker import IngestWorker
+from backend.ingest.writer import BatchWriter
+from backend.operations.alerts import AlertEngine, OpsBatch
 from backend.settings import Settings
 from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
 from contract.messages import (
@@ -547,3 +550,23 @@ def test_stopping_the_server_ends_open_streams(database_url: str, api_keys: dict
     assert not reader.is_alive()
     assert time.monotonic() - started < 3
     assert "event: hello" in lines
+
+
+class _BrokenAlerts(AlertEngine):
+    def apply(self, conn: psycopg.Connection[Any], batch: OpsBatch) -> None:
+        conn.execute("SELECT 1/0")  # a database error inside alerting (the savepoint must absorb it)
+
+
+def test_a_fault_in_alerting_never_costs_a_batch_its_data(db: psycopg.Connection[Any], database_url: str) -> None:
+    """When alert evaluation fails, the batch's events are still stored (not dead-lettered) and the
+    failure is counted."""
+    payload = DoorLeftOpen(compartment=3, open_s=100)
+    raw = encode(make_event(box_id="ops-fault-1", seq=1, session=1, ts_ms=T0, payload=payload))
+    message = Received(1, 1, 1, topic_for("ops-fault-1", MessageKind.EVENTS), raw, time.time())
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        result = BatchWriter(conn, "test-broken-alerts", _BrokenAlerts()).write([message])
+    assert result.events == 1
+    assert result.dead_letters == 0
+    assert result.alert_errors == 1
+    assert db.execute("SELECT count(*) FROM events WHERE box_id = 'ops-fault-1'").fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM alerts WHERE box_id = 'ops-fault-1'").fetchone() == (0,)

@@ -56,6 +56,9 @@ class IngestMetrics:
         self.db_errors = Counter(
             "molo_worker_database_errors", "Batches retried after a database error", registry=registry
         )
+        self.alert_errors = Counter(
+            "molo_worker_alert_errors", "Batches stored whose alert evaluation failed (logged)", registry=registry
+        )
 
     def observe(self, r: BatchResult) -> None:
         for kind, n in (
@@ -68,6 +71,8 @@ class IngestMetrics:
                 self.messages.labels(kind).inc(n)
         if r.duplicates:
             self.duplicates.inc(r.duplicates)
+        if r.alert_errors:
+            self.alert_errors.inc(r.alert_errors)
         for code, n in r.dead_letter_codes.items():
             self.dead_letters.labels(code).inc(n)
         self.batch_seconds.observe(r.seconds)

@@ -14,7 +14,8 @@ Exactly-once storage on top of at-least-once delivery:
   time and dead-lettered with code ``storage_rejected``.
 - per-worker counters are updated in the same transaction, so they are exact.
 - alerts are raised and cleared in the same transaction too (:mod:`backend.operations.alerts`), and
-  status changes and alerts are NOTIFYed to the API's live stream on commit.
+  status changes and alerts are NOTIFYed to the API's live stream on commit. Alerting runs in a
+  savepoint: a fault there is logged and skips that batch's alerts, never its data.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class BatchResult:
     duplicates: int = 0
     dead_letters: int = 0
     dead_letter_codes: dict[str, int] = field(default_factory=dict)
+    alert_errors: int = 0
     seconds: float = 0.0
     lag_seconds: float = 0.0
 
@@ -295,17 +297,26 @@ class BatchWriter:
             applied = self._update_box_state(d)
             r.statuses = len(d.statuses)
             r.command_acks = self._apply_command_acks(d.acks, d.dead)
-            self.alerts.apply(
-                conn,
-                OpsBatch(
-                    events=[e for _, e in d.events],
-                    telemetry_boxes={e.box_id for _, e in d.telemetry},
-                    heard_boxes={e.box_id for _, e in d.events + d.telemetry},
-                    statuses=applied,
-                    acked_commands=sorted({a.command_id for _, a in d.acks}),  # unknown ones: no row
-                    layouts={b: entry[0] for b, entry in self._layouts.items()},
-                ),
-            )
+            try:
+                with conn.transaction():  # a savepoint: a fault in alerting never costs a batch its data
+                    self.alerts.apply(
+                        conn,
+                        OpsBatch(
+                            events=[e for _, e in d.events],
+                            telemetry_boxes={e.box_id for _, e in d.telemetry},
+                            heard_boxes={e.box_id for _, e in d.events + d.telemetry},
+                            statuses=applied,
+                            acked_commands=sorted({a.command_id for _, a in d.acks}),  # unknown ones: no row
+                            layouts={b: entry[0] for b, entry in self._layouts.items()},
+                        ),
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise
+            except Exception:  # logged loudly; the rows are stored, this batch's alerts are skipped
+                log.exception(
+                    "alert evaluation failed for a batch of %d messages; data stored, alerts skipped", n_messages
+                )
+                r.alert_errors += 1
             if d.dead:
                 with conn.cursor().copy(
                     "COPY dead_letters (received_at, topic, box_id, error_code, reason, payload, worker_id) FROM STDIN"
@@ -586,7 +597,16 @@ def _box(topic: str) -> str | None:
 
 def merge_results(total: BatchResult, part: BatchResult) -> None:
     """Add the counts of ``part`` to ``total``."""
-    for name in ("messages", "events", "telemetry", "statuses", "command_acks", "duplicates", "dead_letters"):
+    for name in (
+        "messages",
+        "events",
+        "telemetry",
+        "statuses",
+        "command_acks",
+        "duplicates",
+        "dead_letters",
+        "alert_errors",
+    ):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     for code, n in part.dead_letter_codes.items():
         total.dead_letter_codes[code] = total.dead_letter_codes.get(code, 0) + n
