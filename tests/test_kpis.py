@@ -277,7 +277,23 @@ def test_the_daily_counts_are_exact_under_replay(db: psycopg.Connection[Any]) ->
     for _ in range(3):  # the same two events, delivered three times
         db.execute(insert, (ts, 1, "waste.collected", "gls", 2.5))
         db.execute(insert, (ts, 2, "door.opened", None, None))
-    rows = db.execute(
-        "SELECT type, carrier, events, weight_kg FROM activity_daily WHERE box_id = 'kpi-009'"
-    ).fetchall()
+    rows = db.execute("SELECT type, carrier, events, weight_kg FROM activity_daily WHERE box_id = 'kpi-009'").fetchall()
     assert rows == [("waste.collected", "gls", 1, 2.5)]
+
+
+def test_a_day_is_worked_out_again_when_its_counts_grow(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
+    """The API's day cache never serves stale figures: after an event arrives for a day already
+    asked for, the next answer counts it."""
+    ts = datetime(2026, 5, 11, 12, tzinfo=UTC)
+    db.execute("INSERT INTO boxes (box_id, latitude, longitude) VALUES ('kpi-010', 57.04, 9.92) ON CONFLICT DO NOTHING")
+    db.execute("SELECT molo_ensure_partitions('events', %s, %s)", (ts, ts))
+    insert = """INSERT INTO events (ts, received_at, box_id, seq, session, type, compartment, parcel_id, payload)
+                VALUES (%s, now(), 'kpi-010', %s, 1, 'parcel.collected', 3, %s, '{}')"""
+    params = {"box": ["kpi-010"], "since": "2026-05-11", "until": "2026-05-12"}
+    db.execute(insert, (ts, 1, "p1"))
+    first = api.get("/api/v1/kpis", params=params).json()
+    assert api.get("/api/v1/kpis", params=params).json() == first
+    db.execute(insert, (ts, 2, "p2"))
+    second = api.get("/api/v1/kpis", params=params).json()
+    assert (first["activity"]["parcels_collected"], second["activity"]["parcels_collected"]) == (1, 2)
+    assert second["totals"]["project"]["trips"] == pytest.approx(2 * first["totals"]["project"]["trips"])

@@ -31,23 +31,46 @@ _ACTIVITY = """
            coalesce(sum(events) FILTER (WHERE type = 'waste.collected'), 0)::bigint,
            coalesce(sum(weight_kg) FILTER (WHERE type = 'waste.collected'), 0)::double precision
     FROM activity_daily
-    WHERE bucket >= (%(since)s::date)::timestamp AT TIME ZONE 'UTC'
-      AND bucket < (%(until)s::date)::timestamp AT TIME ZONE 'UTC'
-      {box_filter}
+    WHERE {where}
     GROUP BY 1, 2, 3
     ORDER BY 1, 2, 3 NULLS FIRST
 """
+_RANGE = """bucket >= (%(since)s::date)::timestamp AT TIME ZONE 'UTC'
+            AND bucket < (%(until)s::date)::timestamp AT TIME ZONE 'UTC'"""
+_DAYS = "bucket = ANY(ARRAY(SELECT d::timestamp AT TIME ZONE 'UTC' FROM unnest(%(days)s::date[]) AS d))"
+_BOXES = " AND box_id = ANY(%(boxes)s)"
 
 
 async def activity(
     conn: AsyncConnection[Any], since: date, until: date, boxes: list[str] | None = None
 ) -> list[BoxDay]:
     """The counted events of UTC days ``[since, until)``, optionally of some boxes only."""
-    query = _ACTIVITY.format(box_filter="AND box_id = ANY(%(boxes)s)" if boxes else "")
+    query = _ACTIVITY.format(where=_RANGE + (_BOXES if boxes else ""))
     async with conn.cursor() as cur:
         await cur.execute(query, {"since": since, "until": until, "boxes": boxes})
         rows = await cur.fetchall()
     return [BoxDay(*r) for r in rows]
+
+
+async def activity_of_days(conn: AsyncConnection[Any], days: list[date], boxes: list[str] | None) -> list[BoxDay]:
+    """The counted events of the UTC ``days`` listed, optionally of some boxes only."""
+    query = _ACTIVITY.format(where=_DAYS + (_BOXES if boxes else ""))
+    async with conn.cursor() as cur:
+        await cur.execute(query, {"days": days, "boxes": boxes})
+        rows = await cur.fetchall()
+    return [BoxDay(*r) for r in rows]
+
+
+async def day_fingerprints(
+    conn: AsyncConnection[Any], since: date, until: date, boxes: list[str] | None
+) -> dict[date, tuple[int, int, float]]:
+    """Per UTC day in ``[since, until)`` with counted events: (rows, events, kg). Counts only ever
+    grow (events are never deleted), so a day whose fingerprint is unchanged has unchanged counts."""
+    query = f"""SELECT (bucket AT TIME ZONE 'UTC')::date, count(*), sum(events)::bigint, sum(weight_kg)
+                FROM activity_daily WHERE {_RANGE}{_BOXES if boxes else ""} GROUP BY 1 ORDER BY 1"""
+    async with conn.cursor() as cur:
+        await cur.execute(query, {"since": since, "until": until, "boxes": boxes})
+        return {d: (int(n), int(e), float(kg)) for d, n, e, kg in await cur.fetchall()}
 
 
 async def activity_span(conn: AsyncConnection[Any]) -> tuple[date, date] | None:

@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date
 from functools import lru_cache
 from itertools import groupby
@@ -77,13 +77,26 @@ def geography_key(geo: Geography) -> str:
     return _fingerprint(repr(parts))
 
 
+Fingerprint = tuple[Any, ...]
+CacheKey = tuple[str, str, tuple[str, ...], tuple[str, ...] | None]  # geography, method, grouping, boxes
+
+
+@dataclass
+class DayResult:
+    """One day worked out: its tally and what it could not place."""
+
+    tally: Tally
+    no_box: frozenset[str]
+    no_depot: frozenset[str]
+
+
 class DayCache:
-    """Tallies of single days by (method, geography, grouping, day), with the counts they came from;
-    least recently used entries go first. Safe to share between threads."""
+    """Days worked out, by (geography, method, grouping, box filter, day), each with the fingerprint
+    of the counts it came from; least recently used entries go first. Safe to share between threads."""
 
     def __init__(self, max_days: int = 20_000) -> None:
         self.max_days = max_days
-        self._days: OrderedDict[tuple[str, str, tuple[str, ...], date], tuple[list[BoxDay], Tally]] = OrderedDict()
+        self._days: OrderedDict[tuple[CacheKey, date], tuple[Fingerprint, DayResult]] = OrderedDict()
         self._assessors: OrderedDict[tuple[str, str], Assessor] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -100,21 +113,30 @@ class DayCache:
             self._assessors.move_to_end(key)
             return found
 
-    def tally(
-        self, assessor: Assessor, keys: tuple[str, str], group_by: list[str], day: date, rows: list[BoxDay]
-    ) -> Tally:
-        """The tally of one day's ``rows``: cached if these exact counts were tallied before."""
-        key = (*keys, tuple(group_by), day)
+    def lookup(self, key: CacheKey, day: date, fingerprint: Fingerprint) -> DayResult | None:
+        """The day's result if it was worked out from counts with this fingerprint."""
         with self._lock:
-            hit = self._days.get(key)
-            if hit is not None and hit[0] == rows:
-                self._days.move_to_end(key)
-                self.hits += 1
-                return hit[1]
-        with self._lock:  # one thread at a time through an assessor's distance memo
-            result = tally(assessor.assess(rows), group_by)
+            hit = self._days.get((key, day))
+            if hit is None or hit[0] != fingerprint:
+                return None
+            self._days.move_to_end((key, day))
+            self.hits += 1
+            return hit[1]
+
+    def work_out(
+        self, assessor: Assessor, key: CacheKey, day: date, fingerprint: Fingerprint, rows: list[BoxDay]
+    ) -> DayResult:
+        """Tally one day's counts (one thread at a time: an assessor's memo is not thread-safe) and
+        keep the result under ``fingerprint``."""
+        kept, excluded = placeable(rows, assessor.geo)
+        with self._lock:
+            result = DayResult(
+                tally(assessor.assess(kept), list(key[2])),
+                frozenset(excluded["boxes_without_position"]),
+                frozenset(excluded["carriers_without_depot"]),
+            )
             self.misses += 1
-            self._days[key] = (rows, result)
+            self._days[(key, day)] = (fingerprint, result)
             while len(self._days) > self.max_days:
                 self._days.popitem(last=False)
         return result
@@ -124,16 +146,47 @@ class DayCache:
 CACHE = DayCache()
 
 
+def cache_key(geo: Geography, method: Method, group_by: list[str], boxes: list[str] | None) -> CacheKey:
+    return (
+        geography_key(geo),
+        _fingerprint(method.model_dump_json()),
+        tuple(group_by),
+        tuple(sorted(set(boxes))) if boxes else None,
+    )
+
+
+def combine(results: list[DayResult], method: Method, group_by: list[str]) -> dict[str, Any]:
+    """Days' results added up into one result, with what was left out."""
+    total = Tally()
+    no_box: set[str] = set()
+    no_depot: set[str] = set()
+    for r in results:
+        total.add(r.tally)
+        no_box |= r.no_box
+        no_depot |= r.no_depot
+    excluded = {"boxes_without_position": sorted(no_box), "carriers_without_depot": sorted(no_depot)}
+    return {**report(total, method, group_by), "excluded": excluded}
+
+
 def compute(
     days: list[BoxDay], geo: Geography, method: Method, group_by: list[str], cache: DayCache = CACHE
 ) -> dict[str, Any]:
-    """The method's result over ``days`` (ordered by day), tallied day by day through ``cache``."""
-    geo_key, method_key = geography_key(geo), _fingerprint(method.model_dump_json())
-    assessor = cache.assessor(geo, geo_key, method, method_key)
-    total = Tally()
-    for day, rows in groupby(days, key=lambda d: d.day):
-        total.add(cache.tally(assessor, (geo_key, method_key), group_by, day, list(rows)))
-    return report(total, method, group_by)
+    """The method's result over ``days`` (ordered by day), worked out day by day through ``cache``
+    (each day's fingerprint taken from its counts; for callers that hold the counts already)."""
+    key = cache_key(geo, method, group_by, None)
+    assessor = cache.assessor(geo, key[0], method, key[1])
+    results = []
+    for day, group in groupby(days, key=lambda d: d.day):
+        rows = list(group)
+        fp = tuple(_counts(r) for r in rows)
+        results.append(cache.lookup(key, day, fp) or cache.work_out(assessor, key, day, fp, rows))
+    return combine(results, method, group_by)
+
+
+def _counts(d: BoxDay) -> tuple[Any, ...]:
+    return (d.box_id, d.carrier, d.deposited_a, d.deposited_b, d.deposited_c, d.collected, d.expired,
+            d.dropped_off, d.picked_up, d.waste_deposits, d.waste_deposit_kg, d.waste_collections,
+            d.waste_collected_kg)  # fmt: skip
 
 
 async def kpis(
@@ -145,11 +198,31 @@ async def kpis(
     group_by: list[str],
     boxes: list[str] | None,
     network_file: Path | None,
+    cache: DayCache = CACHE,
 ) -> dict[str, Any]:
-    """The method's summary of UTC days ``[since, until)``. The method's work runs in a thread, so the
-    event loop keeps serving other requests meanwhile."""
-    days = await repository.activity(conn, since, until, boxes)
+    """The method's result over UTC days ``[since, until)``.
+
+    In one snapshot (REPEATABLE READ): each day's fingerprint, then the counts of only the days the
+    cache does not hold with that fingerprint. The method's work runs in a thread, so the event loop
+    keeps serving other requests meanwhile.
+    """
     geo = await geography(conn, network_file)
-    kept, excluded = placeable(days, geo)
-    result = await asyncio.to_thread(compute, kept, geo, method, group_by)
-    return {"period": {"since": since.isoformat(), "until": until.isoformat()}, **result, "excluded": excluded}
+    key = cache_key(geo, method, group_by, boxes)
+    assessor = cache.assessor(geo, key[0], method, key[1])
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        prints = await repository.day_fingerprints(conn, since, until, boxes)
+        found = {day: cache.lookup(key, day, fp) for day, fp in prints.items()}
+        missing = [day for day, r in found.items() if r is None]
+        rows = await repository.activity_of_days(conn, missing, boxes) if missing else []
+
+    def work() -> dict[str, Any]:
+        by_day = {day: list(group) for day, group in groupby(rows, key=lambda d: d.day)}
+        results = [
+            r if r is not None else cache.work_out(assessor, key, day, prints[day], by_day.get(day, []))
+            for day, r in found.items()
+        ]
+        return combine(results, method, group_by)
+
+    result = await asyncio.to_thread(work)
+    return {"period": {"since": since.isoformat(), "until": until.isoformat()}, **result}
