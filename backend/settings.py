@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     monitor_interval_s: Annotated[float, Field(gt=0)] = 5.0
     #: A command with no acknowledgement this long after it was sent ends ``timed_out``.
     command_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    #: How often the API ends overdue courier holds and tells their boxes to release the doors (the
+    #: capacity query never counts an overdue hold; this is for the boxes). 0 turns the task off.
+    reservation_sweep_interval_s: Annotated[float, Field(ge=0, le=3600)] = 15.0
 
     # --- KPIs (backend/impact, docs/methodology.md)
     #: The network file whose depots and recycling stations the trip and CO2 method measures from

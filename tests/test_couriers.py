@@ -80,7 +80,14 @@ def seed_box(
 @pytest.fixture(scope="module")
 def courier_url(database_url: str, broker: RunningBroker, credentials: Credentials) -> Iterator[str]:
     """The API on uvicorn with its broker connection (commands go out as the ingest user)."""
-    settings = settings_for(database_url, broker, credentials, heartbeat_timeout_s=60.0, command_timeout_s=10.0)
+    settings = settings_for(
+        database_url,
+        broker,
+        credentials,
+        heartbeat_timeout_s=60.0,
+        command_timeout_s=10.0,
+        reservation_sweep_interval_s=0.3,
+    )
     server = ApiServer(create_app(settings)).start()
     try:
         yield server.url
@@ -359,6 +366,25 @@ def test_expiry_releases_the_hold(
     again = reserve(http, gls, "cou-expire")  # the door can be held again
     assert again.status_code == 201
     assert again.json()["compartment"] == 3
+
+
+def test_periodic_sweep_expires_holds_without_any_call(
+    http: httpx.Client, db: psycopg.Connection[Any], api_keys: dict[str, Headers]
+) -> None:
+    """With nobody calling, the API's periodic sweep marks an overdue hold expired and sends its box
+    a release_compartment command."""
+    seed_box(db, "cou-quiet", *spot())
+    held = reserve(http, api_keys["courier_gls"], "cou-quiet").json()
+    db.execute(
+        "UPDATE reservations SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 second'"
+        " WHERE reservation_id = %s",
+        (held["reservation_id"],),
+    )
+    query = (
+        "SELECT r.status, c.action FROM reservations r LEFT JOIN commands c ON c.command_id = r.release_command_id"
+        " WHERE r.reservation_id = %s"
+    )
+    wait_for(lambda: db.execute(query, (held["reservation_id"],)).fetchone() == ("expired", "release_compartment"))
 
 
 # --------------------------------------------------------------------------- roles and carriers

@@ -69,9 +69,12 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
         app.state.live = hub
         loop = asyncio.get_running_loop()
         app.state.end_streams = lambda: loop.call_soon_threadsafe(hub.end_streams)  # from any thread
+        sweeper = asyncio.create_task(couriers.sweep_periodically(app, settings), name="reservation-sweep")
         try:
             yield
         finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
             await hub.stop()
             if sender is not None:
                 sender.stop()

@@ -10,11 +10,15 @@ overdue hold.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 from backend.api.auth import CourierDep, Principal, Role, carrier_for
 from backend.api.deps import ConnDep, SettingsDep
@@ -34,6 +38,7 @@ from contract import SizeClass
 from contract.domain import Dimensions
 
 router = APIRouter(prefix="/api/v1/courier", tags=["couriers"])
+log = logging.getLogger(__name__)
 
 _AUTH: dict[int | str, dict[str, Any]] = {
     401: {"description": "`missing_api_key`, `invalid_api_key` or `revoked_api_key`"},
@@ -63,6 +68,23 @@ async def _sweep_now_and_then(request: Request, conn: ConnDep, ctx: service.Comm
     if now - getattr(request.app.state, "courier_swept_at", -SWEEP_EVERY_S) >= SWEEP_EVERY_S:
         request.app.state.courier_swept_at = now
         await service.sweep_expired(conn, ctx)
+
+
+async def sweep_periodically(app: FastAPI, settings: Settings) -> None:
+    """Run in the API's lifespan: every ``reservation_sweep_interval_s`` end fulfilled and overdue
+    holds and send the boxes their releases, so boxes hear of expiries in quiet hours too."""
+    interval = settings.reservation_sweep_interval_s
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            pool: AsyncConnectionPool[AsyncConnection[Any]] = app.state.pool
+            async with pool.connection(timeout=5.0) as conn:
+                ctx = service.CommandContext(getattr(app.state, "commands", None), settings.command_timeout_s)
+                await service.sweep_expired(conn, ctx)
+        except Exception:  # the database may be down for a while; try again next time
+            log.warning("reservation sweep failed; retrying in %g s", interval, exc_info=True)
 
 
 def _size(
