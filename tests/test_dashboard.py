@@ -2,9 +2,9 @@
 real pipeline (Mosquitto with broker_config, PostgreSQL, ingest, the API on uvicorn) while the live
 simulator's boxes publish, as in ``molo demo``.
 
-The pipeline gets a database of its own, so the page shows exactly the demo's boxes. The ingest
-worker subscribes through the shared subscription, which receives no retained messages, so other
-test modules' boxes do not appear either. Boxes box-015 .. box-020 belong to this module.
+The pipeline gets a database and a Mosquitto (broker_config, the run's credentials) of its own, so the
+page shows exactly the demo's boxes, and no other test's ingest session in the shared subscription
+group can take a share of its messages. Boxes box-015 .. box-020 belong to this module.
 The screenshot is saved to ``test-artifacts/dashboard.png`` (ignored by git).
 """
 
@@ -33,7 +33,7 @@ from backend.migrate import migrate
 from backend.settings import Settings, TimescaleMode
 from contract.messages import SCHEMA_VERSION, Status, StatusReason, encode
 from contract.topics import MessageKind, topic_for
-from molo.brokers import RunningBroker
+from molo.brokers import RunningBroker, start_mosquitto
 from molo.postgres import create_database, drop_database
 from molo.provision import Credentials
 from molo.registry import register_boxes
@@ -68,6 +68,7 @@ class Demo:
     token: str
     database_url: str
     network: Network
+    broker: RunningBroker
 
 
 def demo_world() -> tuple[Any, Network]:
@@ -80,10 +81,10 @@ def demo_world() -> tuple[Any, Network]:
 
 
 @pytest.fixture(scope="module")
-def demo(
-    pg_admin_url: str, broker: RunningBroker, credentials: Credentials, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Demo]:
-    """The demo pipeline on its own database: boxes registered and publishing live, an operator key."""
+def demo(pg_admin_url: str, credentials: Credentials, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """The demo pipeline on its own database and broker: boxes registered and publishing live, an
+    operator key."""
+    broker = start_mosquitto(tmp_path_factory.mktemp("dashboard-mosquitto"), credentials)
     url = create_database(pg_admin_url, "molo_dashboard")
     migrate(url, TimescaleMode.OFF)
     scenario, network = demo_world()
@@ -112,12 +113,13 @@ def demo(
     )
     sim.start()
     try:
-        yield Demo(url=server.url, token=token, database_url=url, network=network)
+        yield Demo(url=server.url, token=token, database_url=url, network=network, broker=broker)
     finally:
         stop.set()
         sim.join(90)
         worker.retire(quiet_s=0.2)
         server.stop()
+        broker.stop()
         drop_database(url, pg_admin_url)
 
 
@@ -156,9 +158,7 @@ def test_dashboard_is_served_with_its_assets_and_no_outside_sources(demo: Demo) 
     assert not any(p.startswith("/dashboard") for p in paths)
 
 
-def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(
-    demo: Demo, broker: RunningBroker, credentials: Credentials
-) -> None:
+def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(demo: Demo, credentials: Credentials) -> None:
     """In headless Chromium the dashboard (key from the URL fragment) shows every box of the running demo
     on the plan, a box's compartments on click, the KPIs with their chart and the alerts; when a box's
     Last Will arrives its marker turns offline and its alert appears, without a reload; nothing is
@@ -166,12 +166,19 @@ def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(
     if not CHROMIUM.exists():
         pytest.fail(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
     with httpx.Client(base_url=demo.url, headers={"X-API-Key": demo.token}, timeout=10) as api:
-        check_in_browser(demo, api, broker, credentials)
+        check_in_browser(demo, api, credentials)
 
 
-def check_in_browser(demo: Demo, api: httpx.Client, broker: RunningBroker, credentials: Credentials) -> None:
+def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) -> None:
     """The browser part of the test above (``api`` authenticates as the operator)."""
-    wait_for(lambda: len([b for b in api.get("/api/v1/boxes").json() if b["online"]]) == len(IDS), timeout=60)
+
+    def statuses() -> dict[str, Any]:
+        return {b["box_id"]: (b["online"], b["status_reason"]) for b in api.get("/api/v1/boxes").json()}
+
+    try:
+        wait_for(lambda: [s[0] for s in statuses().values()] == [True] * len(IDS), timeout=60)
+    except AssertionError as exc:
+        raise AssertionError(f"not every box came online: {statuses()}") from exc
 
     outside: list[str] = []
     errors: list[str] = []
@@ -219,7 +226,7 @@ def check_in_browser(demo: Demo, api: httpx.Client, broker: RunningBroker, crede
             page.evaluate("window.__sameDocument = true")
             victim = IDS[3]
             session = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}[victim]["session"]
-            publish_last_will(broker, credentials, victim, session)
+            publish_last_will(demo.broker, credentials, victim, session)
             page.wait_for_selector(f'#plan .box[data-box-id="{victim}"][data-status="offline"]', timeout=20_000)
             assert page.evaluate("window.__sameDocument === true")
             assert page.locator("#legend li[data-status=offline]").get_attribute("data-count") == "1"

@@ -81,8 +81,8 @@ async def free_capacity_near(
     """Available boxes within ``radius_m`` of the point with at least one free compartment of a
     size in ``sizes``, nearest first: free counts per size class and the fitting total."""
     params = {
-        "lat": lat,
-        "lon": lon,
+        "lat": round(lat, 7),  # 1 cm; also keeps subnormal floats out of the trigonometry (PostgreSQL
+        "lon": round(lon, 7),  # raises "value out of range: underflow" on them: found by tests/test_api_fuzz.py)
         "radius": radius_m,
         "lat_min": bbox[0],
         "lat_max": bbox[1],
@@ -260,8 +260,8 @@ async def waste_pickups(
     contents from ``red_box_fill`` (kept by ingest from waste.deposited / waste.collected events),
     the latest weighed reading from telemetry, nearest first."""
     params = {
-        "lat": lat,
-        "lon": lon,
+        "lat": round(lat, 7),  # 1 cm; also keeps subnormal floats out of the trigonometry (PostgreSQL
+        "lon": round(lon, 7),  # raises "value out of range: underflow" on them: found by tests/test_api_fuzz.py)
         "radius": radius_m,
         "lat_min": bbox[0],
         "lat_max": bbox[1],
