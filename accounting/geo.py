@@ -67,6 +67,7 @@ class Distances:
         self._origins: dict[Point, dict[str, float]] = {}
         self._tours: dict[tuple[Point, frozenset[str]], tuple[list[str], float]] = {}
         self._station: dict[str, float] = {}
+        self._rank: dict[Point | str, list[str]] = {}
 
     def _row(self, box_id: str) -> dict[str, float]:
         row = self._rows.get(box_id)
@@ -110,26 +111,29 @@ class Distances:
         hit = self._tours.get(key)
         if hit is not None:
             return hit
-        left = sorted(key[1])
+        left = set(key[1])
         for box_id in left:
             self.geo.box(box_id)
         start = self._origin(origin)
         order: list[str] = []
-        row, km = start, 0.0
+        ranked, km = self._ranked(origin, start), 0.0
         while left:
-            best_i, best_d = 0, math.inf
-            for i, box_id in enumerate(left):
-                d = row[box_id]
-                if d < best_d:
-                    best_i, best_d = i, d
-            box_id = left.pop(best_i)
+            box_id = next(b for b in ranked if b in left)  # the nearest left, ties to the lower id
+            km += (start if not order else self._row(order[-1]))[box_id]
             order.append(box_id)
-            km += best_d
-            row = self._row(box_id)
+            left.discard(box_id)
+            ranked = self._ranked(box_id, self._row(box_id))
         if order:
             km += start[order[-1]]
         result = self._tours[key] = (order, km)
         return result
+
+    def _ranked(self, place: Point | str, row: dict[str, float]) -> list[str]:
+        """Box ids by road km from ``place``, nearest first, ties to the lower id."""
+        found = self._rank.get(place)
+        if found is None:
+            found = self._rank[place] = sorted(row, key=lambda b: (row[b], b))
+        return found
 
     def path_km(self, origin: Point, order: list[str]) -> float:
         """km of the closed tour ``origin -> order[0] -> ... -> order[-1] -> origin`` in that order."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any, Literal, NamedTuple
@@ -59,6 +59,11 @@ class Line(NamedTuple):
     vehicle: str  # "van" (the carriers' fleet mix), "truck", "car"
     trips: float
     vkm: float
+
+
+def _line(*fields: Any) -> Line:
+    """A :class:`Line` without NamedTuple's Python-level ``__new__`` (the method makes ~300k a year)."""
+    return tuple.__new__(Line, fields)
 
 
 class Part(NamedTuple):
@@ -165,7 +170,7 @@ def _vans(days: list[BoxDay], dist: Distances, method: Method, lines: list[Line]
                 else:
                     shares = _marginal(depot, trip, parts, km, dist)
                 for pt, vkm in zip(parts, shares, strict=True):
-                    lines.append(Line("project", pt.category, pt.box_id, carrier, day, "van", vkm / km, vkm))
+                    lines.append(_line("project", pt.category, pt.box_id, carrier, day, "van", vkm / km, vkm))
             _baseline_trip(depot, trip, stops, parts, carrier, day, dist, method, lines)
 
 
@@ -224,7 +229,7 @@ def _baseline_trip(
     total = sum(vkms)
     for pt, vkm in zip(parcel_parts, vkms, strict=True):
         trips = vkm / total if total > 0 else 0.0
-        lines.append(Line("baseline", pt.category, pt.box_id, carrier, day, "van", trips, vkm))
+        lines.append(_line("baseline", pt.category, pt.box_id, carrier, day, "van", trips, vkm))
 
 
 # ---------------------------------------------------------------------------------------- waste rounds
@@ -251,7 +256,7 @@ def _waste_rounds(
         loads = [boxes[b] * dist.from_origin(site, b) for b in order]
         for box, vkm in zip(order, _split(km, loads), strict=True):
             trips = vkm / km if km > 0 else 0.0
-            lines.append(Line(scenario, WASTE, box, operator, day, "truck", trips * weight, vkm * weight))
+            lines.append(_line(scenario, WASTE, box, operator, day, "truck", trips * weight, vkm * weight))
 
 
 # ---------------------------------------------------------------------------------------- residents
@@ -264,37 +269,52 @@ def _residents(days: list[BoxDay], dist: Distances, method: Method, lines: list[
     resident = {"resident_trips": 1.0, "dedicated_round": 0.0, "mixed": b.waste_resident_share}[b.waste]
     home = b.parcels == "home_delivery"
     shop_per_parcel = p.failed_first_attempt_share * (1 - p.failed_redelivery_share) if home else 1.0
+    box_share, box_km, shop_share, shop_km = r.box_car_share, r.box_trip_km, r.shop_car_share, r.shop_trip_km
+    recycling = r.recycling_trips_per_deposit * r.recycling_car_share * resident
+    add = lines.append
     for a in days:
         day, box, carrier = a.day, a.box_id, a.carrier
-        for category, n in ((DELIVERY, a.collected), (SENDING, a.dropped_off), (WASTE, a.waste_deposits)):
-            if n:
-                trips = n * r.box_car_share
-                lines.append(Line("project", category, box, carrier, day, "car", trips, trips * r.box_trip_km))
-        if a.waste_deposits and resident > 0:
-            trips = a.waste_deposits * r.recycling_trips_per_deposit * r.recycling_car_share * resident
-            lines.append(Line("baseline", WASTE, box, carrier, day, "car", trips, trips * 2 * dist.to_station_km(box)))
-        if a.parcels_delivered and shop_per_parcel > 0:
-            trips = a.parcels_delivered * shop_per_parcel * r.shop_car_share
-            lines.append(Line("baseline", DELIVERY, box, carrier, day, "car", trips, trips * r.shop_trip_km))
+        if a.collected:
+            trips = a.collected * box_share
+            add(_line("project", DELIVERY, box, carrier, day, "car", trips, trips * box_km))
         if a.dropped_off:
-            trips = a.dropped_off * r.shop_car_share
-            lines.append(Line("baseline", SENDING, box, carrier, day, "car", trips, trips * r.shop_trip_km))
+            trips = a.dropped_off * box_share
+            add(_line("project", SENDING, box, carrier, day, "car", trips, trips * box_km))
+            trips = a.dropped_off * shop_share
+            add(_line("baseline", SENDING, box, carrier, day, "car", trips, trips * shop_km))
+        if a.waste_deposits:
+            trips = a.waste_deposits * box_share
+            add(_line("project", WASTE, box, carrier, day, "car", trips, trips * box_km))
+            if recycling > 0:
+                trips = a.waste_deposits * recycling
+                add(_line("baseline", WASTE, box, carrier, day, "car", trips, trips * 2 * dist.to_station_km(box)))
+        delivered = a.deposited_a + a.deposited_b + a.deposited_c
+        if delivered and shop_per_parcel > 0:
+            trips = delivered * shop_per_parcel * shop_share
+            add(_line("baseline", DELIVERY, box, carrier, day, "car", trips, trips * shop_km))
     _waste_rounds(days, dist, method, lines, scenario="baseline", weight=1.0 - resident)
 
 
 def _activity(days: list[BoxDay], method: Method) -> dict[str, float]:
-    out: dict[str, float] = defaultdict(float)
+    delivered = collected = taken_back = sent = deposits = 0
+    kg_deposited = 0.0
+    boxes = {"vans": 0, "operator": 0}
+    kg = {"vans": 0.0, "operator": 0.0}
+    operator = method.waste.operator
     for a in days:
-        out["parcels_delivered"] += a.parcels_delivered
-        out["parcels_collected"] += a.collected
-        out["parcels_taken_back"] += a.expired
-        out["parcels_sent"] += a.dropped_off
-        out["waste_deposits"] += a.waste_deposits
-        out["waste_kg_deposited"] += a.waste_deposit_kg
-        by = "operator" if a.carrier == method.waste.operator else "vans"
-        out[f"red_boxes_by_{by}"] += a.waste_collections
-        out[f"waste_kg_by_{by}"] += a.waste_collected_kg
-    return {k: out.get(k, 0.0) for k in ACTIVITY}
+        delivered += a.deposited_a + a.deposited_b + a.deposited_c
+        collected += a.collected
+        taken_back += a.expired
+        sent += a.dropped_off
+        deposits += a.waste_deposits
+        kg_deposited += a.waste_deposit_kg
+        if a.waste_collections:
+            by = "operator" if a.carrier == operator else "vans"
+            boxes[by] += a.waste_collections
+            kg[by] += a.waste_collected_kg
+    values = (delivered, collected, taken_back, sent, deposits, kg_deposited,
+              boxes["vans"], kg["vans"], boxes["operator"], kg["operator"])  # fmt: skip
+    return dict(zip(ACTIVITY, map(float, values), strict=True))
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -376,45 +396,56 @@ def _check_groups(group_by: Sequence[str]) -> None:
 
 
 def tally(assessment: Assessment, group_by: Sequence[str] = ()) -> Tally:
-    """Sum an assessment's lines: trips, vkm and kg CO2e (WTW and TTW) per scenario."""
+    """Sum an assessment's lines: trips, vkm and kg CO2e (WTW and TTW) per scenario.
+
+    Lines are first summed per (scenario, category, vehicle, group) as trips and vkm; kg CO2e is vkm
+    times the vehicle's intensity, so it is applied once per sum instead of once per line."""
     _check_groups(group_by)
     method = assessment.method
-    intensity = {v: method.intensity(v) for v in {ln.vehicle for ln in assessment.lines}}
+    periods: dict[tuple[date, str], str] = {}
+
+    def label(day: date, g: str) -> str:
+        found = periods.get((day, g))
+        if found is None:
+            found = periods[(day, g)] = _period(day, g)
+        return found
+
+    pickers: dict[str, Callable[[Line], str | None]] = {
+        "category": lambda ln: ln.category,
+        "box": lambda ln: ln.box_id,
+        "carrier": lambda ln: ln.carrier,
+        "day": lambda ln: label(ln.day, "day"),
+        "week": lambda ln: label(ln.day, "week"),
+        "month": lambda ln: label(ln.day, "month"),
+    }
+    picks = [pickers[g] for g in group_by]
+    sums: dict[tuple[Any, ...], list[float]] = {}
+    for ln in assessment.lines:
+        key = (ln.scenario, ln.category, ln.vehicle, *(pick(ln) for pick in picks))
+        cell = sums.get(key)
+        if cell is None:
+            cell = sums[key] = [0.0, 0.0]
+        cell[0] += ln.trips
+        cell[1] += ln.vkm
     t = Tally(activity=dict(assessment.activity))
+    intensity = {v: method.intensity(v) for v in {k[2] for k in sums}}
     for v in intensity:
         t.vehicles[v] = [0.0] * 8
-    groups = t.groups
-    periods: dict[tuple[date, str], str] = {}
-    for ln in assessment.lines:
-        wtw, ttw = intensity[ln.vehicle]
-        o = 0 if ln.scenario == "baseline" else 4
-        values = (ln.trips, ln.vkm, ln.vkm * wtw, ln.vkm * ttw)
-        cells = [t.totals, t.categories[ln.category], t.vehicles[ln.vehicle]]
+    for (scenario, category, vehicle, *group), (trips, vkm) in sums.items():
+        wtw, ttw = intensity[vehicle]
+        o = 0 if scenario == "baseline" else 4
+        cells = [t.totals, t.categories[category], t.vehicles[vehicle]]
         if group_by:
-            key: list[str | None] = []
-            for g in group_by:
-                if g == "category":
-                    key.append(ln.category)
-                elif g == "box":
-                    key.append(ln.box_id)
-                elif g == "carrier":
-                    key.append(ln.carrier)
-                else:
-                    pk = (ln.day, g)
-                    label = periods.get(pk)
-                    if label is None:
-                        label = periods[pk] = _period(ln.day, g)
-                    key.append(label)
-            gk = tuple(key)
-            cell = groups.get(gk)
+            gk = tuple(group)
+            cell = t.groups.get(gk)
             if cell is None:
-                cell = groups[gk] = [0.0] * 8
+                cell = t.groups[gk] = [0.0] * 8
             cells.append(cell)
         for c in cells:
-            c[o] += values[0]
-            c[o + 1] += values[1]
-            c[o + 2] += values[2]
-            c[o + 3] += values[3]
+            c[o] += trips
+            c[o + 1] += vkm
+            c[o + 2] += vkm * wtw
+            c[o + 3] += vkm * ttw
     return t
 
 

@@ -214,7 +214,10 @@ async def kpis(
         prints = await repository.day_fingerprints(conn, since, until, boxes)
         found = {day: cache.lookup(key, day, fp) for day, fp in prints.items()}
         missing = [day for day, r in found.items() if r is None]
-        rows = await repository.activity_of_days(conn, missing, boxes) if missing else []
+        if len(missing) == len(prints):  # nothing cached: one range scan beats a list of days
+            rows = await repository.activity(conn, since, until, boxes) if missing else []
+        else:
+            rows = await repository.activity_of_days(conn, missing, boxes) if missing else []
 
     def work() -> dict[str, Any]:
         by_day = {day: list(group) for day, group in groupby(rows, key=lambda d: d.day)}
