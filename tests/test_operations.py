@@ -570,3 +570,17 @@ def test_a_fault_in_alerting_never_costs_a_batch_its_data(db: psycopg.Connection
     assert result.alert_errors == 1
     assert db.execute("SELECT count(*) FROM events WHERE box_id = 'ops-fault-1'").fetchone() == (1,)
     assert db.execute("SELECT count(*) FROM alerts WHERE box_id = 'ops-fault-1'").fetchone() == (0,)
+
+
+def test_command_without_a_broker_is_recorded_failed(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
+    """An API with no broker connection answers 503 broker_unavailable and records the command as
+    failed (never left pending), with the reason."""
+    db.execute("INSERT INTO boxes (box_id) VALUES ('ops-nobroker-1') ON CONFLICT DO NOTHING")
+    response = api.post("/api/v1/boxes/ops-nobroker-1/commands", json={"action": "ping"})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "broker_unavailable"
+    assert error["details"]["status"] == "failed"
+    stored = api.get(f"/api/v1/commands/{error['details']['command_id']}").json()
+    assert stored["status"] == "failed"
+    assert stored["detail"].startswith("not sent: this API has no broker connection")

@@ -49,6 +49,8 @@ Row = dict[str, Any]
 
 #: How long to wait for the broker's PUBACK before the command counts as failed.
 PUBLISH_TIMEOUT_S = 5.0
+#: How long a publish waits for a (re)connecting sender before the command counts as failed.
+CONNECT_WAIT_S = 3.0
 
 
 class CommandSendError(Exception):
@@ -111,6 +113,8 @@ class CommandSender:
 
     async def publish(self, topic: str, payload: bytes, timeout: float = PUBLISH_TIMEOUT_S) -> None:
         """Publish at QoS 1 and wait (asynchronously) for the broker's PUBACK."""
+        if not self.connected.is_set():  # just started, or reconnecting: give it a moment, off the loop
+            await asyncio.to_thread(self.connected.wait, CONNECT_WAIT_S)
         if not self.connected.is_set():
             raise CommandSendError(f"not connected to the broker {self._host}:{self._port} ({self.last_error})")
         loop = asyncio.get_running_loop()
