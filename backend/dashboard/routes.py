@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Starlette's FileResponse opens files with anyio.open_file, which anyio imports lazily on first use.
+# Import it now, at start-up: otherwise the first file served imports (and compiles) a module on the
+# server's thread, which under pytest's import hook has failed with CPython 3.11's "AST constructor
+# recursion depth mismatch" while another thread was compiling too.
+from anyio import open_file as _preload_open_file  # noqa: F401
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
