@@ -354,9 +354,10 @@ def test_expiry_releases_the_hold(
         (held["reservation_id"],),
     )
     assert [b["box_id"] for b in capacity(http, gls, lat, lon).json()["boxes"]] == ["cou-expire"]
-    got = http.get(f"/api/v1/courier/reservations/{held['reservation_id']}", headers=gls).json()
-    assert got["status"] == "expired"
-    assert got["release_command"]["command_id"] is not None
+    path = f"/api/v1/courier/reservations/{held['reservation_id']}"
+    assert http.get(path, headers=gls).json()["status"] == "expired"
+    # this call's sweep or the periodic one ends it; the release is linked once the broker took it
+    wait_for(lambda: http.get(path, headers=gls).json()["release_command"] is not None)
     row = db.execute(
         "SELECT r.status, c.action, c.compartment FROM reservations r JOIN commands c"
         " ON c.command_id = r.release_command_id WHERE r.reservation_id = %s",
@@ -525,8 +526,15 @@ def test_database_refuses_two_active_holds_on_one_door(db: psycopg.Connection[An
 # --------------------------------------------------------------------------- with a real box
 
 
-def _box(broker: RunningBroker, credentials: Credentials, box_id: str, tmp_path: Path) -> BoxFirmware:
-    box = BoxFirmware(box_id, credentials.boxes[box_id], broker.host, broker.port, tmp_path / box_id, keepalive=2)
+@pytest.fixture(scope="module")
+def box_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One state directory per box id for the whole module: a box used by two tests keeps its
+    sequence numbers and session counter, as a real box does across reboots."""
+    return tmp_path_factory.mktemp("courier-boxes")
+
+
+def _box(broker: RunningBroker, credentials: Credentials, box_id: str, box_dirs: Path) -> BoxFirmware:
+    box = BoxFirmware(box_id, credentials.boxes[box_id], broker.host, broker.port, box_dirs / box_id, keepalive=2)
     box.start()
     assert box.wait_connected(10), f"{box_id} did not connect"
     return box
@@ -538,12 +546,12 @@ def test_reservation_command_reaches_the_box_and_is_acknowledged(
     broker: RunningBroker,
     credentials: Credentials,
     api_keys: dict[str, Headers],
-    tmp_path: Path,
+    box_dirs: Path,
 ) -> None:
     """A hold sends reserve_compartment through Mosquitto to the firmware stub, which holds the door
     (no longer offered for deposits) and acknowledges; ingest records the ack, so the reservation's
     command reads succeeded. Cancelling sends release_compartment and the door is free again."""
-    box = _box(broker, credentials, "box-033", tmp_path)
+    box = _box(broker, credentials, "box-033", box_dirs)
     gls = api_keys["courier_gls"]
     try:
         # the birth message, ingested, makes the box known and online
@@ -566,6 +574,31 @@ def test_reservation_command_reaches_the_box_and_is_acknowledged(
         box.stop()
 
 
+def test_hold_the_box_refuses_ends_as_rejected(
+    http: httpx.Client,
+    ingest: IngestWorker,
+    broker: RunningBroker,
+    credentials: Credentials,
+    api_keys: dict[str, Headers],
+    box_dirs: Path,
+) -> None:
+    """If the door was taken between the backend's reading and the box's (here: filled before any
+    telemetry told the backend), the box rejects reserve_compartment and the reservation ends rejected."""
+    box = _box(broker, credentials, "box-033", box_dirs)
+    gls = api_keys["courier_gls"]
+    try:
+        first_c = next(c.id for c in box.state.layout.compartments if c.size_class is SizeClass.C)
+        box.state.set_occupied(first_c, True, "P-SOMEONE-ELSE")  # no telemetry: the backend cannot know
+        held = wait_for(lambda: (r := reserve(http, gls, "box-033", size_class="C")).status_code == 201 and r.json())
+        assert held["compartment"] == first_c
+        path = f"/api/v1/courier/reservations/{held['reservation_id']}"
+        done = wait_for(lambda: (r := http.get(path, headers=gls).json())["status"] == "rejected" and r)
+        assert done["reserve_command"]["status"] == "rejected"
+        assert done["release_command"] is None
+    finally:
+        box.stop()
+
+
 def test_hazardous_pickups_list_red_boxes_until_collected(
     http: httpx.Client,
     ingest: IngestWorker,
@@ -573,12 +606,12 @@ def test_hazardous_pickups_list_red_boxes_until_collected(
     credentials: Credentials,
     db: psycopg.Connection[Any],
     api_keys: dict[str, Headers],
-    tmp_path: Path,
+    box_dirs: Path,
 ) -> None:
     """Waste deposited in a box's red box (real events through the broker) makes it a pickup with its
     weight and fractions; once the box's waste.collected event is ingested it drops off the list."""
     lat, lon = spot()
-    box = _box(broker, credentials, "box-034", tmp_path)
+    box = _box(broker, credentials, "box-034", box_dirs)
     gls = api_keys["courier_gls"]
     try:
         wait_for(lambda: scalar(db, "SELECT layout IS NOT NULL FROM boxes WHERE box_id = 'box-034'"))
@@ -620,11 +653,11 @@ def test_parcel_deposited_in_the_box_fulfils_the_reservation(
     broker: RunningBroker,
     credentials: Credentials,
     api_keys: dict[str, Headers],
-    tmp_path: Path,
+    box_dirs: Path,
 ) -> None:
     """When the box reports the reserved parcel deposited (a real parcel.deposited event through the
     broker), the reservation ends as fulfilled; the box itself has already ended its hold."""
-    box = _box(broker, credentials, "box-035", tmp_path)
+    box = _box(broker, credentials, "box-035", box_dirs)
     gls = api_keys["courier_gls"]
     try:
         held = wait_for(

@@ -195,7 +195,7 @@ async def list_reservations(
     conn: ConnDep,
     settings: SettingsDep,
     who: CourierDep,
-    status: Literal["active", "cancelled", "expired", "fulfilled"] | None = None,
+    status: Literal["active", "cancelled", "expired", "fulfilled", "rejected"] | None = None,
     box_id: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9-]{1,31}$")] = None,
     carrier: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9_-]{1,31}$", description="operators")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -161,6 +161,17 @@ async def end_fulfilled(conn: AsyncConnection[Any]) -> int:
     return cur.rowcount
 
 
+async def end_rejected(conn: AsyncConnection[Any]) -> int:
+    """Mark active holds ``rejected`` whose box refused the reserve_compartment command (the door
+    was taken or broke between our reading and the box's; the box holds nothing, so no release)."""
+    cur = await conn.execute(
+        """UPDATE reservations r SET status = 'rejected', ended_at = coalesce(c.acked_at, now())
+           FROM commands c
+           WHERE r.status = 'active' AND c.command_id = r.command_id AND c.status = 'rejected'"""
+    )
+    return cur.rowcount
+
+
 async def insert_reservation(
     conn: AsyncConnection[Any],
     *,

@@ -54,7 +54,9 @@ class ReservationOut(BaseModel):
     carrier: str
     parcel_id: str
     dimensions_mm: Dimensions | None
-    status: Literal["active", "cancelled", "expired", "fulfilled"]
+    status: Literal["active", "cancelled", "expired", "fulfilled", "rejected"] = Field(
+        description="rejected: the box refused the hold (the door was taken or broke meanwhile); book again"
+    )
     created_at: datetime
     expires_at: datetime
     ended_at: datetime | None

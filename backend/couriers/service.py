@@ -226,11 +226,12 @@ async def _tell_box(
 
 
 async def sweep_expired(conn: AsyncConnection[Any], ctx: CommandContext, box_id: str | None = None) -> int:
-    """End holds whose parcel went in (``fulfilled``) and overdue ones (``expired``, and tell their
-    boxes to release the doors); returns how many expired. The capacity query never counts an
-    overdue hold, so this only has to catch up, not be on time."""
+    """End holds whose parcel went in (``fulfilled``), those the box refused (``rejected``) and
+    overdue ones (``expired``, and tell their boxes to release the doors); returns how many expired.
+    The capacity query never counts an overdue hold, so this only has to catch up, not be on time."""
     async with conn.transaction():
         await repository.end_fulfilled(conn)
+        await repository.end_rejected(conn)
         ended = await repository.end_expired(conn, box_id)
     for row in ended:
         try:

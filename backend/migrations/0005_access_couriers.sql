@@ -17,7 +17,8 @@ CREATE TABLE api_keys (
 -- A courier's hold on one compartment for one parcel, until expires_at. Overbooking is impossible
 -- in the database itself: at most one active hold per (box, compartment) and per (carrier, parcel).
 -- Expired holds still marked 'active' are turned 'expired' (lazily, and by the sweep) before a new
--- hold is taken, inside the same transaction that holds the box's advisory lock.
+-- hold is taken, inside the same transaction that holds the box's advisory lock. 'fulfilled': the
+-- parcel went in; 'rejected': the box refused the reserve_compartment command.
 CREATE TABLE reservations (
     reservation_id      uuid PRIMARY KEY,
     box_id              text NOT NULL,
@@ -29,7 +30,7 @@ CREATE TABLE reservations (
     width_mm            integer,
     depth_mm            integer,
     status              text NOT NULL DEFAULT 'active'
-                        CHECK (status IN ('active', 'cancelled', 'expired', 'fulfilled')),
+                        CHECK (status IN ('active', 'cancelled', 'expired', 'fulfilled', 'rejected')),
     created_by          text NOT NULL,             -- api_keys.key_id
     created_at          timestamptz NOT NULL DEFAULT now(),
     expires_at          timestamptz NOT NULL,
