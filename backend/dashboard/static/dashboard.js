@@ -244,6 +244,16 @@
     };
   }
 
+  /** The y of the projected fjord line at x (linear between its points), or null outside it. */
+  function fjordYAt(points, x) {
+    for (let i = 1; i < points.length; i += 1) {
+      const [x0, y0] = points[i - 1];
+      const [x1, y1] = points[i];
+      if (x >= x0 && x <= x1 && x1 > x0) return y0 + ((y1 - y0) * (x - x0)) / (x1 - x0);
+    }
+    return null;
+  }
+
   function drawBase(geo) {
     const plan = $("plan");
     plan.setAttribute("viewBox", `0 0 ${geo.width} ${geo.height}`);
@@ -255,8 +265,14 @@
       plan.append(svg("polyline", { class: "fjord", points, "stroke-width": widthPx.toFixed(1) }));
       plan.append(svg("polyline", { class: "fjord-centre", points }));
     }
+    // Labels stay inside the plan; the water's name sits just above the fjord wherever it ends up.
+    const widthPx = Math.max(((state.plan?.fjord_width_m || 450) / M_PER_DEG_LAT) * geo.scale, 6);
     for (const label of state.plan?.labels || []) {
-      const [x, y] = geo.project(label.lon, label.lat);
+      let [x, y] = geo.project(label.lon, label.lat);
+      x = Math.min(Math.max(x, 90), geo.width - 90);
+      y = Math.min(Math.max(y, 30), geo.height - 40);
+      const onLine = label.kind === "water" ? fjordYAt(fjord, x) : null;
+      if (onLine !== null) y = onLine - widthPx / 2 - 8;
       plan.append(svg("text", { class: `label ${label.kind}`, x, y, "text-anchor": "middle" }, label.text));
     }
     // Scale bar: 1 km.
