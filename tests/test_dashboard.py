@@ -161,8 +161,8 @@ def test_dashboard_is_served_with_its_assets_and_no_outside_sources(demo: Demo) 
 def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(demo: Demo, credentials: Credentials) -> None:
     """In headless Chromium the dashboard (key from the URL fragment) shows every box of the running demo
     on the plan, a box's compartments on click, the KPIs with their chart and the alerts; when a box's
-    Last Will arrives its marker turns offline and its alert appears, without a reload; nothing is
-    fetched from outside the API's origin; a screenshot is saved."""
+    Last Will arrives its marker turns offline and its alert appears, without a reload; without a key
+    the page asks for one; nothing is fetched from outside the API's origin; a screenshot is saved."""
     if not CHROMIUM.exists():
         pytest.fail(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
     with httpx.Client(base_url=demo.url, headers={"X-API-Key": demo.token}, timeout=10) as api:
@@ -234,6 +234,19 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             assert "Last Will" in title
             if has_alerts:  # the offline alert the Last Will raised shows up too
                 page.wait_for_selector(f'#alerts tr[data-box-id="{victim}"]', timeout=20_000)
+
+            # Without a key (a new tab: empty sessionStorage) the page asks for one, then shows the boxes.
+            other = browser.new_page()
+            other.on("request", lambda r: None if r.url.startswith(demo.url) else outside.append(r.url))
+            other.on("pageerror", lambda e: errors.append(str(e)))
+            other.goto(f"{demo.url}/dashboard")
+            other.locator("#key-dialog[open]").wait_for(timeout=10_000)
+            other.fill("#key-input", demo.token)
+            other.click("#key-form button[type=submit]")
+            other.wait_for_function(
+                "n => document.querySelectorAll('#plan .box[data-box-id]').length === n", arg=len(IDS)
+            )
+            other.close()
 
             page.locator(f'#plan .box[data-box-id="{box_id}"] circle').click()  # keep a detail open for the picture
             page.locator("#detail .compartment").first.wait_for()
