@@ -41,6 +41,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return 2
     report = migrate(url, settings.timescale)
     print(f"schema at version {report.current} ({report.flavour}); applied now: {report.applied or 'none'}")
+    if args.register_boxes:
+        from molo.registry import register_boxes
+        from simulator.network import load_network
+
+        try:
+            network = load_network(settings.network_file)
+        except (OSError, ValueError) as exc:
+            print(f"molo migrate: cannot read the network file: {exc}", file=sys.stderr)
+            return 2
+        n = register_boxes(url, network.boxes)
+        print(f"registered where {n} boxes stand (from {settings.network_file or 'the bundled Aalborg network'})")
     return 0
 
 
@@ -399,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply SQL migrations")
     p.add_argument("--database-url", default=None)
+    p.add_argument(
+        "--register-boxes",
+        action="store_true",
+        help="then register the boxes' names and positions from MOLO_NETWORK_FILE (default: the bundled network)",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("ingest", help="run one ingest worker (settings from MOLO_* variables)")

@@ -297,3 +297,12 @@ def test_a_day_is_worked_out_again_when_its_counts_grow(api: httpx.Client, db: p
     second = api.get("/api/v1/kpis", params=params).json()
     assert (first["activity"]["parcels_collected"], second["activity"]["parcels_collected"]) == (1, 2)
     assert second["totals"]["project"]["trips"] == pytest.approx(2 * first["totals"]["project"]["trips"])
+
+
+def test_no_events_yet_is_an_empty_result_not_an_error(api: httpx.Client) -> None:
+    """Without a range and without events (for these boxes), the answer is today with zeros."""
+    body = api.get("/api/v1/kpis", params={"box": ["kpi-099"]}).json()
+    today = datetime.now(UTC).date()
+    assert body["period"] == {"since": today.isoformat(), "until": (today + timedelta(days=1)).isoformat()}
+    assert body["totals"]["avoided"] == {"trips": 0.0, "vkm": 0.0, "kg_co2e_wtw": 0.0, "kg_co2e_ttw": 0.0}
+    assert body["activity"]["parcels_delivered"] == 0

@@ -146,3 +146,15 @@ def test_fresh_database_helper_creates_and_drops(pg_admin_url: str) -> None:
     drop_database(url, pg_admin_url)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url).close()
+
+
+def test_migrate_can_register_where_the_boxes_stand(blank_database: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``molo migrate --register-boxes`` (the compose migrate service) applies the migrations and
+    registers every box of the bundled network with its name and position."""
+    from molo.cli import main
+
+    assert main(["migrate", "--database-url", blank_database, "--register-boxes"]) == 0
+    assert "registered where 50 boxes stand" in capsys.readouterr().out
+    with psycopg.connect(blank_database) as conn:
+        rows = conn.execute("SELECT count(*), count(latitude), count(name) FROM boxes").fetchone()
+    assert rows == (50, 50, 50)

@@ -100,9 +100,9 @@ class _Query:
 async def _compute(q: _Query, conn: ConnDep, settings: SettingsDep) -> dict[str, Any]:
     since, until = q.since, q.until
     if since is None or until is None:
-        span = await repository.activity_span(conn)
+        span = await repository.activity_span(conn, q.boxes)
         today = datetime.now(UTC).date()
-        first, last = span if span is not None else (today, today - timedelta(days=1))
+        first, last = span if span is not None else (today, today)  # no events yet: today, empty
         since = since or first
         until = until or last + timedelta(days=1)
     if since >= until:

@@ -73,11 +73,14 @@ async def day_fingerprints(
         return {d: (int(n), int(e), float(kg)) for d, n, e, kg in await cur.fetchall()}
 
 
-async def activity_span(conn: AsyncConnection[Any]) -> tuple[date, date] | None:
-    """The first and last UTC day with counted events, or None if there are none."""
+async def activity_span(conn: AsyncConnection[Any], boxes: list[str] | None = None) -> tuple[date, date] | None:
+    """The first and last UTC day with counted events (of ``boxes``, if given), or None if none."""
+    where = "WHERE box_id = ANY(%(boxes)s)" if boxes else ""
     async with conn.cursor() as cur:
         await cur.execute(
-            "SELECT (min(bucket) AT TIME ZONE 'UTC')::date, (max(bucket) AT TIME ZONE 'UTC')::date FROM activity_daily"
+            "SELECT (min(bucket) AT TIME ZONE 'UTC')::date, (max(bucket) AT TIME ZONE 'UTC')::date"
+            f" FROM activity_daily {where}",
+            {"boxes": boxes},
         )
         row = await cur.fetchone()
     if row is None or row[0] is None:
