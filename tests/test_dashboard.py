@@ -214,7 +214,14 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             if api.get("/api/v1/kpis").status_code == 404:
                 page.get_by_text("no KPI data").first.wait_for(timeout=10_000)
             else:
-                kpis = wait_for(lambda: (r := api.get("/api/v1/kpis", params={"group_by": "day"})).is_success and r, 60)
+                kpis = wait_for(
+                    lambda: (
+                        (r := api.get("/api/v1/kpis", params={"group_by": "day"})).is_success
+                        and r.json()["groups"]
+                        and r
+                    ),
+                    60,
+                )
                 page.locator("#kpis .kpi-totals").wait_for(timeout=20_000)
                 page.locator("#kpi-chart rect.bar").first.wait_for(timeout=20_000)  # visible
                 assert kpis.json()["groups"][0]["key"]["day"] in page.locator("#kpi-chart").inner_html()
