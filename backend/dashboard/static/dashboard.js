@@ -583,8 +583,9 @@
     try {
       // No range: the server takes every day with activity (the simulated days in the demo).
       const body = await api("/kpis?group_by=day");
-      state.kpi = body;
-      state.kpiNote = body?.totals ? null : "no KPI data";
+      const empty = !body?.groups?.length; // nothing stored yet: the server answers an empty day
+      state.kpi = body?.totals && !empty ? body : null;
+      state.kpiNote = state.kpi ? null : empty ? "no KPI data yet (no activity stored)" : "no KPI data";
     } catch (err) {
       state.kpi = null;
       if (err.status === 404 || err.status === 405) state.kpiNote = "no KPI data (this server has no KPI endpoint)";
