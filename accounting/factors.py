@@ -20,7 +20,9 @@ NonNegative = Annotated[float, Field(ge=0)]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of the method's parameter models: unknown fields, infinities and NaN are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Energy(Frozen):
@@ -56,7 +58,7 @@ def _default_energy() -> dict[str, Energy]:
             # (DK1) varies 0-500 g/kWh by hour.
             wtw_kg_per_unit=0.096,
             ttw_kg_per_unit=0.0,
-            source="Danish grid, 2023 average, 96 g CO2e/kWh (Energinet); TTW 0 for grid electricity",
+            source="Danish grid, 2023 average, 96 g CO2e/kWh; TTW 0 for grid electricity",
         ),
     }
 
@@ -68,22 +70,23 @@ def _default_vehicles() -> dict[str, Vehicle]:
             # DEFRA's light van (up to 3.5 t, diesel) is ~0.256 kg CO2e/vkm TTW, i.e. 0.256 / 2.571
             # = 0.0996 L of diesel per vkm.
             use_per_vkm=0.256 / 2.571,
-            source="DEFRA-format light van <= 3.5 t, diesel, ~0.256 kg CO2e/vkm TTW -> 0.0996 L/vkm",
+            source="DEFRA-format light van <= 3.5 t, diesel, ~0.256 kg CO2e/vkm TTW (year not given)"
+            " / DEFRA 2025 B7 2.571 kg/L -> 0.0996 L/vkm",
         ),
         "electric_van": Vehicle(
             energy="electricity_dk",
             use_per_vkm=0.24,
-            source="electric light van, ~0.24 kWh/vkm (shared/DOMAIN.md)",
+            source="electric light van, ~0.24 kWh/vkm (year not given: an assumption to vary)",
         ),
         "waste_truck": Vehicle(
             energy="diesel",
             use_per_vkm=1.0,
-            source="refuse collection truck, ~1 L diesel/km (shared/DOMAIN.md)",
+            source="refuse collection truck, ~1 L diesel/km (year not given: an assumption to vary)",
         ),
         "rigid_truck": Vehicle(
             energy="diesel",
             use_per_vkm=0.84 / 2.571,
-            source="rigid truck, ~0.84 kg CO2e/vkm TTW -> 0.327 L/vkm (shared/DOMAIN.md)",
+            source="rigid truck, ~0.84 kg CO2e/vkm TTW (DEFRA format; year not given) -> 0.327 L/vkm",
         ),
         "car": Vehicle(
             energy="diesel",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any, Literal, NamedTuple
@@ -89,14 +89,22 @@ class Assessor:
         self.geo, self.method = geo, method
         self.dist = Distances(geo, method.road_factor, method.distance_adjustment)
 
-    def assess(self, days: Iterable[BoxDay]) -> Assessment:
+    def assess(self, days: Iterable[BoxDay], only: Collection[str] | None = None) -> Assessment:
         """Apply the method to the counted events ``days``. Every part of the method works on one day
-        at a time, so assessing days apart and adding the results up gives the same figures."""
+        at a time, so assessing days apart and adding the results up gives the same figures.
+
+        ``only``: keep the figures of these boxes. Van and waste rounds are still rebuilt over every
+        box of the day (a box's share of a shared round depends on the others), then only these
+        boxes' lines and activity are kept."""
         days = list(days)
         lines: list[Line] = []
         _vans(days, self.dist, self.method, lines)
         _waste_rounds(days, self.dist, self.method, lines, scenario="project", weight=1.0)
         _residents(days, self.dist, self.method, lines)
+        if only is not None:
+            keep = set(only)
+            lines = [ln for ln in lines if ln.box_id in keep]
+            days = [d for d in days if d.box_id in keep]
         return Assessment(self.method, lines, _activity(days, self.method))
 
 
@@ -264,34 +272,38 @@ def _waste_rounds(
 
 def _residents(days: list[BoxDay], dist: Distances, method: Method, lines: list[Line]) -> None:
     """Residents' car trips: to the box (project); to a recycling station and a parcel shop (baseline).
-    Trips are expected car trips (count x car share), so they need not be whole numbers."""
+    Trips are expected car trips (count x car share), so they need not be whole numbers. Residents
+    drive them, so their carrier is None: a carrier's figures are its own vehicles' (and a pickup
+    event names no carrier anyway)."""
     r, p, b = method.residents, method.parcels, method.baseline
     resident = {"resident_trips": 1.0, "dedicated_round": 0.0, "mixed": b.waste_resident_share}[b.waste]
     home = b.parcels == "home_delivery"
-    shop_per_parcel = p.failed_first_attempt_share * (1 - p.failed_redelivery_share) if home else 1.0
+    failed_to_shop = p.failed_first_attempt_share * (1 - p.failed_redelivery_share)
     box_share, box_km, shop_share, shop_km = r.box_car_share, r.box_trip_km, r.shop_car_share, r.shop_trip_km
     recycling = r.recycling_trips_per_deposit * r.recycling_car_share * resident
     add = lines.append
     for a in days:
-        day, box, carrier = a.day, a.box_id, a.carrier
+        day, box = a.day, a.box_id
         if a.collected:
             trips = a.collected * box_share
-            add(_line("project", DELIVERY, box, carrier, day, "car", trips, trips * box_km))
+            add(_line("project", DELIVERY, box, None, day, "car", trips, trips * box_km))
         if a.dropped_off:
             trips = a.dropped_off * box_share
-            add(_line("project", SENDING, box, carrier, day, "car", trips, trips * box_km))
+            add(_line("project", SENDING, box, None, day, "car", trips, trips * box_km))
             trips = a.dropped_off * shop_share
-            add(_line("baseline", SENDING, box, carrier, day, "car", trips, trips * shop_km))
+            add(_line("baseline", SENDING, box, None, day, "car", trips, trips * shop_km))
         if a.waste_deposits:
             trips = a.waste_deposits * box_share
-            add(_line("project", WASTE, box, carrier, day, "car", trips, trips * box_km))
+            add(_line("project", WASTE, box, None, day, "car", trips, trips * box_km))
             if recycling > 0:
                 trips = a.waste_deposits * recycling
-                add(_line("baseline", WASTE, box, carrier, day, "car", trips, trips * 2 * dist.to_station_km(box)))
-        delivered = a.deposited_a + a.deposited_b + a.deposited_c
-        if delivered and shop_per_parcel > 0:
-            trips = delivered * shop_per_parcel * shop_share
-            add(_line("baseline", DELIVERY, box, carrier, day, "car", trips, trips * shop_km))
+                add(_line("baseline", WASTE, box, None, day, "car", trips, trips * 2 * dist.to_station_km(box)))
+        # Home delivery: the failed first attempts not delivered again are fetched from a shop.
+        # Parcel shop: every parcel a resident fetched (from the box, so from the shop instead).
+        fetched = (a.deposited_a + a.deposited_b + a.deposited_c) * failed_to_shop if home else a.collected
+        if fetched:
+            trips = fetched * shop_share
+            add(_line("baseline", DELIVERY, box, None, day, "car", trips, trips * shop_km))
     _waste_rounds(days, dist, method, lines, scenario="baseline", weight=1.0 - resident)
 
 

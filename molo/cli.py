@@ -189,8 +189,8 @@ def cmd_impact(args: argparse.Namespace) -> int:
     """``molo impact``: avoided trips and CO2 of a simulated run, by the method the backend uses."""
     import json
 
-    from accounting import Method, apply_overrides, to_csv
-    from simulator.impact import report_text, run_impact, sensitivity, sensitivity_markdown
+    from accounting import to_csv
+    from simulator.impact import method_for, report_text, run_impact, sensitivity, sensitivity_markdown
     from simulator.params import dump, resolve
 
     overrides = list(args.set or [])
@@ -207,7 +207,7 @@ def cmd_impact(args: argparse.Namespace) -> int:
         method_sets.append(f"van_electric_share={args.van_electric_share}")
     try:
         scenario = resolve(Path(args.scenario) if args.scenario else None, overrides)
-        method = apply_overrides(Method(), method_sets)
+        method = method_for(scenario, method_sets)
     except ValueError as exc:
         print(f"molo impact: invalid parameters: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +216,7 @@ def cmd_impact(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "params.json").write_text(dump(scenario))
     if args.sensitivity:
-        rows = sensitivity(scenario)
+        rows = sensitivity(scenario, method)
         table = sensitivity_markdown(rows)
         print(f"Avoided t CO2e (well-to-wheel) of scenario {scenario.name}, seed {scenario.simulation.seed}, "
               f"{scenario.simulation.days:g} days, by baseline, allocation and electric van share:\n")  # fmt: skip

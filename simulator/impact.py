@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from accounting import ActivityCounter, Geography, Method, Point, assess, summarize
+from accounting import ActivityCounter, Geography, Method, Point, apply_overrides, assess, summarize
 from accounting.method import METRICS
 from contract.messages import PAYLOAD_BY_TYPE
 from simulator.network import Network
@@ -32,15 +32,18 @@ def geography_of(network: Network) -> Geography:
     )
 
 
-def method_for(scenario: Scenario, method: Method | None = None) -> Method:
-    """``method`` (default: the headline method) with the scenario's road factor and waste operator, so
-    the method measures distances as the simulated vans drive them."""
-    m = method or Method()
-    update = {
-        "road_factor": scenario.network.road_factor,
-        "waste": m.waste.model_copy(update={"operator": scenario.waste.dedicated_operator}),
-    }
-    return m.model_copy(update=update)
+def method_for(scenario: Scenario, overrides: list[str] | None = None) -> Method:
+    """The headline method with the scenario's road factor and waste operator (so it measures
+    distances as the simulated vans drive them), then ``overrides`` (``key.path=value``), which win.
+    For the default scenario this is the backend's default method."""
+    base = Method()
+    base = base.model_copy(
+        update={
+            "road_factor": scenario.network.road_factor,
+            "waste": base.waste.model_copy(update={"operator": scenario.waste.dedicated_operator}),
+        }
+    )
+    return apply_overrides(base, overrides or [])
 
 
 @dataclass
@@ -65,6 +68,21 @@ def _no_van_collection(scenario: Scenario) -> Scenario:
     return scenario.model_copy(update={"delivery": scenario.delivery.model_copy(update={"carriers": carriers})})
 
 
+def _waste_by_box(no_vans: dict[str, Any], hub: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per box: hazardous-waste project figures without and with the vans, and the difference."""
+
+    def waste(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {g["key"]["box"]: g["project"] for g in summary["groups"] if g["key"]["category"] == "hazardous_waste"}
+
+    a, b = waste(no_vans), waste(hub)
+    zero = dict.fromkeys(METRICS, 0.0)
+    return [
+        {"box": box, "no_van_collection": a.get(box, zero), "hub": b.get(box, zero),
+         "avoided": {k: round(a.get(box, zero)[k] - b.get(box, zero)[k], 6) for k in METRICS}}
+        for box in sorted(set(a) | set(b))
+    ]  # fmt: skip
+
+
 def _waste(summary: dict[str, Any]) -> dict[str, float]:
     project: dict[str, float] = summary["categories"]["hazardous_waste"]["project"]
     return project
@@ -82,7 +100,7 @@ def run_impact(
     ``counterfactual``, the simulated no-van-collection run of the same seed."""
     net = network or network_for(scenario)
     geo = geography_of(net)
-    m = method_for(scenario, method)
+    m = method or method_for(scenario)
     hub = ImpactSink(scenario.simulation.start)
     run_batch(scenario, hub, network=net)
     rows = hub.counter.rows()
@@ -94,8 +112,10 @@ def run_impact(
         run_batch(_no_van_collection(scenario), other, network=net)
         dedicated = m.model_copy(update={"baseline": m.baseline.model_copy(update={"waste": "dedicated_round"})})
         estimate = summarize(assess(rows, geo, dedicated))["categories"]["hazardous_waste"]["baseline"]
-        simulated = _waste(summarize(assess(other.counter.rows(), geo, m)))
+        other_summary = summarize(assess(other.counter.rows(), geo, m), ("box", "category"))
+        simulated = _waste(other_summary)
         hub_waste = _waste(result)
+        hub_boxes = summarize(assess(rows, geo, m), ("box", "category"))
         result["simulated_counterfactual"] = {
             "what": "the same scenario and seed (common random numbers) with vans taking no red boxes: the "
             "waste company collects every one; hazardous-waste project figures of both runs",
@@ -103,6 +123,7 @@ def run_impact(
             "hub": hub_waste,
             "avoided": {k: round(simulated[k] - hub_waste[k], 6) for k in METRICS},
             "method_estimate_of_dedicated_round": estimate,
+            "by_box": _waste_by_box(other_summary, hub_boxes),
             "simulated_van_km": {k: round(v, 3) for k, v in sorted(other.van_km.items())},
         }
     return result
@@ -110,6 +131,7 @@ def run_impact(
 
 def sensitivity(
     scenario: Scenario,
+    method: Method | None = None,
     *,
     electric_shares: tuple[float, ...] = (0.0, 0.5, 1.0),
     network: Network | None = None,
@@ -122,7 +144,7 @@ def sensitivity(
     sink = ImpactSink(scenario.simulation.start)
     run_batch(scenario, sink, network=net)
     rows = sink.counter.rows()
-    base = method_for(scenario)
+    base = method or method_for(scenario)
     choices = [(w, p, "load_distance") for w in ("resident_trips", "dedicated_round", "mixed")
                for p in ("home_delivery", "parcel_shop")]  # fmt: skip
     choices.append(("resident_trips", "home_delivery", "marginal"))

@@ -43,6 +43,26 @@ def test_sensitivity_prints_a_table_per_choice(capsys: pytest.CaptureFixture[str
     assert "| marginal |" in text
 
 
+def test_sensitivity_moves_as_the_method_says() -> None:
+    """Against parcel shops the vans drive the same rounds in both scenarios, so the e-van share
+    changes nothing; against home delivery the avoided door stops are worth less with electric vans;
+    under the marginal allocation waste carries no van km, so its figure ignores the e-van share."""
+    from simulator.impact import sensitivity
+
+    rows = sensitivity(resolve(overrides=["network.boxes=6", "simulation.days=7"]))
+    by = {(r["waste_baseline"], r["parcel_baseline"], r["allocation"], r["van_electric_share"]): r for r in rows}
+    shop = [by[("resident_trips", "parcel_shop", "load_distance", s)]["avoided"]["kg_co2e_wtw"] for s in (0, 0.5, 1)]
+    assert shop == pytest.approx([shop[0]] * 3)
+    home = [by[("resident_trips", "home_delivery", "load_distance", s)]["avoided"]["kg_co2e_wtw"] for s in (0, 0.5, 1)]
+    assert home[0] > home[1] > home[2]
+    marginal = [
+        by[("resident_trips", "home_delivery", "marginal", s)]["categories"]["hazardous_waste"]["kg_co2e_wtw"]
+        for s in (0, 0.5, 1)
+    ]
+    assert marginal == pytest.approx([marginal[0]] * 3)
+    assert marginal[0] > 0
+
+
 def test_bad_method_parameters_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown or out-of-range method parameter exits 2 with the reason."""
     assert main(["impact", "--days", "1", "--method-set", "residents.box_car_share=3"]) == 2

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from accounting import GROUPS, Method, apply_overrides, describe, to_csv
+from accounting import GROUPS, Method, UnknownPlaceError, apply_overrides, describe, to_csv
 from accounting.assumptions import Allocation, ParcelBaseline, WasteBaseline
 from backend.api.auth import ViewerDep
 from backend.api.deps import ConnDep, SettingsDep
@@ -31,7 +31,10 @@ router = APIRouter(prefix="/api/v1/kpis", tags=["kpis"])
 #: The longest range one request may ask for (ten years of days).
 MAX_DAYS = 3660
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "`invalid_range` or `invalid_parameter` (a bad override; details name the field)"},
+    400: {
+        "description": "`invalid_range`, `invalid_parameter` (a bad override; details name the field) or "
+        "`unknown_place` (the method needs a depot or station the network file lacks)"
+    },
 }
 GroupBy = Literal[GROUPS]  # type: ignore[valid-type]
 _BOX_ID = re.compile(BOX_ID_PATTERN)
@@ -109,15 +112,18 @@ async def _compute(q: _Query, conn: ConnDep, settings: SettingsDep) -> dict[str,
         raise ApiError(400, "invalid_range", "since must be before until")
     if (until - since).days > MAX_DAYS:
         raise ApiError(400, "invalid_range", f"a request covers at most {MAX_DAYS} days")
-    return await service.kpis(
-        conn,
-        since=since,
-        until=until,
-        method=q.method,
-        group_by=q.group_by,
-        boxes=q.boxes,
-        network_file=settings.network_file,
-    )
+    try:
+        return await service.kpis(
+            conn,
+            since=since,
+            until=until,
+            method=q.method,
+            group_by=q.group_by,
+            boxes=q.boxes,
+            network_file=settings.network_file,
+        )
+    except UnknownPlaceError as exc:  # e.g. waste.operator set to a company without a site
+        raise ApiError(400, "unknown_place", f"the method needs a place the network does not have: {exc}") from exc
 
 
 KpiQuery = Annotated[_Query, Depends()]

@@ -98,7 +98,8 @@ class DayCache:
         self.max_days = max_days
         self._days: OrderedDict[tuple[CacheKey, date], tuple[Fingerprint, DayResult]] = OrderedDict()
         self._assessors: OrderedDict[tuple[str, str], Assessor] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the dicts only: held for microseconds, also on the event loop
+        self._compute = threading.Lock()  # one day worked out at a time: assessors' memos are not thread-safe
         self.hits = 0
         self.misses = 0
 
@@ -126,15 +127,17 @@ class DayCache:
     def work_out(
         self, assessor: Assessor, key: CacheKey, day: date, fingerprint: Fingerprint, rows: list[BoxDay]
     ) -> DayResult:
-        """Tally one day's counts (one thread at a time: an assessor's memo is not thread-safe) and
-        keep the result under ``fingerprint``."""
+        """Tally one day's counts of every box, keeping the figures of the key's boxes (all if None),
+        and keep the result under ``fingerprint``."""
         kept, excluded = placeable(rows, assessor.geo)
+        only = key[3]
+        no_box = frozenset(excluded["boxes_without_position"])
+        with self._compute:
+            t = tally(assessor.assess(kept, only), list(key[2]))
+        result = DayResult(
+            t, no_box if only is None else no_box & set(only), frozenset(excluded["carriers_without_depot"])
+        )
         with self._lock:
-            result = DayResult(
-                tally(assessor.assess(kept), list(key[2])),
-                frozenset(excluded["boxes_without_position"]),
-                frozenset(excluded["carriers_without_depot"]),
-            )
             self.misses += 1
             self._days[(key, day)] = (fingerprint, result)
             while len(self._days) > self.max_days:
@@ -203,21 +206,25 @@ async def kpis(
     """The method's result over UTC days ``[since, until)``.
 
     In one snapshot (REPEATABLE READ): each day's fingerprint, then the counts of only the days the
-    cache does not hold with that fingerprint. The method's work runs in a thread, so the event loop
-    keeps serving other requests meanwhile.
+    cache does not hold with that fingerprint. Both cover every box: a box's share of a shared van
+    round depends on the other boxes of the round, so ``boxes`` only selects whose figures are kept.
+    The method's work runs in a thread, so the event loop keeps serving other requests meanwhile.
     """
     geo = await geography(conn, network_file)
     key = cache_key(geo, method, group_by, boxes)
     assessor = cache.assessor(geo, key[0], method, key[1])
     async with conn.transaction():
         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        prints = await repository.day_fingerprints(conn, since, until, boxes)
+        prints = await repository.day_fingerprints(conn, since, until, None)
+        if boxes:  # only the days with activity at these boxes
+            mine = await repository.day_fingerprints(conn, since, until, boxes)
+            prints = {d: fp for d, fp in prints.items() if d in mine}
         found = {day: cache.lookup(key, day, fp) for day, fp in prints.items()}
         missing = [day for day, r in found.items() if r is None]
         if len(missing) == len(prints):  # nothing cached: one range scan beats a list of days
-            rows = await repository.activity(conn, since, until, boxes) if missing else []
+            rows = await repository.activity(conn, since, until) if missing else []
         else:
-            rows = await repository.activity_of_days(conn, missing, boxes) if missing else []
+            rows = await repository.activity_of_days(conn, missing, None) if missing else []
 
     def work() -> dict[str, Any]:
         by_day = {day: list(group) for day, group in groupby(rows, key=lambda d: d.day)}

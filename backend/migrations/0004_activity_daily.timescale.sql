@@ -28,3 +28,7 @@ ALTER MATERIALIZED VIEW activity_daily SET (timescaledb.materialized_only = fals
 SELECT add_continuous_aggregate_policy('activity_daily',
     start_offset => INTERVAL '400 days', end_offset => INTERVAL '1 hour',
     schedule_interval => INTERVAL '5 minutes', if_not_exists => true);
+
+-- Events stored before this migration, including those older than the policy's 400-day window
+-- (the policy would never reach them). Late events older than 400 days need this call again.
+CALL refresh_continuous_aggregate('activity_daily', NULL, NULL);
