@@ -188,7 +188,7 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("request", lambda r: None if r.url.startswith(demo.url) else outside.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{demo.url}/dashboard#key={demo.token}&poll=1")
+            page.goto(f"{demo.url}/dashboard#key={demo.token}&poll=60")  # live updates must come by stream
 
             markers = page.locator("#plan .box[data-box-id]")
             markers.first.wait_for(timeout=15_000)
@@ -229,7 +229,10 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             page.locator("#alerts table, #alerts p").first.wait_for(timeout=10_000)
             assert "Alerts unavailable" not in page.locator("#alerts").inner_text()
 
-            # A status change: the box's Last Will arrives; the page follows without a reload.
+            # A status change: the box's Last Will arrives; the page, on the live stream, follows
+            # without a reload.
+            page.wait_for_selector("#connection[data-state=stream]", timeout=10_000)
+            assert page.locator("#connection").inner_text() == "live (server-sent events)"
             page.evaluate("window.__sameDocument = true")
             victim = IDS[3]
             session = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}[victim]["session"]
