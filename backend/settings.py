@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     #: How often the API ends overdue courier holds and tells their boxes to release the doors (the
     #: capacity query never counts an overdue hold; this is for the boxes). 0 turns the task off.
     reservation_sweep_interval_s: Annotated[float, Field(ge=0, le=3600)] = 15.0
+    #: The sweep re-sends a release whose command is missing, failed or timed out: at most this many
+    #: attempts per ended hold, the n-th retry ``reservation_release_retry_s * 2**(n-1)`` after the last.
+    reservation_release_attempts: Annotated[int, Field(ge=1, le=20)] = 6
+    reservation_release_retry_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
     # --- KPIs (backend/impact, docs/methodology.md)
     #: The network file whose depots and recycling stations the trip and CO2 method measures from
@@ -138,6 +142,11 @@ class Settings(BaseSettings):
             data = json.loads(self.credentials_file.read_text())
             services: dict[str, str] = data.get("services", {})
             if self.mqtt_username in services:
-                return services[self.mqtt_username]
+                secret = services[self.mqtt_username]
+                if self.environment is not Environment.DEVELOPMENT and secret.lower() in PLACEHOLDER_SECRETS:
+                    raise ValueError(
+                        f"{self.credentials_file}: the password of {self.mqtt_username!r} is a placeholder"
+                    )
+                return secret
             raise ValueError(f"{self.credentials_file} has no password for {self.mqtt_username!r}")
         raise ValueError("no MQTT password: set MOLO_MQTT_PASSWORD or MOLO_CREDENTIALS_FILE")

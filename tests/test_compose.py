@@ -115,3 +115,20 @@ def test_readme_gives_every_mounted_secret_to_its_reader() -> None:
     assert "chown 1883:1883 secrets/passwd" in readme
     for secret in COMPOSE["secrets"].values():
         assert f"chown 10001:10001 {secret['file'][2:]}" in readme
+
+
+def test_production_refuses_a_placeholder_password_from_the_credentials_file(tmp_path: Path) -> None:
+    """A placeholder password read from MOLO_CREDENTIALS_FILE is refused in production as it is in
+    MOLO_MQTT_PASSWORD; in development it is accepted."""
+    import json
+
+    import pytest
+
+    creds = tmp_path / "credentials.json"
+    creds.write_text(json.dumps({"services": {"ingest": "changeme"}}))
+    prod = Settings(
+        environment=Environment.PRODUCTION, database_url="postgresql://db/molo", mqtt_host="mq", credentials_file=creds
+    )
+    with pytest.raises(ValueError, match="is a placeholder"):
+        prod.mqtt_secret()
+    assert Settings(credentials_file=creds).mqtt_secret() == "changeme"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -12,6 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from backend.api.errors import ApiError
 from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def get_settings(request: Request) -> Settings:
@@ -25,7 +28,9 @@ async def get_conn(request: Request) -> AsyncIterator[AsyncConnection[Any]]:
         async with pool.connection(timeout=5.0) as conn:
             yield conn
     except (psycopg.OperationalError, TimeoutError) as exc:
-        raise ApiError(503, "database_unavailable", f"the database is not reachable: {exc}") from exc
+        # The cause (host, user, a deadlock's detail) goes to the log, not to the caller.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        raise ApiError(503, "database_unavailable", "the database is not reachable; try again shortly") from exc
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
