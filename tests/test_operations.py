@@ -7,7 +7,10 @@ this module.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -26,9 +29,13 @@ from backend.ingest.mqtt import Received
 from backend.ingest.worker import IngestWorker
 from backend.ingest.writer import BatchWriter
 from backend.operations.alerts import AlertEngine, OpsBatch
+from backend.operations.commands import CommandRequest, CommandSender, send_command
 from backend.settings import Settings
 from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
 from contract.messages import (
+    CommandAck,
+    CommandAction,
+    CommandResult,
     DoorClosed,
     DoorLeftOpen,
     EventPayload,
@@ -40,7 +47,7 @@ from contract.messages import (
     WasteDeposited,
 )
 from firmware_stub.box import BoxFirmware
-from molo.brokers import RunningBroker
+from molo.brokers import RunningBroker, start_mosquitto
 from molo.provision import Credentials
 from tests.fixtures.broker import close, mqtt_client, publish
 from tests.fixtures.keys import Headers
@@ -586,3 +593,132 @@ def test_command_without_a_broker_is_recorded_failed(api: httpx.Client, db: psyc
     stored = api.get(f"/api/v1/commands/{error['details']['command_id']}").json()
     assert stored["status"] == "failed"
     assert stored["detail"].startswith("not sent: this API has no broker connection")
+
+
+# --------------------------------------------------------------------------- commands and an unreliable broker
+
+
+async def _send_open(
+    database_url: str, sender: CommandSender | None, box_id: str, door: int, **kw: Any
+) -> dict[str, Any]:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        request = CommandRequest(box_id=box_id, action=CommandAction.OPEN_COMPARTMENT, compartment=door)
+        return await send_command(conn, sender, request, requested_by="test", timeout_s=30.0, **kw)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float) -> bool:
+    """Poll ``condition`` for up to ``timeout`` seconds; whether it became true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _sender(broker: RunningBroker, credentials: Credentials, **kw: Any) -> CommandSender:
+    sender = CommandSender(
+        host=broker.host, port=broker.port, username="ingest", password=credentials.services["ingest"], **kw
+    )
+    sender.start()
+    assert sender.connected.wait(10), f"the command sender did not connect: {sender.last_error}"
+    return sender
+
+
+def test_command_while_the_broker_is_down_fails_at_once_and_never_runs_later(
+    database_url: str, credentials: Credentials, tmp_path: Path
+) -> None:
+    """With the sender disconnected (its broker down), open_compartment is recorded failed at once and
+    not queued: once the broker is back and a later command reaches the box, the failed one never has."""
+    private = start_mosquitto(tmp_path / "mosquitto", credentials)
+    sender = _sender(private, credentials)
+    box = firmware(private, credentials, "box-076", tmp_path)
+    try:
+        private.stop()
+        wait_for(lambda: not sender.is_connected())
+        started = time.monotonic()
+        failed = asyncio.run(_send_open(database_url, sender, "box-076", 5, connect_wait_s=0))
+        assert time.monotonic() - started < 1.0
+        assert failed["status"] == "failed"
+        assert failed["detail"].startswith("not sent: not connected to the broker")
+        private.start()
+        wait_for(sender.is_connected, 30)
+
+        def door_6_opened() -> bool:  # the box resubscribes after its own reconnect: retry until it hears
+            asyncio.run(_send_open(database_url, sender, "box-076", 6))
+            return wait_until(lambda: box.state[6].door_open, 2.0)
+
+        wait_for(door_6_opened, 30, interval=0)
+        time.sleep(1.0)  # anything paho had queued would have arrived with or before the later command
+        assert box.state[5].door_open is False
+        with psycopg.connect(database_url) as db:
+            status = db.execute("SELECT status FROM commands WHERE command_id = %s", (failed["command_id"],))
+            assert status.fetchone() == ("failed",)
+    finally:
+        box.stop()
+        sender.stop()
+        private.stop()
+
+
+def test_command_without_a_puback_in_time_is_sent_with_delivery_unknown(
+    database_url: str, credentials: Credentials, tmp_path: Path
+) -> None:
+    """A broker that stops answering (SIGSTOP) gives no PUBACK in time: the command is recorded sent
+    with 'delivery unknown', not failed, because paho still has it: once the broker resumes the box
+    does open the door."""
+    private = start_mosquitto(tmp_path / "mosquitto", credentials)
+    sender = _sender(private, credentials, publish_timeout_s=1.0)
+    box = BoxFirmware(
+        "box-077", credentials.boxes["box-077"], private.host, private.port, tmp_path / "box-077", keepalive=30
+    )
+    box.start()
+    pid = private.pid
+    assert pid is not None
+    try:
+        assert box.wait_connected(10)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            sent = asyncio.run(_send_open(database_url, sender, "box-077", 5))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert sent["status"] == "sent"
+        assert sent["detail"] == "delivery unknown: no PUBACK from the broker within 1 s"
+        assert sent["sent_at"] is not None
+        wait_for(lambda: box.state[5].door_open)
+    finally:
+        box.stop()
+        sender.stop()
+        private.stop()
+
+
+def test_the_boxs_ack_overrides_a_failed_the_backend_recorded(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, database_url: str
+) -> None:
+    """An ack from the box for a command the backend recorded failed (given up on, yet it ran) is
+    recorded: the box's word is the truth; a repeat ack afterwards changes nothing."""
+    failed = asyncio.run(_send_open(database_url, None, "box-078", 4))
+    assert failed["status"] == "failed"
+    topic = topic_for("box-078", MessageKind.COMMAND_ACK)
+    query = "SELECT status, detail, acked_at IS NOT NULL FROM commands WHERE command_id = %s"
+    ack = CommandAck(
+        v=1,
+        command_id=failed["command_id"],
+        box_id="box-078",
+        ts_ms=int(time.time() * 1000),
+        result=CommandResult.SUCCEEDED,
+        detail="compartment 4 opened",
+    )
+    client = mqtt_client(broker, "box-078", credentials.boxes["box-078"])
+    try:
+        with psycopg.connect(database_url, autocommit=True) as db:
+            publish(client, topic, encode(ack))
+            done = ("succeeded", "compartment 4 opened", True)
+            wait_for(lambda: db.execute(query, (failed["command_id"],)).fetchone() == done)
+            publish(client, topic, encode(ack.model_copy(update={"result": CommandResult.FAILED, "detail": "x"})))
+            # a later ack on the same topic is ingested after the repeat: once it is, the repeat was too
+            later = asyncio.run(_send_open(database_url, None, "box-078", 5))
+            publish(client, topic, encode(ack.model_copy(update={"command_id": later["command_id"]})))
+            wait_for(lambda: (row := db.execute(query, (later["command_id"],)).fetchone()) and row[0] == "succeeded")
+            assert db.execute(query, (failed["command_id"],)).fetchone() == done
+    finally:
+        close(client)

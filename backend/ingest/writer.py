@@ -506,7 +506,9 @@ class BatchWriter:
         )
 
     def _apply_command_acks(self, acks: list[tuple[Received, CommandAck]], dead: list[Any]) -> int:
-        """Record each ack on its command (the first ack wins; a repeat is harmless). An ack for a
+        """Record each ack on its command (the first ack wins; a repeat is harmless). The box's word
+        is the truth: an ack also overrides ``timed_out`` and a ``failed`` the backend set itself
+        (no ack yet), as paho may deliver a command after its publish was given up on. An ack for a
         command the backend never sent is kept as an ``unknown_command`` dead letter."""
         if not acks:
             return 0
@@ -533,7 +535,8 @@ class BatchWriter:
         with self.conn.cursor() as cur:
             cur.executemany(
                 """UPDATE commands SET status = %s, detail = %s, ack_ts = %s, acked_at = %s
-                   WHERE command_id = %s AND box_id = %s AND status IN ('pending', 'sent', 'timed_out')""",
+                   WHERE command_id = %s AND box_id = %s
+                     AND (status IN ('pending', 'sent', 'timed_out') OR (status = 'failed' AND acked_at IS NULL))""",
                 [
                     (a.result.value, a.detail, _ts(a.ts_ms), _wall(m.received_at), a.command_id, a.box_id)
                     for m, a in acks

@@ -7,11 +7,17 @@ every box's command topic and nothing else of a box), and marks it ``sent`` when
 arrives. The box executes it at most once and answers on ``.../commands/ack``; ingest records the
 answer (``succeeded`` / ``failed`` / ``rejected``; ``backend/ingest/writer.py``). No answer by
 ``expires_at`` makes it ``timed_out`` (the monitor sweep, :mod:`backend.operations.monitor`).
-A broker that is unreachable or does not acknowledge the publish makes it ``failed`` at once.
+
+``failed`` at once means *never handed to the MQTT client*: the sender is not connected (after at
+most ``connect_wait_s``) or the client refused the message. Nothing is queued then, so a command the
+caller was told failed can never run later. Once paho has the message it may still deliver it (QoS 1
+messages are re-sent after a reconnect), so a publish whose PUBACK does not come in time, or that
+paho queued because the connection dropped at that instant, is recorded ``sent`` with a detail
+(delivery unknown): the box's ack or the monitor's timeout decides.
 
 Status: ``pending`` -> ``sent`` -> ``succeeded`` | ``failed`` | ``rejected`` | ``timed_out``
-(``pending`` -> ``failed`` when the broker does not take it). A late ack after ``timed_out`` still
-records what the box did.
+(``pending`` -> ``failed`` when the client never took it). The box's ack is the truth: it is
+recorded even after ``timed_out`` or a ``failed`` the backend set itself.
 
 :class:`CommandSender` owns one paho-mqtt 2.x client (``CallbackAPIVersion.VERSION2``) on its own
 network thread; ``publish`` awaits the PUBACK through an asyncio future, so the event loop never
@@ -47,14 +53,20 @@ from contract.messages import SCHEMA_VERSION, Command, CommandAction
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
-#: How long to wait for the broker's PUBACK before the command counts as failed.
+#: How long to wait for the broker's PUBACK before the command counts as sent, delivery unknown.
 PUBLISH_TIMEOUT_S = 5.0
 #: How long a publish waits for a (re)connecting sender before the command counts as failed.
 CONNECT_WAIT_S = 3.0
 
 
 class CommandSendError(Exception):
-    """The broker did not take the command (not connected, refused, or no PUBACK in time)."""
+    """The command was not sent: not connected (nothing handed to paho), refused by the client or
+    the broker."""
+
+
+class DeliveryUnknownError(Exception):
+    """paho has the message but the broker's PUBACK did not come in time (or paho queued it while
+    reconnecting): it may still be delivered."""
 
 
 class CommandSender:
@@ -72,8 +84,10 @@ class CommandSender:
         use_tls: bool = False,
         tls_ca_file: str | None = None,
         logger: logging.Logger | None = None,
+        publish_timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
         self.log = logger or log
+        self.publish_timeout_s = publish_timeout_s
         self._host, self._port = host, port
         self._v5 = protocol == "5"
         client = mqtt.Client(
@@ -111,16 +125,26 @@ class CommandSender:
         self._client.loop_stop()
         self._client._reset_sockets()  # close paho's wake-up socket pair now (paho 2.x has no public way)
 
-    async def publish(self, topic: str, payload: bytes, timeout: float = PUBLISH_TIMEOUT_S) -> None:
-        """Publish at QoS 1 and wait (asynchronously) for the broker's PUBACK."""
-        if not self.connected.is_set():  # just started, or reconnecting: give it a moment, off the loop
-            await asyncio.to_thread(self.connected.wait, CONNECT_WAIT_S)
-        if not self.connected.is_set():
+    def is_connected(self) -> bool:
+        return self.connected.is_set() and self._client.is_connected()
+
+    async def publish(
+        self, topic: str, payload: bytes, timeout: float | None = None, connect_wait_s: float = CONNECT_WAIT_S
+    ) -> None:
+        """Publish at QoS 1 and wait (asynchronously) for the broker's PUBACK. Not connected (after
+        ``connect_wait_s``): :class:`CommandSendError` and nothing is handed to paho. No PUBACK in
+        ``timeout``: :class:`DeliveryUnknownError`."""
+        if not self.is_connected() and connect_wait_s > 0:  # just started or reconnecting: a moment, off the loop
+            await asyncio.to_thread(self.connected.wait, connect_wait_s)
+        if not self.is_connected():
             raise CommandSendError(f"not connected to the broker {self._host}:{self._port} ({self.last_error})")
+        wait = self.publish_timeout_s if timeout is None else timeout
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ReasonCode] = loop.create_future()
         info = self._client.publish(topic, payload, qos=1)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # dropped since the check: paho queued it for the reconnect
+            raise DeliveryUnknownError("the connection dropped as it was published; paho re-sends it on reconnect")
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise CommandSendError(f"the MQTT client did not take the command: {mqtt.error_string(info.rc)}")
         with self._lock:
             early = self._early.pop(info.mid, None)
@@ -129,11 +153,11 @@ class CommandSender:
         if early is not None:
             future.set_result(early)
         try:
-            reason = await asyncio.wait_for(future, timeout)
+            reason = await asyncio.wait_for(future, wait)
         except TimeoutError:
             with self._lock:
                 self._waiting.pop(info.mid, None)
-            raise CommandSendError(f"no PUBACK from the broker within {timeout:g} s") from None
+            raise DeliveryUnknownError(f"no PUBACK from the broker within {wait:g} s") from None
         if reason.is_failure:
             raise CommandSendError(f"the broker refused the command: {reason}")
 
@@ -202,9 +226,11 @@ async def send_command(
     *,
     requested_by: str,
     timeout_s: float,
+    connect_wait_s: float = CONNECT_WAIT_S,
 ) -> Row:
-    """Record, publish and return the command row (``sent``, or ``failed`` when the broker did not
-    take it). The outcome arrives later through ingest; ``Command`` validation errors raise
+    """Record, publish and return the command row: ``sent`` (with a ``detail`` when the PUBACK did
+    not come: delivery unknown), or ``failed`` when it was never handed to the client (see the module
+    docstring). The outcome arrives later through ingest; ``Command`` validation errors raise
     ``ValueError`` before anything is stored."""
     command_id = uuid.uuid4()
     now = datetime.now(UTC)
@@ -234,26 +260,39 @@ async def send_command(
                    now() + make_interval(secs => %(timeout)s))""",
         params,
     )
+    detail = None
     try:
         if sender is None:
             raise CommandSendError("this API has no broker connection (MOLO_MQTT_HOST is not set)")
-        await sender.publish(topic_for(request.box_id, MessageKind.COMMANDS), encode(message))
+        await sender.publish(
+            topic_for(request.box_id, MessageKind.COMMANDS), encode(message), connect_wait_s=connect_wait_s
+        )
     except CommandSendError as exc:
         log.warning("command %s to %s not sent: %s", command_id, request.box_id, exc)
         row = await _update(
             conn,
-            "UPDATE commands SET status = 'failed', detail = %(detail)s WHERE command_id = %(id)s",
+            "UPDATE commands SET status = 'failed', detail = %(detail)s"
+            " WHERE command_id = %(id)s AND status = 'pending'",
             {"id": command_id, "detail": f"not sent: {exc}"[:500]},
         )
-    else:
-        # The box may have answered already (the ack can beat this update): keep its result.
-        row = await _update(
-            conn,
-            """UPDATE commands SET sent_at = coalesce(sent_at, now()),
-                   status = CASE WHEN status = 'pending' THEN 'sent' ELSE status END
-               WHERE command_id = %(id)s""",
-            {"id": command_id},
-        )
+        return row or await _must_get(conn, command_id)
+    except DeliveryUnknownError as exc:
+        log.warning("command %s to %s: delivery unknown: %s", command_id, request.box_id, exc)
+        detail = f"delivery unknown: {exc}"[:500]
+    # The box may have answered already (the ack can beat this update): keep its result.
+    row = await _update(
+        conn,
+        """UPDATE commands SET sent_at = coalesce(sent_at, now()),
+               status = CASE WHEN status = 'pending' THEN 'sent' ELSE status END,
+               detail = CASE WHEN status = 'pending' THEN %(detail)s ELSE detail END
+           WHERE command_id = %(id)s""",
+        {"id": command_id, "detail": detail},
+    )
+    return row or await _must_get(conn, command_id)
+
+
+async def _must_get(conn: AsyncConnection[Any], command_id: UUID) -> Row:
+    row = await get_command(conn, command_id)
     if row is None:  # the row was deleted under us: not expected
         raise RuntimeError(f"command {command_id} vanished")
     return row
