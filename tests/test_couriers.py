@@ -8,9 +8,11 @@ searches never see another test's boxes.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,12 +24,13 @@ import pytest
 
 from backend.api.app import create_app
 from backend.api.server import ApiServer
+from backend.couriers.service import SWEEP_LOCK_KEY
 from backend.ingest.worker import IngestWorker
 from contract import BoxLayout, SizeClass, default_layout
 from contract.domain import WasteFraction
 from contract.messages import ParcelDeposited, WasteCollected, WasteDeposited
 from firmware_stub.box import BoxFirmware
-from molo.brokers import RunningBroker
+from molo.brokers import RunningBroker, free_port
 from molo.provision import Credentials
 from tests.fixtures.pipeline import scalar, settings_for, wait_for
 
@@ -87,6 +90,8 @@ def courier_url(database_url: str, broker: RunningBroker, credentials: Credentia
         heartbeat_timeout_s=60.0,
         command_timeout_s=10.0,
         reservation_sweep_interval_s=0.3,
+        reservation_release_attempts=3,
+        reservation_release_retry_s=0.2,
     )
     server = ApiServer(create_app(settings)).start()
     try:
@@ -673,3 +678,202 @@ def test_parcel_deposited_in_the_box_fulfils_the_reservation(
         assert not box.state[compartment].reserved
     finally:
         box.stop()
+
+
+# --------------------------------------------------------------------------- sweeps, expiry races, releases
+
+
+def _insert_hold(
+    db: psycopg.Connection[Any], box_id: str, compartment: int, *, expires_s: float, status: str = "active"
+) -> str:
+    """A hold stored as the API stores one; ``expires_s`` from now (negative: overdue)."""
+    rid = str(uuid.uuid4())
+    db.execute(
+        """INSERT INTO reservations (reservation_id, box_id, compartment, size_class, carrier, parcel_id,
+                                     created_by, status, created_at, expires_at)
+           VALUES (%s, %s, %s, 'A', 'gls', %s, 'test', %s, now() - interval '2 hours',
+                   now() + make_interval(secs => %s))""",
+        (rid, box_id, compartment, f"P-{rid[:10]}", status, expires_s),
+    )
+    return rid
+
+
+class SweepLockHeld:
+    """Another sweep in progress: the sweep's advisory lock held in an open transaction."""
+
+    def __init__(self, database_url: str) -> None:
+        self.conn = psycopg.connect(database_url)
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SWEEP_LOCK_KEY,))
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+
+def test_a_busy_sweep_is_skipped_not_waited_for(
+    http: httpx.Client, db: psycopg.Connection[Any], database_url: str, api_keys: dict[str, Headers]
+) -> None:
+    """While another sweep holds the sweep lock, courier calls skip their sweep instead of queueing
+    behind it (no 503, no wait); the overdue hold still reads expired and is ended once the lock is free."""
+    lat, lon = spot()
+    seed_box(db, "cou-busy", lat, lon)
+    rid = _insert_hold(db, "cou-busy", 3, expires_s=-5)
+    gls = api_keys["courier_gls"]
+    busy = SweepLockHeld(database_url)
+    try:
+        started = time.monotonic()
+        listed = http.get("/api/v1/courier/reservations", headers=gls, params={"box_id": "cou-busy"})
+        assert listed.status_code == 200, listed.text
+        assert time.monotonic() - started < 2.0
+        assert [r["status"] for r in listed.json()] == ["expired"]
+        assert reserve(http, gls, "cou-busy").status_code == 201
+    finally:
+        busy.release()
+    query = "SELECT status FROM reservations WHERE reservation_id = %s"
+    wait_for(lambda: db.execute(query, (rid,)).fetchone() == ("expired",))
+
+
+def test_a_hold_overdue_after_the_sweep_does_not_block_its_door(
+    http: httpx.Client, db: psycopg.Connection[Any], database_url: str, api_keys: dict[str, Headers]
+) -> None:
+    """A hold that expired after the last sweep (still status active, as the unique index sees it) is
+    ended inside the box's locked transaction: its door is held again (201), not 409 reservation_conflict."""
+    lat, lon = spot()
+    seed_box(db, "cou-overdue", lat, lon, layout=default_layout(a=1, b=0, c=0))
+    old = _insert_hold(db, "cou-overdue", 3, expires_s=-1)
+    busy = SweepLockHeld(database_url)  # no sweep gets to it first
+    try:
+        held = reserve(http, api_keys["courier_gls"], "cou-overdue")
+        assert held.status_code == 201, held.text
+        assert held.json()["compartment"] == 3
+        assert db.execute("SELECT status FROM reservations WHERE reservation_id = %s", (old,)).fetchone() == (
+            "expired",
+        )
+    finally:
+        busy.release()
+
+
+def test_reservations_under_concurrent_expiry_never_answer_5xx_or_a_spurious_conflict(
+    courier_url: str, db: psycopg.Connection[Any], api_keys: dict[str, Headers]
+) -> None:
+    """Sixteen couriers reserving and listing across ten boxes while holds keep expiring under them
+    (the reviewer's stress3): every answer is 201, 200 or a precise refusal; no 5xx, no
+    reservation_conflict."""
+    boxes = [f"cou-stress-{i}" for i in range(10)]
+    for box_id in boxes:
+        seed_box(db, box_id, *spot())
+    codes: collections.Counter[tuple[str, int, str]] = collections.Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def courier(i: int) -> None:
+        with httpx.Client(base_url=courier_url, timeout=60) as client:
+            for k in range(10):
+                r = reserve(client, api_keys["courier_gls"], boxes[(i + k) % len(boxes)], parcel_id=f"ST-{i}-{k}")
+                listed = client.get(
+                    "/api/v1/courier/reservations", headers=api_keys["courier_gls"], params={"limit": 5}
+                )
+                with lock:
+                    codes["post", r.status_code, "" if r.status_code < 300 else _code(r)] += 1
+                    codes["get", listed.status_code, ""] += 1
+
+    def expirer() -> None:
+        with psycopg.connect(db.info.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "UPDATE reservations SET created_at = now() - interval '2 minutes',"
+                    " expires_at = now() - interval '1 second'"
+                    " WHERE status = 'active' AND box_id LIKE 'cou-stress-%' AND random() < 0.5"
+                )
+                time.sleep(0.02)
+
+    background = threading.Thread(target=expirer)
+    background.start()
+    threads = [threading.Thread(target=courier, args=(i,)) for i in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        stop.set()
+        background.join()
+    assert sum(codes.values()) == 16 * 10 * 2
+    unexpected = {k: n for k, n in codes.items() if k not in {("post", 201, ""), ("get", 200, "")}}
+    assert set(unexpected) <= {("post", 409, "locker_is_full"), ("post", 409, "no_free_fitting_compartment")}, codes
+    assert codes["post", 201, ""] > 0
+
+
+@pytest.fixture
+def courier_no_broker(database_url: str, broker: RunningBroker, credentials: Credentials) -> Iterator[str]:
+    """The API with its broker unreachable (nothing listens on its MQTT port) and no periodic sweep."""
+    settings = settings_for(
+        database_url,
+        broker,
+        credentials,
+        mqtt_port=free_port(),
+        heartbeat_timeout_s=60.0,
+        reservation_sweep_interval_s=0,
+    )
+    server = ApiServer(create_app(settings)).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_requests_only_mark_holds_ended_and_the_sweeper_sends_the_releases(
+    courier_no_broker: str, courier_url: str, db: psycopg.Connection[Any], api_keys: dict[str, Headers]
+) -> None:
+    """With the broker down, listing reservations ends five overdue holds at once without sending
+    anything, and a cancel fails its release fast; the sweeper of an API with the broker then sends
+    all six releases (one attempt each)."""
+    seed_box(db, "cou-nobroker", *spot())
+    gls = api_keys["courier_gls"]
+    overdue = [_insert_hold(db, "cou-nobroker", door, expires_s=-1) for door in range(3, 8)]
+    live = _insert_hold(db, "cou-nobroker", 8, expires_s=3600)
+    with httpx.Client(base_url=courier_no_broker, timeout=20, headers=gls) as down:
+        started = time.monotonic()
+        listed = down.get("/api/v1/courier/reservations", params={"box_id": "cou-nobroker"})
+        assert listed.status_code == 200, listed.text
+        assert time.monotonic() - started < 1.5
+        rows = db.execute(
+            "SELECT status, release_command_id FROM reservations WHERE reservation_id = ANY(%s::uuid[])", (overdue,)
+        ).fetchall()
+        assert rows == [("expired", None)] * 5
+        started = time.monotonic()
+        cancelled = down.delete(f"/api/v1/courier/reservations/{live}")
+        assert cancelled.status_code == 200, cancelled.text
+        assert time.monotonic() - started < 1.5
+        assert cancelled.json()["release_command"]["status"] == "failed"
+    query = """SELECT count(*) FROM reservations r JOIN commands c ON c.command_id = r.release_command_id
+               WHERE r.reservation_id = ANY(%s::uuid[]) AND c.action = 'release_compartment'
+                 AND c.status <> 'failed' AND r.release_attempts = 1"""
+    wait_for(lambda: db.execute(query, ([*overdue, live],)).fetchone() == (6,))
+
+
+def test_releases_are_resent_a_bounded_number_of_times_and_never_over_a_newer_hold(
+    courier_url: str, db: psycopg.Connection[Any]
+) -> None:
+    """An ended hold whose release timed out is re-sent until its attempts (3 here) are spent, then
+    left alone; a hold whose door was taken again by a newer hold gets no release at all."""
+    seed_box(db, "cou-retry", *spot())
+    rid = _insert_hold(db, "cou-retry", 3, expires_s=-1, status="expired")
+    db.execute("UPDATE reservations SET ended_at = expires_at WHERE reservation_id = %s", (rid,))
+    newer = _insert_hold(db, "cou-retry", 4, expires_s=3600)  # first: the older one is never due unheld
+    superseded = _insert_hold(db, "cou-retry", 4, expires_s=-1, status="expired")
+    db.execute("UPDATE reservations SET ended_at = expires_at WHERE reservation_id = %s", (superseded,))
+    db.execute("UPDATE reservations SET created_at = now() WHERE reservation_id = %s", (newer,))
+    state = "SELECT release_attempts, release_command_id FROM reservations WHERE reservation_id = %s"
+
+    def after(attempt: int) -> Any:
+        row = db.execute(state, (rid,)).fetchone()
+        return row is not None and row[0] == attempt and row[1]
+
+    for attempt in (1, 2, 3):
+        command = wait_for(lambda: after(attempt))  # noqa: B023 (called at once, inside this iteration)
+        assert command is not None
+        db.execute("UPDATE commands SET status = 'timed_out' WHERE command_id = %s", (command,))
+    time.sleep(1.5)  # five sweeps and retry pauses of 0.2-0.8 s: a fourth attempt would have been made
+    assert db.execute(state, (rid,)).fetchone() == (3, command)
+    assert db.execute(state, (superseded,)).fetchone() == (0, None)

@@ -42,6 +42,12 @@ def _command_sender(settings: Settings) -> CommandSender | None:
     )
 
 
+async def _reset(conn: AsyncConnection[Any]) -> None:
+    """On return to the pool: drop session advisory locks a cancelled request may have left (the
+    reservation sweeper's per-box locks, backend/couriers/service.py)."""
+    await conn.execute("SELECT pg_advisory_unlock_all()")
+
+
 def create_app(settings: Settings, *, database_url: str | None = None) -> FastAPI:
     """The API for ``settings``; ``database_url`` overrides ``settings.database_url`` (the main job
     passes the URL of the PostgreSQL it started)."""
@@ -57,6 +63,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
             max_size=settings.db_pool_max,
             open=False,
             kwargs={"autocommit": True, "application_name": "molo-api"},
+            reset=_reset,
         )
         await pool.open(wait=False)
         app.state.pool = pool

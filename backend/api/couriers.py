@@ -2,10 +2,11 @@
 (holds on a compartment), and hazardous-waste pickups for vans with spare room.
 
 Couriers act only for the carrier their key is bound to; operators may act for any carrier (and
-must name it when reserving). Researchers are refused (403 ``forbidden_role``). Calls first end
-fulfilled and overdue holds (and tell the boxes to release the doors; the capacity searches do it at
-most once a second), so expiry needs no separate process; the capacity query itself never counts an
-overdue hold.
+must name it when reserving). Researchers are refused (403 ``forbidden_role``). Calls first mark
+fulfilled and overdue holds ended (the capacity searches at most once a second; one sweep at a time,
+a busy one is skipped); the capacity query itself never counts an overdue hold. No request sends a
+release for an expired hold: :func:`sweep_periodically`, in the API's lifespan, does that and
+re-sends releases that are missing, failed or timed out.
 """
 
 from __future__ import annotations
@@ -63,16 +64,18 @@ def _commands(request: Request, settings: Settings) -> service.CommandContext:
 SWEEP_EVERY_S = 1.0
 
 
-async def _sweep_now_and_then(request: Request, conn: ConnDep, ctx: service.CommandContext) -> None:
+async def _sweep_now_and_then(request: Request, conn: ConnDep) -> None:
     now = time.monotonic()
     if now - getattr(request.app.state, "courier_swept_at", -SWEEP_EVERY_S) >= SWEEP_EVERY_S:
         request.app.state.courier_swept_at = now
-        await service.sweep_expired(conn, ctx)
+        await service.sweep_expired(conn)
 
 
 async def sweep_periodically(app: FastAPI, settings: Settings) -> None:
     """Run in the API's lifespan: every ``reservation_sweep_interval_s`` end fulfilled and overdue
-    holds and send the boxes their releases, so boxes hear of expiries in quiet hours too."""
+    holds, send the releases of ended holds and re-send those missing, failed or timed out (at most
+    ``reservation_release_attempts`` each, backing off from ``reservation_release_retry_s``), so
+    boxes hear of expiries in quiet hours too and a door is not left held at the box for good."""
     interval = settings.reservation_sweep_interval_s
     if interval <= 0:
         return
@@ -82,7 +85,13 @@ async def sweep_periodically(app: FastAPI, settings: Settings) -> None:
             pool: AsyncConnectionPool[AsyncConnection[Any]] = app.state.pool
             async with pool.connection(timeout=5.0) as conn:
                 ctx = service.CommandContext(getattr(app.state, "commands", None), settings.command_timeout_s)
-                await service.sweep_expired(conn, ctx)
+                await service.sweep_expired(conn)
+                await service.send_releases(
+                    conn,
+                    ctx,
+                    max_attempts=settings.reservation_release_attempts,
+                    retry_s=settings.reservation_release_retry_s,
+                )
         except Exception:  # the database may be down for a while; try again next time
             log.warning("reservation sweep failed; retrying in %g s", interval, exc_info=True)
 
@@ -128,7 +137,7 @@ async def capacity(
     """Free = in service, not occupied by the latest reading, not held by a reservation. Offline
     boxes and boxes in maintenance are not offered."""
     size = _size(size_class, height_mm, width_mm, depth_mm)
-    await _sweep_now_and_then(request, conn, _commands(request, settings))
+    await _sweep_now_and_then(request, conn)
     return await service.capacity_near(
         conn,
         lat=lat,
@@ -149,7 +158,7 @@ async def capacity(
 async def capacity_along_route(
     body: RouteCapacityIn, request: Request, conn: ConnDep, settings: SettingsDep, who: CourierDep
 ) -> RouteCapacityOut:
-    await _sweep_now_and_then(request, conn, _commands(request, settings))
+    await _sweep_now_and_then(request, conn)
     return await service.capacity_along(conn, body, heartbeat_timeout_s=settings.heartbeat_timeout_s)
 
 
@@ -200,7 +209,7 @@ async def list_reservations(
     carrier: Annotated[str | None, Query(pattern=r"^[a-z0-9][a-z0-9_-]{1,31}$", description="operators")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[ReservationOut]:
-    await service.sweep_expired(conn, _commands(request, settings))
+    await service.sweep_expired(conn)
     rows = await repository.list_reservations(
         conn, carrier=carrier_for(who, carrier), status=status, box_id=box_id, limit=limit
     )
@@ -220,7 +229,7 @@ def _own(who: Principal) -> str | None:
 async def get_reservation(
     reservation_id: UUID, request: Request, conn: ConnDep, settings: SettingsDep, who: CourierDep
 ) -> ReservationOut:
-    await service.sweep_expired(conn, _commands(request, settings))
+    await service.sweep_expired(conn)
     return await service.get_visible(conn, reservation_id, _own(who))
 
 
@@ -237,9 +246,8 @@ async def get_reservation(
 async def cancel_reservation(
     reservation_id: UUID, request: Request, conn: ConnDep, settings: SettingsDep, who: CourierDep
 ) -> ReservationOut:
-    ctx = _commands(request, settings)
-    await service.sweep_expired(conn, ctx)
-    return await service.cancel(conn, ctx, reservation_id, _own(who), who.key_id)
+    await service.sweep_expired(conn)
+    return await service.cancel(conn, _commands(request, settings), reservation_id, _own(who), who.key_id)
 
 
 @router.get(

@@ -103,6 +103,23 @@ async def lock_box(conn: AsyncConnection[Any], box_id: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('molo.reservations'), hashtext(%s))", (box_id,))
 
 
+async def lock_box_session(conn: AsyncConnection[Any], box_id: str) -> None:
+    """The same lock as :func:`lock_box`, held across autocommit statements until
+    :func:`unlock_box_session` (the API's pool also drops any left over when a connection returns)."""
+    await conn.execute("SELECT pg_advisory_lock(hashtext('molo.reservations'), hashtext(%s))", (box_id,))
+
+
+async def unlock_box_session(conn: AsyncConnection[Any], box_id: str) -> None:
+    await conn.execute("SELECT pg_advisory_unlock(hashtext('molo.reservations'), hashtext(%s))", (box_id,))
+
+
+async def try_sweep_lock(conn: AsyncConnection[Any], key: int) -> bool:
+    """Take the sweep's transaction-level advisory lock if it is free (one sweep at a time)."""
+    cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def box_for_hold(conn: AsyncConnection[Any], box_id: str) -> Row | None:
     """The box's layout, latest readings and availability inputs (None if no such box)."""
     async with conn.cursor(row_factory=dict_row) as cur:
@@ -117,11 +134,10 @@ async def box_for_hold(conn: AsyncConnection[Any], box_id: str) -> Row | None:
 
 
 async def held_compartments(conn: AsyncConnection[Any], box_id: str) -> set[int]:
+    """Doors with an ``active`` hold: what the partial unique index sees. Call it under the box's
+    lock after :func:`end_expired` for the box, so an overdue hold is ended rather than counted."""
     async with conn.cursor() as cur:
-        await cur.execute(
-            "SELECT compartment FROM reservations WHERE box_id = %s AND status = 'active' AND expires_at > now()",
-            (box_id,),
-        )
+        await cur.execute("SELECT compartment FROM reservations WHERE box_id = %s AND status = 'active'", (box_id,))
         return {int(r[0]) for r in await cur.fetchall()}
 
 
@@ -136,15 +152,60 @@ _RESERVATION_FROM = """reservations r
 
 
 async def end_expired(conn: AsyncConnection[Any], box_id: str | None = None) -> list[Row]:
-    """Mark overdue active holds ``expired`` (of one box, or all); returns the rows ended now."""
+    """Mark overdue active holds ``expired`` (of one box, or all); returns the rows ended now. Rows
+    are locked in reservation-id order, so a box's hold transaction and the sweep never lock the same
+    rows in opposite orders."""
     where = "status = 'active' AND expires_at <= now()" + (" AND box_id = %(box)s" if box_id else "")
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            f"UPDATE reservations SET status = 'expired', ended_at = expires_at WHERE {where}"
-            " RETURNING reservation_id, box_id, compartment",
+            f"""WITH due AS (SELECT reservation_id FROM reservations WHERE {where}
+                             ORDER BY reservation_id FOR UPDATE)
+                UPDATE reservations r SET status = 'expired', ended_at = r.expires_at FROM due
+                WHERE r.reservation_id = due.reservation_id AND r.status = 'active'
+                RETURNING r.reservation_id, r.box_id, r.compartment""",
             {"box": box_id},
         )
         return await cur.fetchall()
+
+
+# A newer hold was taken on the ended hold r's door: r's release would free the door the newer one has.
+_SUPERSEDED = """EXISTS (SELECT 1 FROM reservations n
+                         WHERE n.box_id = r.box_id AND n.compartment = r.compartment
+                           AND n.reservation_id <> r.reservation_id
+                           AND (n.status = 'active' OR n.created_at > r.created_at))"""
+
+
+async def releases_due(conn: AsyncConnection[Any], *, max_attempts: int, limit: int) -> list[Row]:
+    """Ended holds (expired or cancelled, in the last day) whose release_compartment command is
+    missing, failed or timed out, with attempts left, their retry time reached and no newer hold on
+    the door; oldest first."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"""SELECT r.reservation_id, r.box_id, r.compartment, r.status, r.release_attempts
+               FROM reservations r LEFT JOIN commands rc ON rc.command_id = r.release_command_id
+               WHERE r.status IN ('expired', 'cancelled')
+                 AND (r.release_command_id IS NULL OR rc.status IN ('failed', 'timed_out'))
+                 AND r.release_attempts < %(max)s AND r.ended_at > now() - interval '1 day'
+                 AND (r.release_retry_at IS NULL OR r.release_retry_at <= now())
+                 AND NOT {_SUPERSEDED}
+               ORDER BY r.ended_at, r.reservation_id
+               LIMIT %(limit)s""",
+            {"max": max_attempts, "limit": limit},
+        )
+        return await cur.fetchall()
+
+
+async def claim_release(conn: AsyncConnection[Any], reservation_id: UUID, attempts: int, retry_s: float) -> bool:
+    """Count one more release attempt and set the next retry time (``retry_s * 2**attempts`` from
+    now), unless another sweeper claimed it first or a newer hold was taken on the door since (its
+    release would free the door the newer hold has); True if this caller should send it."""
+    cur = await conn.execute(
+        f"""UPDATE reservations r SET release_attempts = r.release_attempts + 1,
+                   release_retry_at = now() + make_interval(secs => %(retry)s * power(2, r.release_attempts))
+            WHERE r.reservation_id = %(id)s AND r.release_attempts = %(seen)s AND NOT {_SUPERSEDED}""",
+        {"id": reservation_id, "seen": attempts, "retry": retry_s},
+    )
+    return cur.rowcount == 1
 
 
 async def end_fulfilled(conn: AsyncConnection[Any]) -> int:

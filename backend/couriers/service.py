@@ -7,7 +7,15 @@ nothing. A hold takes the smallest free size the parcel fits, lowest door first.
 No overbooking: a hold is taken in one transaction that first takes a per-box advisory lock, so two
 couriers racing for the last door are served one after the other and the second sees it held; the
 partial unique index ``reservations_one_active_hold`` refuses a second active hold on a door even if
-some other code path forgot the lock.
+some other code path forgot the lock. Under that lock the box's overdue holds are first ended
+(``expired``), then every ``active`` row counts as held: exactly what the index sees. A hold
+transaction that deadlocks or fails to serialise is retried once.
+
+Boxes are told: a hold's reserve_compartment is sent by the request; a cancel tries its release once
+(failing at once if the broker connection is down). Requests only *mark* holds ended
+(:func:`sweep_expired`, one sweeper at a time); the releases of expired holds, and re-sends of
+releases that are missing, failed or timed out, are sent by the API's periodic sweeper
+(:func:`send_releases`), never by a request.
 
 Refusals, after the GLS/NXT locker API (``shared/DOMAIN.md``): ``dimensions_exceed`` (the parcel fits
 no compartment the box has), ``locker_is_full`` (no free parcel door at all),
@@ -44,7 +52,7 @@ from backend.couriers.schemas import (
     WastePickup,
     WastePickupsOut,
 )
-from backend.operations.commands import CommandRequest, CommandSender, send_command
+from backend.operations.commands import CONNECT_WAIT_S, CommandRequest, CommandSender, send_command
 from contract import BoxLayout, SizeClass
 from contract.domain import RED_BOX_MAX_KG, Dimensions, WasteFraction
 from contract.messages import CommandAction
@@ -203,6 +211,13 @@ def reservation_out(row: Row) -> ReservationOut:
     )
 
 
+#: The sweep's advisory lock key ("mres"): one sweep at a time, others skip (as the monitor's does).
+SWEEP_LOCK_KEY = 0x6D726573
+#: Releases handled per periodic pass (the rest wait for the next one).
+RELEASES_PER_PASS = 100
+_RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
+
+
 async def _tell_box(
     conn: AsyncConnection[Any],
     ctx: CommandContext,
@@ -211,6 +226,8 @@ async def _tell_box(
     compartment: int,
     action: CommandAction,
     requested_by: str,
+    *,
+    connect_wait_s: float = CONNECT_WAIT_S,
 ) -> None:
     """Send the command (recorded in ``commands``) and link it to the reservation. A broker that is
     down does not undo the hold: the command row says ``failed`` and the reservation shows it."""
@@ -221,46 +238,73 @@ async def _tell_box(
         CommandRequest(box_id=box_id, action=action, compartment=compartment),
         requested_by=requested_by,
         timeout_s=ctx.timeout_s,
+        connect_wait_s=connect_wait_s,
     )
     await repository.set_command(conn, reservation_id, column, row["command_id"])
 
 
-async def sweep_expired(conn: AsyncConnection[Any], ctx: CommandContext, box_id: str | None = None) -> int:
+async def sweep_expired(conn: AsyncConnection[Any]) -> int:
     """End holds whose parcel went in (``fulfilled``), those the box refused (``rejected``) and
-    overdue ones (``expired``, and tell their boxes to release the doors); returns how many expired.
-    The capacity query never counts an overdue hold, so this only has to catch up, not be on time."""
-    async with conn.transaction():
-        await repository.end_fulfilled(conn)
-        await repository.end_rejected(conn)
-        ended = await repository.end_expired(conn, box_id)
-    for row in ended:
+    overdue ones (``expired``); returns how many expired. Only marks: nothing is sent to a box here
+    (the periodic sweeper's :func:`send_releases` does that). If another sweep holds the lock, or
+    this one deadlocks with a hold transaction, it is skipped: the capacity query never counts an
+    overdue hold, so this only has to catch up, not be on time."""
+    try:
+        async with conn.transaction():
+            if not await repository.try_sweep_lock(conn, SWEEP_LOCK_KEY):
+                return 0
+            await repository.end_fulfilled(conn)
+            await repository.end_rejected(conn)
+            return len(await repository.end_expired(conn))
+    except _RETRYABLE as exc:
+        log.info("reservation sweep skipped: %s", exc)
+        return 0
+
+
+async def send_releases(conn: AsyncConnection[Any], ctx: CommandContext, *, max_attempts: int, retry_s: float) -> int:
+    """Send release_compartment for ended holds whose release is missing, failed or timed out
+    (:func:`repository.releases_due`); returns how many were handed to the broker. Skipped while
+    the sender is not connected (no attempt is spent then). Each is sent under the box's hold lock,
+    after checking no newer hold took the door, so a release never overtakes a newer reserve."""
+    if ctx.sender is None or not ctx.sender.is_connected():
+        return 0
+    sent = 0
+    for row in await repository.releases_due(conn, max_attempts=max_attempts, limit=RELEASES_PER_PASS):
+        box_id = row["box_id"]
+        await repository.lock_box_session(conn, box_id)
         try:
+            if not await repository.claim_release(conn, row["reservation_id"], row["release_attempts"], retry_s):
+                continue
             await _tell_box(
                 conn,
                 ctx,
                 row["reservation_id"],
-                row["box_id"],
+                box_id,
                 row["compartment"],
                 CommandAction.RELEASE_COMPARTMENT,
-                f"reservation {row['reservation_id']} expired",
+                f"reservation {row['reservation_id']} {row['status']}"
+                + (f" (release attempt {row['release_attempts'] + 1})" if row["release_attempts"] else ""),
+                connect_wait_s=0,
             )
+            sent += 1
         except Exception:  # one box's release must not stop the others (the hold has ended anyway)
-            log.exception("could not send the release for expired reservation %s", row["reservation_id"])
-    return len(ended)
+            log.exception("could not send the release for reservation %s", row["reservation_id"])
+        finally:
+            await repository.unlock_box_session(conn, box_id)
+    return sent
 
 
-async def reserve(
+async def _hold(
     conn: AsyncConnection[Any],
-    ctx: CommandContext,
     request: ReservationIn,
+    sizes: list[SizeClass],
+    reservation_id: UUID,
     *,
     carrier: str,
     key_id: str,
     heartbeat_timeout_s: float,
-) -> ReservationOut:
-    sizes = sizes_for(request)
-    await sweep_expired(conn, ctx, request.box_id)
-    reservation_id = uuid.uuid4()
+) -> int:
+    """The locked per-box transaction that takes a door; returns the compartment."""
     dims = request.dimensions_mm
     async with conn.transaction():
         await repository.lock_box(conn, request.box_id)
@@ -273,6 +317,9 @@ async def reserve(
             raise ApiError(409, "box_unavailable", f"box {request.box_id} is offline ({reason})", {"state": "offline"})
         if box["maintenance"]:
             raise ApiError(409, "box_unavailable", f"box {request.box_id} is in maintenance", {"state": "maintenance"})
+        # Overdue holds of this box end now (their releases go out with the periodic sweeper), so
+        # every remaining active row is a real hold: the same rows the partial unique index sees.
+        await repository.end_expired(conn, request.box_id)
         existing = await repository.active_for_parcel(conn, carrier, request.parcel_id)
         if existing is not None:
             raise ApiError(
@@ -300,6 +347,32 @@ async def reserve(
             raise ApiError(
                 409, "reservation_conflict", "another hold took this compartment at the same moment; retry"
             ) from exc
+    return compartment
+
+
+async def reserve(
+    conn: AsyncConnection[Any],
+    ctx: CommandContext,
+    request: ReservationIn,
+    *,
+    carrier: str,
+    key_id: str,
+    heartbeat_timeout_s: float,
+) -> ReservationOut:
+    sizes = sizes_for(request)
+    await sweep_expired(conn)
+    reservation_id = uuid.uuid4()
+    timeout_s = heartbeat_timeout_s
+    for attempt in (1, 2):
+        try:
+            compartment = await _hold(
+                conn, request, sizes, reservation_id, carrier=carrier, key_id=key_id, heartbeat_timeout_s=timeout_s
+            )
+            break
+        except _RETRYABLE as exc:  # rolled back as a whole: take the hold once more
+            if attempt == 2:
+                raise
+            log.info("reservation transaction for box %s retried: %s", request.box_id, exc)
     await _tell_box(
         conn,
         ctx,
@@ -344,6 +417,7 @@ async def cancel(
         ended["compartment"],
         CommandAction.RELEASE_COMPARTMENT,
         f"reservation {reservation_id} cancelled by key {key_id}",
+        connect_wait_s=0,  # broker down: failed at once; the periodic sweeper sends it later
     )
     return await get_visible(conn, reservation_id, carrier)
 
@@ -433,6 +507,7 @@ __all__ = [
     "choose_compartment",
     "get_visible",
     "reserve",
+    "send_releases",
     "sizes_for",
     "sweep_expired",
     "waste_pickups",

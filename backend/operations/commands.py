@@ -8,12 +8,13 @@ arrives. The box executes it at most once and answers on ``.../commands/ack``; i
 answer (``succeeded`` / ``failed`` / ``rejected``; ``backend/ingest/writer.py``). No answer by
 ``expires_at`` makes it ``timed_out`` (the monitor sweep, :mod:`backend.operations.monitor`).
 
-``failed`` at once means *never handed to the MQTT client*: the sender is not connected (after at
-most ``connect_wait_s``) or the client refused the message. Nothing is queued then, so a command the
-caller was told failed can never run later. Once paho has the message it may still deliver it (QoS 1
-messages are re-sent after a reconnect), so a publish whose PUBACK does not come in time, or that
-paho queued because the connection dropped at that instant, is recorded ``sent`` with a detail
-(delivery unknown): the box's ack or the monitor's timeout decides.
+``failed`` at once means *never handed to the MQTT client*: the sender is not connected (a
+publish waits for the first connection only in the first seconds after start) or the client
+refused it. Nothing is queued then, so a command the caller was told failed can never run later.
+Once paho has the message it may still deliver it (QoS 1 messages are re-sent after a reconnect),
+so a publish whose PUBACK does not come in time, or that paho queued because the connection dropped
+at that instant, is recorded ``sent`` with a detail (delivery unknown): the box's ack or the
+monitor's timeout decides.
 
 Status: ``pending`` -> ``sent`` -> ``succeeded`` | ``failed`` | ``rejected`` | ``timed_out``
 (``pending`` -> ``failed`` when the client never took it). The box's ack is the truth: it is
@@ -31,6 +32,7 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,7 +57,8 @@ Row = dict[str, Any]
 
 #: How long to wait for the broker's PUBACK before the command counts as sent, delivery unknown.
 PUBLISH_TIMEOUT_S = 5.0
-#: How long a publish waits for a (re)connecting sender before the command counts as failed.
+#: How long after :meth:`CommandSender.start` a publish may wait for the first connection before
+#: the command counts as failed (later, a sender that is not connected fails at once).
 CONNECT_WAIT_S = 3.0
 
 
@@ -110,9 +113,11 @@ class CommandSender:
         self.connected = threading.Event()
         self.last_error: str | None = None
         self._started = False
+        self._started_at = float("-inf")
 
     def start(self) -> None:
         """Connect in the background (paho reconnects by itself until :meth:`stop`)."""
+        self._started_at = time.monotonic()
         self._client.connect_async(self._host, self._port, keepalive=30)
         self._client.loop_start()
         self._started = True
@@ -132,10 +137,12 @@ class CommandSender:
         self, topic: str, payload: bytes, timeout: float | None = None, connect_wait_s: float = CONNECT_WAIT_S
     ) -> None:
         """Publish at QoS 1 and wait (asynchronously) for the broker's PUBACK. Not connected (after
-        ``connect_wait_s``): :class:`CommandSendError` and nothing is handed to paho. No PUBACK in
-        ``timeout``: :class:`DeliveryUnknownError`."""
-        if not self.is_connected() and connect_wait_s > 0:  # just started or reconnecting: a moment, off the loop
-            await asyncio.to_thread(self.connected.wait, connect_wait_s)
+        up to ``connect_wait_s``, only in the first :data:`CONNECT_WAIT_S` after :meth:`start`):
+        :class:`CommandSendError` and nothing is handed to paho. No PUBACK in ``timeout``:
+        :class:`DeliveryUnknownError`."""
+        wait_s = min(connect_wait_s, self._started_at + CONNECT_WAIT_S - time.monotonic())
+        if not self.is_connected() and wait_s > 0:  # just started: give it a moment, off the loop
+            await asyncio.to_thread(self.connected.wait, wait_s)
         if not self.is_connected():
             raise CommandSendError(f"not connected to the broker {self._host}:{self._port} ({self.last_error})")
         wait = self.publish_timeout_s if timeout is None else timeout
