@@ -444,7 +444,8 @@ def test_command_permissions_and_rejections(
     ops_api: httpx.Client, api_keys: dict[str, Headers], db: psycopg.Connection[Any]
 ) -> None:
     """A researcher may read commands but not send them (403 forbidden_role), no key is 401;
-    invalid commands are 422 (invalid_command, unknown_compartment), unknown boxes and commands 404."""
+    invalid commands are 422 (invalid_command, also for reserve/release_compartment, which only courier
+    reservations send; unknown_compartment), unknown boxes and commands 404."""
     db.execute(
         "INSERT INTO boxes (box_id, layout) VALUES ('box-071', %s) ON CONFLICT (box_id) DO NOTHING",
         (Jsonb(default_layout().model_dump(mode="json")),),
@@ -461,6 +462,14 @@ def test_command_permissions_and_rejections(
     missing_flag = ops_api.post("/api/v1/boxes/box-071/commands", json={"action": "set_maintenance"})
     assert missing_flag.status_code == 422
     assert missing_flag.json()["error"]["code"] == "invalid_command"
+    for action in ("reserve_compartment", "release_compartment"):  # holds go through courier reservations
+        hold = ops_api.post("/api/v1/boxes/box-071/commands", json={"action": action, "compartment": 3})
+        assert hold.status_code == 422
+        assert hold.json()["error"]["code"] == "invalid_command"
+    assert db.execute(
+        "SELECT count(*) FROM commands WHERE box_id = 'box-071'"
+        " AND action IN ('reserve_compartment', 'release_compartment')"
+    ).fetchone() == (0,)
     no_door = ops_api.post("/api/v1/boxes/box-071/commands", json={"action": "open_compartment", "compartment": 60})
     assert no_door.status_code == 422
     assert no_door.json()["error"]["code"] == "unknown_compartment"

@@ -21,6 +21,7 @@ from backend.api.errors import ApiError
 from backend.api.schemas import CommandIn, CommandOut
 from backend.api.service import _layout
 from backend.operations.commands import CommandRequest, CommandSender, get_command, send_command
+from contract.messages import CommandAction
 from contract.topics import BOX_ID_PATTERN
 
 router = APIRouter(prefix="/api/v1", tags=["commands"])
@@ -29,6 +30,18 @@ _AUTH: dict[int | str, dict[str, Any]] = {
     401: {"description": "`missing_api_key`, `invalid_api_key` or `revoked_api_key`"},
     403: {"description": "`forbidden_role`"},
 }
+
+
+#: What operators may send. Holds (reserve_compartment / release_compartment) belong to courier
+#: reservations (backend/couriers), which keep the hold and the box's door in step.
+OPERATOR_ACTIONS = frozenset(
+    {
+        CommandAction.OPEN_COMPARTMENT,
+        CommandAction.SET_COMPARTMENT_SERVICE,
+        CommandAction.SET_MAINTENANCE,
+        CommandAction.PING,
+    }
+)
 
 
 def _sender(request: Request) -> CommandSender | None:
@@ -44,7 +57,10 @@ def _sender(request: Request) -> CommandSender | None:
     responses={
         **_AUTH,
         404: {"description": "`box_not_found`"},
-        422: {"description": "`invalid_command` (missing parameters) or `unknown_compartment`"},
+        422: {
+            "description": "`invalid_command` (missing parameters, or an action other than open_compartment, "
+            "set_compartment_service, set_maintenance, ping) or `unknown_compartment`"
+        },
         503: {"description": "`broker_unavailable`: recorded as failed, not sent (details: the command)"},
     },
 )
@@ -56,6 +72,13 @@ async def post_command(
     settings: SettingsDep,
     operator: OperatorDep,
 ) -> CommandOut:
+    if body.action not in OPERATOR_ACTIONS:
+        raise ApiError(
+            422,
+            "invalid_command",
+            f"{body.action.value} is not an operator command (holds are made through courier reservations)",
+            {"allowed": sorted(a.value for a in OPERATOR_ACTIONS)},
+        )
     box = await repository.get_box(conn, box_id)
     if box is None:
         raise ApiError(404, "box_not_found", f"no box {box_id!r}")
