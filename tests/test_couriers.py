@@ -882,3 +882,35 @@ def test_releases_are_resent_a_bounded_number_of_times_and_never_over_a_newer_ho
     time.sleep(1.5)  # five sweeps and retry pauses of 0.2-0.8 s: a fourth attempt would have been made
     assert db.execute(state, (rid,)).fetchone() == (3, command)
     assert db.execute(state, (superseded,)).fetchone() == (0, None)
+
+
+def test_a_cancel_sends_no_release_over_a_newer_hold_on_the_door(
+    http: httpx.Client, db: psycopg.Connection[Any], database_url: str, api_keys: dict[str, Headers]
+) -> None:
+    """A cancel sends its release under the box's hold lock: if a newer hold took the door first
+    (here: while another session held that lock), the cancel sends no release that would free it."""
+    seed_box(db, "cou-cancel-race", *spot(), layout=default_layout(a=1, b=0, c=0))
+    gls = api_keys["courier_gls"]
+    held = reserve(http, gls, "cou-cancel-race").json()
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext('molo.reservations'), hashtext('cou-cancel-race'))")
+        answers: list[httpx.Response] = []
+        cancelling = threading.Thread(
+            target=lambda: answers.append(
+                http.delete(f"/api/v1/courier/reservations/{held['reservation_id']}", headers=gls)
+            )
+        )
+        cancelling.start()
+        state = "SELECT status FROM reservations WHERE reservation_id = %s"
+        wait_for(lambda: db.execute(state, (held["reservation_id"],)).fetchone() == ("cancelled",))
+        newer = _insert_hold(db, "cou-cancel-race", 3, expires_s=3600)  # the reserve that got the lock first
+        other.execute("SELECT pg_advisory_unlock(hashtext('molo.reservations'), hashtext('cou-cancel-race'))")
+        cancelling.join(20)
+    (cancelled,) = answers
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["release_command"] is None
+    releases = "SELECT count(*) FROM commands WHERE box_id = 'cou-cancel-race' AND action = 'release_compartment'"
+    time.sleep(1.0)  # three periodic sweeps: the sweeper does not send it either
+    assert db.execute(releases).fetchone() == (0,)
+    assert db.execute(state, (newer,)).fetchone() == ("active",)

@@ -195,6 +195,13 @@ async def releases_due(conn: AsyncConnection[Any], *, max_attempts: int, limit: 
         return await cur.fetchall()
 
 
+async def superseded(conn: AsyncConnection[Any], reservation_id: UUID) -> bool:
+    """Whether a newer hold was taken on this ended hold's door (its release would free that one)."""
+    cur = await conn.execute(f"SELECT {_SUPERSEDED} FROM reservations r WHERE r.reservation_id = %s", (reservation_id,))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
 async def claim_release(conn: AsyncConnection[Any], reservation_id: UUID, attempts: int, retry_s: float) -> bool:
     """Count one more release attempt and set the next retry time (``retry_s * 2**attempts`` from
     now), unless another sweeper claimed it first or a newer hold was taken on the door since (its

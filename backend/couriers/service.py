@@ -409,16 +409,23 @@ async def cancel(
         ended = await repository.cancel(conn, reservation_id)
     if ended is None:  # it expired or was cancelled between the read and the update
         return await cancel(conn, ctx, reservation_id, carrier, key_id)
-    await _tell_box(
-        conn,
-        ctx,
-        reservation_id,
-        ended["box_id"],
-        ended["compartment"],
-        CommandAction.RELEASE_COMPARTMENT,
-        f"reservation {reservation_id} cancelled by key {key_id}",
-        connect_wait_s=0,  # broker down: failed at once; the periodic sweeper sends it later
-    )
+    # Under the box's hold lock, as the sweeper's releases: a hold taken on the door since the
+    # cancel committed gets no release after its reserve (the box would free the newer hold's door).
+    await repository.lock_box_session(conn, ended["box_id"])
+    try:
+        if not await repository.superseded(conn, reservation_id):
+            await _tell_box(
+                conn,
+                ctx,
+                reservation_id,
+                ended["box_id"],
+                ended["compartment"],
+                CommandAction.RELEASE_COMPARTMENT,
+                f"reservation {reservation_id} cancelled by key {key_id}",
+                connect_wait_s=0,  # broker down: failed at once; the periodic sweeper sends it later
+            )
+    finally:
+        await repository.unlock_box_session(conn, ended["box_id"])
     return await get_visible(conn, reservation_id, carrier)
 
 
