@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     network_file: Path | None = None
 
     # --- API
+    #: The live stream sends a keepalive comment when quiet this long, and checks then that its key
+    #: has not been revoked (a revoked key's stream ends with event ``revoked``).
+    stream_keepalive_s: Annotated[float, Field(gt=0, le=300)] = 15.0
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
 

@@ -23,6 +23,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from backend.access.keys import NewKey, Role
+from backend.access.repository import revoke_key
 from backend.api.app import create_app
 from backend.api.server import ApiServer
 from backend.ingest.mqtt import Received
@@ -50,7 +52,7 @@ from firmware_stub.box import BoxFirmware
 from molo.brokers import RunningBroker, start_mosquitto
 from molo.provision import Credentials
 from tests.fixtures.broker import close, mqtt_client, publish
-from tests.fixtures.keys import Headers
+from tests.fixtures.keys import Headers, headers
 from tests.fixtures.pipeline import settings_for, wait_for
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -568,6 +570,26 @@ def test_stopping_the_server_ends_open_streams(database_url: str, api_keys: dict
     assert not reader.is_alive()
     assert time.monotonic() - started < 3
     assert "event: hello" in lines
+
+
+def test_a_revoked_keys_stream_ends(database_url: str, make_key: Callable[..., NewKey]) -> None:
+    """A stream whose key is revoked while it is open ends with event revoked at its next keepalive."""
+    key = make_key(Role.RESEARCHER)
+    server = ApiServer(create_app(Settings(database_url=database_url, stream_keepalive_s=0.3))).start()
+    try:
+        with (
+            httpx.Client(base_url=server.url, timeout=10, headers=headers(key)) as client,
+            client.stream("GET", "/api/v1/stream") as response,
+        ):
+            lines = response.iter_lines()
+            read_events(lines, lambda e, d: e == "hello")
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                assert revoke_key(conn, key.key_id)
+            seen = read_events(lines, lambda e, d: e == "revoked")
+            assert list(lines) == []  # and the server ended the response
+        assert seen[-1] == ("revoked", {"reason": "the API key was revoked"})
+    finally:
+        server.stop()
 
 
 class _BrokenAlerts(AlertEngine):

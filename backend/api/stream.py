@@ -37,6 +37,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from psycopg import AsyncConnection
 
+from backend.access import repository as access_repository
 from backend.api.auth import ViewerDep
 from backend.operations.live import CHANNEL
 from contract.topics import BOX_ID_PATTERN
@@ -44,7 +45,6 @@ from contract.topics import BOX_ID_PATTERN
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["operations"])
 
-KEEPALIVE_S = 15.0
 QUEUE_MAX = 1000
 
 
@@ -140,6 +140,18 @@ def _hub(request: Request) -> LiveHub:
     return hub
 
 
+async def _revoked(request: Request, key_id: str) -> bool:
+    """True if the stream's key has been revoked (or deleted) since the stream opened. If the
+    database cannot be asked now, the stream goes on and asks again at the next keepalive."""
+    pool = request.app.state.pool
+    try:
+        async with pool.connection(timeout=5.0) as conn:
+            row = await access_repository.find_key(conn, key_id)
+    except (psycopg.OperationalError, TimeoutError):
+        return False
+    return row is None or row["revoked_at"] is not None
+
+
 @router.get(
     "/stream",
     summary="Live status changes, alerts and command outcomes (server-sent events)",
@@ -156,6 +168,7 @@ async def stream(
     box_id: Annotated[str | None, Query(pattern=BOX_ID_PATTERN, description="only this box's events")] = None,
 ) -> StreamingResponse:
     hub = _hub(request)
+    keepalive_s = request.app.state.settings.stream_keepalive_s
 
     async def events() -> AsyncIterator[str]:
         sub = hub.subscribe(box_id)  # before hello: everything committed after hello is delivered
@@ -169,8 +182,11 @@ async def stream(
                     yield 'event: lagged\ndata: {"reason": "too far behind; reconnect and re-read the alerts"}\n\n'
                     return
                 try:
-                    item = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_S)
+                    item = await asyncio.wait_for(sub.queue.get(), keepalive_s)
                 except TimeoutError:
+                    if await _revoked(request, viewer.key_id):  # a key revoked mid-stream ends it
+                        yield 'event: revoked\ndata: {"reason": "the API key was revoked"}\n\n'
+                        return
                     yield ": keepalive\n\n"
                     continue
                 if item is None:
