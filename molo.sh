@@ -85,34 +85,30 @@ find_uv() {
     echo .tools/bin/uv
 }
 
+ensure_apt() {  # $1 = package, $2 = why: install it with apt-get when root (or passwordless sudo) on Debian/Ubuntu
+    local sudo=""
+    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
+    if { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; } && command -v apt-get >/dev/null 2>&1; then
+        echo "molo.sh: installing $1 with apt-get ($2)" >&2
+        $sudo apt-get update -qq >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >&2
+    else
+        echo "molo.sh: $2 needs $1: install it (e.g. apt-get install $1)" >&2
+        return 1
+    fi
+}
+
 ensure_mosquitto() {
     if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || [ -n "${MOLO_MOSQUITTO_BIN:-}" ]; then
         return 0
     fi
-    local sudo=""
-    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
-    if { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; } && command -v apt-get >/dev/null 2>&1; then
-        echo "molo.sh: installing mosquitto with apt-get (the tests start their own broker)" >&2
-        $sudo apt-get update -qq >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >&2
-    else
-        echo "molo.sh: the tests need the mosquitto binary: install it (e.g. apt-get install mosquitto)" >&2
-        return 1
-    fi
+    ensure_apt mosquitto "the tests start their own broker"
 }
 
 ensure_chromium() {  # the dashboard's browser test drives Debian's chromium (Playwright never downloads one)
     if [ -x /usr/bin/chromium ] || [ -n "${MOLO_CHROMIUM_BIN:-}" ]; then
         return 0
     fi
-    local sudo=""
-    if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
-    if { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; } && command -v apt-get >/dev/null 2>&1; then
-        echo "molo.sh: installing chromium with apt-get (the dashboard's browser test)" >&2
-        $sudo apt-get update -qq >&2 && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
-    else
-        echo "molo.sh: the browser test needs Chromium at /usr/bin/chromium (e.g. apt-get install chromium)" >&2
-        return 1
-    fi
+    ensure_apt chromium "the dashboard's browser test"
 }
 
 UV="$(find_uv)"

@@ -40,9 +40,8 @@ from molo.registry import register_boxes
 from simulator.live import run_live
 from simulator.network import FJORD_LINE, Network
 from simulator.params import resolve
-from simulator.run import network_for
 from tests.fixtures.broker import close, mqtt_client, publish
-from tests.fixtures.pipeline import settings_for, wait_for
+from tests.fixtures.pipeline import renamed_network, settings_for, wait_for
 
 #: Debian's chromium (molo.sh installs it); MOLO_CHROMIUM_BIN names another build.
 CHROMIUM = Path(os.environ.get("MOLO_CHROMIUM_BIN", "/usr/bin/chromium"))
@@ -75,9 +74,7 @@ def demo_world() -> tuple[Any, Network]:
     """The demo's scenario (telemetry every 30 simulated minutes), six of its boxes renamed to test ids,
     with no random outages (the test makes its own)."""
     scenario = resolve(overrides=["simulation.telemetry_interval_min=30", "faults.box_offline_mtbf_days=100000"])
-    full = network_for(scenario)
-    boxes = [full.boxes[i].model_copy(update={"id": box_id}) for i, box_id in zip(PICK, IDS, strict=True)]
-    return scenario, full.model_copy(update={"boxes": boxes})
+    return scenario, renamed_network(scenario, IDS, PICK)
 
 
 @pytest.fixture(scope="module")

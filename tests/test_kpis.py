@@ -14,6 +14,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import httpx
 import psycopg
 import pytest
 
-from accounting import ActivityCounter, Geography, Method, Point, apply_overrides, assess, summarize
+from accounting import ActivityCounter, Method, Point, apply_overrides, assess, summarize
 from backend.access.keys import Role, create_key
 from backend.ingest.worker import IngestWorker
 from backend.migrate import migrate
@@ -31,14 +32,13 @@ from molo.brokers import RunningBroker
 from molo.postgres import create_database, drop_database
 from molo.provision import Credentials
 from molo.registry import register_boxes
-from simulator.impact import run_impact
+from simulator.impact import geography_of, run_impact
 from simulator.live import run_live
 from simulator.network import load_network
 from simulator.params import resolve
-from simulator.run import network_for
 from tests.fixtures.database import FLAVOURS
 from tests.fixtures.keys import headers
-from tests.fixtures.pipeline import wait_for
+from tests.fixtures.pipeline import renamed_network, wait_for
 
 T0 = datetime(2026, 4, 6, 8, tzinfo=UTC)  # a Monday
 
@@ -145,12 +145,7 @@ def expected(rows: list[Event], method: Method, group_by: list[str]) -> dict[str
     for ts, box, kind, payload in rows:
         if box in BOXES:
             counter.add(round(ts.timestamp() * 1000), box, kind, payload)
-    network = load_network()
-    geo = Geography(
-        boxes={b: Point(*p) for b, p in BOXES.items()},
-        depots={k: Point(s.lat, s.lon) for k, s in network.depots.items()},
-        recycling_stations=[Point(s.lat, s.lon) for s in network.recycling_stations],
-    )
+    geo = replace(geography_of(load_network()), boxes={b: Point(*p) for b, p in BOXES.items()})
     return summarize(assess(counter.rows(), geo, method), group_by)
 
 
@@ -284,10 +279,7 @@ def test_live_run_gives_the_simulators_figures(
             "faults.box_offline_mtbf_days=1.5",
         ]
     )
-    base = network_for(scenario)
-    network = base.model_copy(
-        update={"boxes": [b.model_copy(update={"id": i}) for b, i in zip(base.boxes, IDS, strict=True)]}
-    )
+    network = renamed_network(scenario, IDS)
     register_boxes(database_url, network.boxes)
     report = run_impact(scenario, network=network, group_by=("box", "day"), counterfactual=False)
     assert report["activity"]["parcels_delivered"] > 20

@@ -18,9 +18,9 @@ from molo.provision import Credentials
 from simulator.live import payload_of, run_live
 from simulator.network import Network
 from simulator.params import Scenario, resolve
-from simulator.run import network_for, run_batch
+from simulator.run import run_batch
 from simulator.trace import MemorySink, to_ms
-from tests.fixtures.pipeline import wait_for
+from tests.fixtures.pipeline import renamed_network, wait_for
 
 IDS = ["box-012", "box-013", "box-014"]
 Row = tuple[str, int, str, str]
@@ -36,9 +36,7 @@ def small_world() -> tuple[Scenario, Network]:
             'faults.box_offline_h={kind="constant", mean=3.0}',
         ]
     )
-    base = network_for(scenario)
-    boxes = [b.model_copy(update={"id": i}) for b, i in zip(base.boxes, IDS, strict=True)]
-    return scenario, base.model_copy(update={"boxes": boxes})
+    return scenario, renamed_network(scenario, IDS)
 
 
 def canonical(kind: str, payload: dict[str, Any]) -> str:

@@ -41,22 +41,21 @@ _DAYS = "bucket = ANY(ARRAY(SELECT d::timestamp AT TIME ZONE 'UTC' FROM unnest(%
 _BOXES = " AND box_id = ANY(%(boxes)s)"
 
 
-async def activity(
-    conn: AsyncConnection[Any], since: date, until: date, boxes: list[str] | None = None
-) -> list[BoxDay]:
-    """The counted events of UTC days ``[since, until)``, optionally of some boxes only."""
-    query = _ACTIVITY.format(where=_RANGE + (_BOXES if boxes else ""))
+async def activity(conn: AsyncConnection[Any], since: date, until: date) -> list[BoxDay]:
+    """The counted events of every box on UTC days ``[since, until)`` (a box's share of a shared
+    round depends on the other boxes of the round, so the method always sees them all)."""
+    query = _ACTIVITY.format(where=_RANGE)
     async with conn.cursor() as cur:
-        await cur.execute(query, {"since": since, "until": until, "boxes": boxes})
+        await cur.execute(query, {"since": since, "until": until})
         rows = await cur.fetchall()
     return [BoxDay(*r) for r in rows]
 
 
-async def activity_of_days(conn: AsyncConnection[Any], days: list[date], boxes: list[str] | None) -> list[BoxDay]:
-    """The counted events of the UTC ``days`` listed, optionally of some boxes only."""
-    query = _ACTIVITY.format(where=_DAYS + (_BOXES if boxes else ""))
+async def activity_of_days(conn: AsyncConnection[Any], days: list[date]) -> list[BoxDay]:
+    """The counted events of every box on the UTC ``days`` listed."""
+    query = _ACTIVITY.format(where=_DAYS)
     async with conn.cursor() as cur:
-        await cur.execute(query, {"days": days, "boxes": boxes})
+        await cur.execute(query, {"days": days})
         rows = await cur.fetchall()
     return [BoxDay(*r) for r in rows]
 

@@ -29,18 +29,15 @@ from psycopg import AsyncConnection
 
 from accounting import Assessor, BoxDay, Geography, Method, Point, Tally, report, tally
 from backend.impact import repository
+from simulator.impact import geography_of
 from simulator.network import load_network
 
 
 @lru_cache(maxsize=4)
 def sites(network_file: Path | None) -> Geography:
-    """Depots, recycling stations and the boxes of the network file (positions the database lacks)."""
-    network = load_network(network_file)
-    return Geography(
-        boxes={b.id: Point(b.lat, b.lon) for b in network.boxes},
-        depots={k: Point(s.lat, s.lon) for k, s in network.depots.items()},
-        recycling_stations=[Point(s.lat, s.lon) for s in network.recycling_stations],
-    )
+    """Depots, recycling stations and the boxes of the network file (positions the database lacks),
+    as the simulator measures them."""
+    return geography_of(load_network(network_file))
 
 
 async def geography(conn: AsyncConnection[Any], network_file: Path | None) -> Geography:
@@ -224,7 +221,7 @@ async def kpis(
         if len(missing) == len(prints):  # nothing cached: one range scan beats a list of days
             rows = await repository.activity(conn, since, until) if missing else []
         else:
-            rows = await repository.activity_of_days(conn, missing, None) if missing else []
+            rows = await repository.activity_of_days(conn, missing) if missing else []
 
     def work() -> dict[str, Any]:
         by_day = {day: list(group) for day, group in groupby(rows, key=lambda d: d.day)}

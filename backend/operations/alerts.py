@@ -269,6 +269,8 @@ class OpsBatch:
 
 _DOOR = (AlertKind.DOOR_LEFT_OPEN, ("door.closed",))
 _FAULT = (AlertKind.COMPARTMENT_FAULT, ("compartment.restored",))
+#: Events that end an open alert of their compartment: event type -> alert kind.
+_CLEARED_BY = {event: kind for kind, events in (_DOOR, _FAULT) for event in events}
 
 
 class AlertEngine:
@@ -366,13 +368,12 @@ class AlertEngine:
                 raised_seq=e.seq,
                 unless_newer=(_DOOR[1], p.compartment),
             )
-        elif e.type == "door.closed":
-            cid = getattr(p, "compartment", None)
+        elif e.type in _CLEARED_BY:  # door.closed, compartment.restored: the compartment's alert ends
             clear_alerts(
                 conn,
                 box_id=e.box_id,
-                kind=AlertKind.DOOR_LEFT_OPEN,
-                subject=str(cid),
+                kind=_CLEARED_BY[e.type],
+                subject=str(getattr(p, "compartment", None)),
                 cleared_by=by,
                 cleared_ts=ts,
                 cleared_seq=e.seq,
@@ -393,17 +394,6 @@ class AlertEngine:
                 raised_ts=ts,
                 raised_seq=e.seq,
                 unless_newer=(_FAULT[1], p.compartment),
-            )
-        elif e.type == "compartment.restored":
-            cid = getattr(p, "compartment", None)
-            clear_alerts(
-                conn,
-                box_id=e.box_id,
-                kind=AlertKind.COMPARTMENT_FAULT,
-                subject=str(cid),
-                cleared_by=by,
-                cleared_ts=ts,
-                cleared_seq=e.seq,
             )
         elif isinstance(p, ParcelCollected | ParcelExpired):
             clear_alerts(
