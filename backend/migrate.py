@@ -112,43 +112,96 @@ def split_statements(script: str) -> list[str]:
     ]
 
 
-def detect_flavour(conn: psycopg.Connection[tuple[object, ...]], mode: TimescaleMode) -> Flavour:
-    """``timescale`` if the extension is (or can be) installed and ``mode`` allows it."""
+def _preloaded(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """Whether the server loads TimescaleDB at start (``shared_preload_libraries``), as it must."""
+    row = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+    libraries = [lib.strip().strip('"') for lib in str(row[0] if row else "").split(",")]
+    return any(lib.rsplit("/", 1)[-1].split("-", 1)[0] == "timescaledb" for lib in libraries)
+
+
+def _config_file(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    """The server's postgresql.conf, where the caller may read it (superuser or pg_read_all_settings)."""
+    try:
+        row = conn.execute("SELECT current_setting('config_file')").fetchone()
+    except psycopg.Error:
+        return "postgresql.conf"
+    return str(row[0]) if row else "postgresql.conf"
+
+
+def _not_preloaded_message(conn: psycopg.Connection[tuple[object, ...]], cause: object) -> str:
+    return (
+        "TimescaleDB requested (MOLO_TIMESCALE=on): the extension is installed on this server but not "
+        f"preloaded, so CREATE EXTENSION timescaledb fails ({cause}). Add timescaledb to "
+        f"shared_preload_libraries in {_config_file(conn)} (shared_preload_libraries = 'timescaledb') and "
+        "restart PostgreSQL, or set MOLO_TIMESCALE=auto or off to use plain PostgreSQL"
+    )
+
+
+def _create_extension(conninfo: str) -> psycopg.Error | None:
+    """``CREATE EXTENSION timescaledb`` on a connection of its own; the error if it failed.
+
+    A server that has the extension's files but does not preload the library answers FATAL and
+    closes the connection, so the attempt must not be made on the migration's own connection.
+    """
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as probe:
+            probe.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except psycopg.Error as exc:
+        return exc
+    return None
+
+
+def detect_flavour(conn: psycopg.Connection[tuple[object, ...]], mode: TimescaleMode, conninfo: str) -> Flavour:
+    """``timescale`` if the extension is (or can be) installed and ``mode`` allows it.
+
+    ``auto`` falls back to plain PostgreSQL where the extension is missing, not preloaded or cannot be
+    created; ``on`` refuses each of those with a message that says what to change.
+    """
     if mode is TimescaleMode.OFF:
         return "postgres"
     if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
         return "timescale"
     available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
-    if available:
-        try:
-            with conn.transaction():
-                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-            return "timescale"
-        except psycopg.Error as exc:
-            if mode is TimescaleMode.ON:
-                raise MigrationError(f"TimescaleDB requested but CREATE EXTENSION failed: {exc}") from exc
-            log.warning("timescaledb is installed but cannot be created (%s); using plain PostgreSQL", exc)
-            return "postgres"
+    if not available:
+        if mode is TimescaleMode.ON:
+            raise MigrationError("TimescaleDB requested (MOLO_TIMESCALE=on) but the extension is not available")
+        return "postgres"
+    preloaded = _preloaded(conn)
+    error = _create_extension(conninfo)
+    if error is None:
+        return "timescale"
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if mode is TimescaleMode.ON:
-        raise MigrationError("TimescaleDB requested (MOLO_TIMESCALE=on) but the extension is not available")
+        if not preloaded or "preload" in str(error):
+            raise MigrationError(_not_preloaded_message(conn, cause)) from error
+        message = f"TimescaleDB requested (MOLO_TIMESCALE=on) but CREATE EXTENSION failed: {cause}"
+        raise MigrationError(message) from error
+    log.warning("timescaledb is installed but cannot be created (%s); using plain PostgreSQL", cause)
     return "postgres"
 
 
 def migrate(
     conninfo: str, mode: TimescaleMode = TimescaleMode.AUTO, directory: Path = MIGRATIONS_DIR
 ) -> MigrationReport:
-    """Bring the database at ``conninfo`` up to the newest migration."""
+    """Bring the database at ``conninfo`` up to the newest migration (with the project's migrations,
+    also the job queue's schema: :mod:`backend.experiments.schema`)."""
     migrations = discover(directory)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
-            return _migrate_locked(conn, migrations, mode)
+            report = _migrate_locked(conn, migrations, mode, conninfo)
+            if directory == MIGRATIONS_DIR:
+                # The experiment job queue's own schema (procrastinate's), under the same lock.
+                from backend.experiments.schema import ensure_queue_schema  # noqa: PLC0415
+
+                ensure_queue_schema(conn)
+            return report
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
 
 def _migrate_locked(
-    conn: psycopg.Connection[tuple[object, ...]], migrations: list[Migration], mode: TimescaleMode
+    conn: psycopg.Connection[tuple[object, ...]], migrations: list[Migration], mode: TimescaleMode, conninfo: str
 ) -> MigrationReport:
     conn.execute(
         """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -163,7 +216,7 @@ def _migrate_locked(
     if len(flavours) > 1:
         raise MigrationError(f"schema_migrations mixes flavours {sorted(flavours)}")
     flavour: Flavour = (
-        "timescale" if flavours == {"timescale"} else ("postgres" if flavours else detect_flavour(conn, mode))
+        "timescale" if flavours == {"timescale"} else ("postgres" if flavours else detect_flavour(conn, mode, conninfo))
     )
     report = MigrationReport(flavour=flavour)
     known = {m.version for m in migrations}

@@ -77,14 +77,58 @@ def test_gaps_in_versions_are_refused(tmp_path: Path) -> None:
         discover(tmp_path)
 
 
-def test_timescale_required_but_missing_is_a_clear_error(blank_database: str) -> None:
-    """MOLO_TIMESCALE=on on a server without the extension fails with a message saying so."""
-    with psycopg.connect(blank_database) as conn:
-        available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
-    if available:
-        pytest.skip("this server has TimescaleDB; the missing-extension error cannot be shown here")
-    with pytest.raises(MigrationError, match="not available"):
+def _timescale_situation(url: str) -> str:
+    """What this server offers: ``absent`` (no extension files), ``not_preloaded`` (files, but the
+    library is not in shared_preload_libraries: CREATE EXTENSION answers FATAL) or ``preloaded``."""
+    with psycopg.connect(url) as conn:
+        if not conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone():
+            return "absent"
+        row = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+    return "preloaded" if row and "timescaledb" in str(row[0]) else "not_preloaded"
+
+
+def test_timescale_on_fails_with_what_is_wrong_and_how_to_fix_it(blank_database: str) -> None:
+    """MOLO_TIMESCALE=on where TimescaleDB cannot be created fails with one message naming the cause (not
+    available, or not preloaded with the shared_preload_libraries fix) and applies nothing."""
+    situation = _timescale_situation(blank_database)
+    if situation == "preloaded":
+        assert migrate(blank_database, TimescaleMode.ON).flavour == "timescale"
+        return
+    expected = "not available" if situation == "absent" else "not preloaded.*shared_preload_libraries.*restart"
+    with pytest.raises(MigrationError, match=expected):
         migrate(blank_database, TimescaleMode.ON)
+    with psycopg.connect(blank_database) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass('events')").fetchone() == (None,)
+
+
+def test_timescale_auto_falls_back_to_plain_postgres_where_it_cannot_be_created(
+    blank_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MOLO_TIMESCALE=auto migrates fully on plain PostgreSQL where the extension is missing or not preloaded
+    (the FATAL of CREATE EXTENSION does not cost the migration its connection), and on TimescaleDB where it is."""
+    situation = _timescale_situation(blank_database)
+    report = migrate(blank_database, TimescaleMode.AUTO)
+    assert report.flavour == ("timescale" if situation == "preloaded" else "postgres")
+    assert report.applied == [m.version for m in discover()]
+    assert migrate(blank_database, TimescaleMode.AUTO).applied == []
+    if situation == "not_preloaded":
+        assert any("using plain PostgreSQL" in r.getMessage() for r in caplog.records)
+    with psycopg.connect(blank_database) as conn:
+        flavours = conn.execute("SELECT DISTINCT flavour FROM schema_migrations").fetchall()
+        assert flavours == [(report.flavour,)]
+
+
+@pytest.mark.timescale
+def test_timescale_auto_uses_timescaledb_where_it_is_preloaded(timescale_admin_url: str) -> None:
+    """MOLO_TIMESCALE=auto on a server that preloads TimescaleDB creates the extension and builds hypertables."""
+    url = create_database(timescale_admin_url, "molo_ts_auto")
+    try:
+        assert migrate(url, TimescaleMode.AUTO).flavour == "timescale"
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM timescaledb_information.hypertables").fetchone() == (2,)
+    finally:
+        drop_database(url, timescale_admin_url)
 
 
 @pytest.mark.timescale
