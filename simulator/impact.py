@@ -9,7 +9,7 @@ hub run can be checked against a simulated one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,7 +20,7 @@ from contract.messages import PAYLOAD_BY_TYPE
 from simulator.network import Network
 from simulator.params import Scenario
 from simulator.run import network_for, run_batch
-from simulator.trace import to_ms
+from simulator.trace import Record, to_ms
 
 
 def geography_of(network: Network) -> Geography:
@@ -63,6 +63,17 @@ class ImpactSink:
             self.van_km[key] = self.van_km.get(key, 0.0) + float(data["km"])
 
 
+def _sink_of(scenario: Scenario, network: Network, records: Iterable[Record] | None) -> ImpactSink:
+    """The method's counts of ``records`` (a saved run), or of a new run of ``scenario``."""
+    sink = ImpactSink(scenario.simulation.start)
+    if records is None:
+        run_batch(scenario, sink, network=network)
+    else:
+        for t, box_id, kind, data in records:
+            sink.record(t, box_id, kind, data)
+    return sink
+
+
 def _no_van_collection(scenario: Scenario) -> Scenario:
     carriers = {n: c.model_copy(update={"hazardous_limit_kg": 0.0}) for n, c in scenario.delivery.carriers.items()}
     return scenario.model_copy(update={"delivery": scenario.delivery.model_copy(update={"carriers": carriers})})
@@ -95,14 +106,20 @@ def run_impact(
     network: Network | None = None,
     group_by: tuple[str, ...] = ("box",),
     counterfactual: bool = True,
+    records: Iterable[Record] | None = None,
 ) -> dict[str, Any]:
     """The method's results for ``scenario`` (network totals and ``group_by`` groups), plus, with
-    ``counterfactual``, the simulated no-van-collection run of the same seed."""
+    ``counterfactual``, the simulated no-van-collection run of the same seed.
+
+    ``records``: the trace of a run of ``scenario`` already made (:func:`simulator.trace.read_trace`);
+    the method is applied to it and nothing is simulated (the counterfactual then needs a run of its own).
+    """
+    if records is not None and counterfactual:
+        raise ValueError("the counterfactual needs a simulated run of its own: not with a saved run's records")
     net = network or network_for(scenario)
     geo = geography_of(net)
     m = method or method_for(scenario)
-    hub = ImpactSink(scenario.simulation.start)
-    run_batch(scenario, hub, network=net)
+    hub = _sink_of(scenario, net, records)
     rows = hub.counter.rows()
     result = summarize(assess(rows, geo, m), group_by)
     result["scenario"] = {"name": scenario.name, "seed": scenario.simulation.seed, "days": scenario.simulation.days}
@@ -135,15 +152,14 @@ def sensitivity(
     *,
     electric_shares: tuple[float, ...] = (0.0, 0.5, 1.0),
     network: Network | None = None,
+    records: Iterable[Record] | None = None,
 ) -> list[dict[str, Any]]:
     """Avoided trips and kg CO2e of ``scenario`` for every waste and parcel baseline and electric share
     of the van fleet (allocation by load x distance), and for hazardous waste under both allocations:
-    one simulated run, the method applied to it again for each choice."""
+    one simulated run (or ``records`` of a saved one), the method applied to it again for each choice."""
     net = network or network_for(scenario)
     geo = geography_of(net)
-    sink = ImpactSink(scenario.simulation.start)
-    run_batch(scenario, sink, network=net)
-    rows = sink.counter.rows()
+    rows = _sink_of(scenario, net, records).counter.rows()
     base = method or method_for(scenario)
     choices = [(w, p, "load_distance") for w in ("resident_trips", "dedicated_round", "mixed")
                for p in ("home_delivery", "parcel_shop")]  # fmt: skip

@@ -46,28 +46,50 @@ class _Counted:
         self.inner.record(t, box_id, kind, data)
 
 
-def run_batch(scenario: Scenario, sink: Sink | None = None, network: Network | None = None) -> RunResult:
-    """Run ``scenario`` to its horizon in simulated time; records go to ``sink``."""
+def run_batch(
+    scenario: Scenario, sink: Sink | None = None, network: Network | None = None, *, warmup_days: float = 0.0
+) -> RunResult:
+    """Run ``scenario`` to its horizon in simulated time; records go to ``sink``.
+
+    With ``warmup_days``, the summary counts only what happens after the warm-up: its counters and
+    occupancy integrals are reset then (the run itself, and every record the sink gets, is the same).
+    """
     counted = _Counted(sink if sink is not None else CountingSink())
     env = simpy.Environment()
     world = World(env, scenario, network or network_for(scenario), counted)
+    warmup = warmup_days * DAY
+    if not 0 <= warmup < world.horizon:
+        raise ValueError(f"warm-up of {warmup_days:g} days must be shorter than the run ({world.horizon / DAY:g} days)")
+    if warmup > 0:
+        env.process(_reset_at(env, world, warmup))
     started = time.perf_counter()
     env.run(until=world.horizon)
     world.finish()
-    return RunResult(summarize(world), time.perf_counter() - started, counted.n)
+    return RunResult(summarize(world, since=warmup), time.perf_counter() - started, counted.n)
+
+
+def _reset_at(env: simpy.Environment, world: World, t: float) -> Any:
+    """At ``t``, start the summary's counts afresh (the end of a warm-up)."""
+    yield env.timeout(t)
+    for b in world.boxes:
+        b.occupied_area = 0.0
+        b.last_change = env.now
+    world.counters.values.clear()
 
 
 def _r(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def summarize(world: World) -> dict[str, Any]:
-    """KPIs of a finished run (rounded to 6 significant digits, so summaries compare exactly)."""
+def summarize(world: World, since: float = 0.0) -> dict[str, Any]:
+    """KPIs of a finished run (rounded to 6 significant digits, so summaries compare exactly), counted
+    from simulated time ``since`` (the end of a warm-up) to the horizon."""
     c = world.counters.values
-    days = world.horizon / DAY
+    measured = world.horizon - since
+    days = measured / DAY
     boxes = world.boxes
     doors = sum(len(b.size_of) for b in boxes)
-    occupancy = sum(b.occupied_area for b in boxes) / world.horizon if world.horizon else 0.0
+    occupancy = sum(b.occupied_area for b in boxes) / measured if measured else 0.0
     arrived = c.get("parcels_arrived", 0.0)
     collected = c.get("parcel.collected", 0.0)
     carriers = sorted(world.scenario.delivery.carriers)
