@@ -1,4 +1,4 @@
-# The backend image: one image, several roles (migrate, ingest, api, boxes), chosen by the command.
+# The backend image: one image, several roles (migrate, ingest, api, worker, boxes), chosen by the command.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,13 +17,16 @@ COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
 
 COPY contract ./contract
+COPY accounting ./accounting
 COPY firmware_stub ./firmware_stub
 COPY backend ./backend
 COPY simulator ./simulator
 COPY molo ./molo
 COPY broker_config ./broker_config
 RUN uv sync --frozen --no-dev \
- && mkdir -p /app/state && chown molo:molo /app/state   # the firmware stubs' outboxes (volume)
+ && mkdir -p /app/state && chown molo:molo /app/state \
+ && mkdir -p /app/var/experiments/jobs && chown molo:molo /app/var/experiments/jobs
+# Volumes: /app/state the firmware stubs' outboxes; /app/var/experiments/jobs the experiment jobs' results.
 
 USER molo
 ENTRYPOINT ["molo"]

@@ -118,7 +118,9 @@ export UV_PYTHON_DOWNLOADS=never
 if [ -z "${SSL_CERT_FILE:-}" ] && [ -z "${UV_SYSTEM_CERTS:-}" ]; then
     export UV_SYSTEM_CERTS=1
 fi
-"$UV" sync --frozen --quiet
+# Every extra too: the experiment runner's Dask and Ray executors are optional for users, but the
+# tests run them.
+"$UV" sync --frozen --quiet --all-extras
 
 case "${1:-}" in
     test)

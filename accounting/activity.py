@@ -1,8 +1,8 @@
 """What the method consumes: the boxes' events counted per day, box and carrier.
 
 Where it sits: between the event stream and ``accounting.method``. The backend reads these counts from
-the ``activity_daily`` aggregate in the database (migration 0004, a continuous aggregate on
-TimescaleDB); the simulator counts its own records with :class:`ActivityCounter`. Both hand the same
+the ``activity_daily`` rollup in the database (migrations 0004 and 0008, kept by a trigger on the
+events on both storage flavours); the simulator counts its own records with :class:`ActivityCounter`. Both hand the same
 :class:`BoxDay` values to the method, which is why the API and the simulator cannot disagree on the
 same events.
 

@@ -115,10 +115,40 @@ class Settings(BaseSettings):
     #: (and box positions not registered in the database); unset = the bundled Aalborg network.
     network_file: Path | None = None
 
+    # --- experiments over the API and `molo worker` (backend/experiments, docs/experiments.md)
+    #: Results folders of experiment jobs, one per job (``<dir>/<id>``). The API reads what the
+    #: workers write: every API process and every ``molo worker`` must see the same folder.
+    experiments_dir: Path = Path("var/experiments/jobs")
+    #: Largest job: design points; runs (points x replications, the maximum for sequential ones);
+    #: simulated box-days (sum over points of replications x days x boxes). A year of 50 boxes is
+    #: 18,250 box-days; the default box-days allow about 2,700 such replications per job.
+    experiment_max_points: Annotated[int, Field(ge=1)] = 1000
+    experiment_max_runs: Annotated[int, Field(ge=1)] = 20_000
+    experiment_max_box_days: Annotated[int, Field(ge=1)] = 50_000_000
+    #: Processes one job's replications run on (0: one per core).
+    experiment_processes: Annotated[int, Field(ge=0, le=1024)] = 0
+    #: Jobs one ``molo worker`` runs at once (each with ``experiment_processes`` processes).
+    experiment_worker_concurrency: Annotated[int, Field(ge=1, le=64)] = 1
+    #: A worker's heartbeat interval; a worker silent for ``experiment_worker_stalled_s`` is taken for
+    #: dead and the jobs it was running are resumed by another worker.
+    experiment_worker_heartbeat_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    experiment_worker_stalled_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+
     # --- API
-    #: The live stream sends a keepalive comment when quiet this long, and checks then that its key
-    #: has not been revoked (a revoked key's stream ends with event ``revoked``).
+    #: The live stream sends a keepalive comment when quiet this long (checked every quarter of it),
+    #: and the API checks this often that the keys of its open streams have not been revoked (a
+    #: revoked key's stream ends with event ``revoked``).
     stream_keepalive_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+    #: Open live streams one API key may hold in one API process; one more is refused with 429
+    #: ``too_many_streams`` (a dashboard tab holds one; a control room's screens share a key).
+    stream_max_per_key: Annotated[int, Field(ge=1)] = 20
+    #: Open live streams in one API process, all keys together; one more is refused with 503
+    #: ``streams_full``. Each is a socket: keep the process's open-file limit (``ulimit -n``) above it.
+    stream_max_total: Annotated[int, Field(ge=1)] = 1000
+    #: Request bodies over this many bytes are refused with 413 ``payload_too_large`` before they are
+    #: read (backend/api/limits.py). 1 MiB: the largest legitimate body (a courier route of 100 stops,
+    #: a reservation) is a few KiB.
+    api_max_body_bytes: Annotated[int, Field(ge=0, le=1024**3)] = 1024 * 1024
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
 

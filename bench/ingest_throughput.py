@@ -1,8 +1,9 @@
 """Sustained ingest throughput: events/s from the first publish to the last committed row.
 
 Method (printed with the results):
-- A real Mosquitto started with broker_config/ (auth, ACL, limits), a fresh database on the local
-  PostgreSQL (or MOLO_BENCH_DATABASE_URL as admin URL), migrated on the plain path.
+- A real Mosquitto started with broker_config/ (auth, ACL, limits), a fresh database migrated on the
+  storage flavour of ``--flavour``: plain PostgreSQL (the local server, or MOLO_BENCH_DATABASE_URL) or
+  TimescaleDB (MOLO_BENCH_TIMESCALE_URL, default a local cluster on 5433; see bench/flavours.py).
 - ``--boxes`` boxes, each its own MQTT v5 connection with its own credentials, spread over
   ``--publishers`` processes; every box publishes ``--events`` pre-encoded contract events at QoS 1
   with at most ``--window`` unacknowledged (paho's in-flight window), as fast as the broker takes them.
@@ -35,7 +36,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from backend.migrate import migrate
-from backend.settings import TimescaleMode
+from bench.flavours import FLAVOURS, admin_url, describe, mode
 from contract import MessageKind, SizeClass, encode, make_event, topic_for
 from contract.messages import ParcelDeposited
 from molo.brokers import start_mosquitto
@@ -146,26 +147,31 @@ def run_once(args: argparse.Namespace, admin: str, protocol: str) -> Run:
     procs: list[subprocess.Popen[bytes]] = []
     broker = None
     try:
-        migrate(url, TimescaleMode.OFF)
+        migrate(url, mode(args.flavour))
         copy_rate = copy_baseline(url, total)
         ids = box_ids(args.boxes, prefix="bench")
-        creds = provision(work / "creds", ids)
+        creds = provision(work / "creds", ids, service_users=[f"ingest-{w}" for w in range(1, args.workers + 1)])
         broker = start_mosquitto(work / "broker", creds)
         env = {
             **os.environ,
             "MOLO_DATABASE_URL": url,
             "MOLO_MQTT_HOST": broker.host,
             "MOLO_MQTT_PORT": str(broker.port),
-            "MOLO_MQTT_PASSWORD": creds.services["ingest"],
             "MOLO_MQTT_PROTOCOL": protocol,
             "MOLO_INGEST_BATCH_MAX": str(args.batch_max),
         }
         procs.extend(
             subprocess.Popen(
                 [sys.executable, "-m", "molo.cli", "--log-level", "WARNING", "ingest"],
-                env={**env, "MOLO_WORKER_ID": f"bench-{w}"},
+                # One broker user per worker: the broker binds the client id (the session) to it.
+                env={
+                    **env,
+                    "MOLO_WORKER_ID": f"bench-{w}",
+                    "MOLO_MQTT_USERNAME": f"ingest-{w}",
+                    "MOLO_MQTT_PASSWORD": creds.services[f"ingest-{w}"],
+                },
             )
-            for w in range(args.workers)
+            for w in range(1, args.workers + 1)
         )
         with psycopg.connect(url, autocommit=True) as conn:
             time.sleep(3)  # let workers connect and subscribe before anything is published
@@ -235,8 +241,10 @@ def main() -> int:
     parser.add_argument("--batch-max", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--protocols", default="3.1.1", help="ingest MQTT protocols to compare, e.g. 3.1.1,5")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="postgres", help="storage flavour (bench/flavours.py)")
     args = parser.parse_args()
-    admin = os.environ.get("MOLO_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin = admin_url(args.flavour)
+    print(f"storage: {args.flavour} ({describe(admin)})")
     protocols = args.protocols.split(",")
     runs: list[Run] = []
     total = args.boxes * args.events

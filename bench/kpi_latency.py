@@ -1,8 +1,8 @@
 """KPI latency: avoided trips and CO2 over a year of 50 boxes, as a dashboard asks for them.
 
-Method (printed with the results): a fresh database on the local PostgreSQL (or
-MOLO_BENCH_DATABASE_URL as admin URL), migrated on the plain path (``activity_daily`` is then a view
-over the events; on TimescaleDB it is a continuous aggregate). The default Aalborg scenario is
+Method (printed with the results): a fresh database migrated on the storage flavour of ``--flavour``
+(plain PostgreSQL or TimescaleDB, bench/flavours.py; ``activity_daily`` is a rollup table kept by a
+trigger on the events on both). The default Aalborg scenario is
 simulated for ``--days`` (365) and its box events are loaded by COPY into ``events`` (~380k rows for
 a year), with the boxes registered. The API runs under uvicorn on 127.0.0.1; one client asks
 ``GET /api/v1/kpis`` for the whole period per variant (grouped by day, by box, by week and category,
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import time
 from datetime import UTC, datetime, timedelta
@@ -33,7 +32,8 @@ from backend.api.app import create_app
 from backend.api.server import ApiServer
 from backend.impact import repository, service
 from backend.migrate import migrate
-from backend.settings import Settings, TimescaleMode
+from backend.settings import Settings
+from bench.flavours import FLAVOURS, admin_url, describe, mode
 from contract.messages import PAYLOAD_BY_TYPE
 from molo.postgres import create_database, drop_database
 from molo.registry import register_boxes
@@ -133,11 +133,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--days", type=float, default=365.0)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--flavour", choices=FLAVOURS, default="postgres", help="storage flavour (bench/flavours.py)")
     args = parser.parse_args()
-    admin = os.environ.get("MOLO_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    admin = admin_url(args.flavour)
     url = create_database(admin, "molo_bench_kpi")
     try:
-        migrate(url, TimescaleMode.OFF)
+        migrate(url, mode(args.flavour))
+        print(f"# storage: {args.flavour} ({describe(url)})")
         t0 = time.perf_counter()
         n, since, until = load(url, args.days)
         print(f"# loaded {n:,} box events ({args.days:g} days, 50 boxes) in {time.perf_counter() - t0:.1f} s")

@@ -16,6 +16,9 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     INVALID_UTF8 = "invalid_utf8"
     INVALID_JSON = "invalid_json"
+    #: An object (at any depth) names the same key twice, e.g. ``"seq":29,"seq":30``: JSON parsers
+    #: disagree on which one wins, so the message is refused rather than guessed at.
+    DUPLICATE_KEY = "duplicate_key"
     NUL_BYTE = "nul_byte"
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_TYPE = "unknown_type"

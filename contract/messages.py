@@ -18,9 +18,24 @@ box's boots/connections; the status topic uses it to order birth and Last Will.
 
 from __future__ import annotations
 
+import json
+import operator
 import re
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal, Self, TypeAlias, TypeVar, Union, cast
+from types import UnionType
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Self,
+    TypeAlias,
+    TypeVar,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+)
 from uuid import UUID
 
 from pydantic import (
@@ -441,6 +456,127 @@ def _precheck(raw: bytes, limit: int) -> None:
         raise ContractError(ErrorCode.INVALID_UTF8, f"not UTF-8 at byte {exc.start}") from exc
 
 
+# Duplicate keys. pydantic's JSON parser keeps the last of two equal keys ("seq":29,"seq":30 is seq
+# 30), other parsers keep the first or refuse: a message that means different things to different
+# readers is refused (``duplicate_key``). Parsing every message a second time with an
+# ``object_pairs_hook`` would double the decode cost (docs/protocol.md), so the full check runs only
+# when a cheap count cannot rule a duplicate out:
+#
+# - every key in the raw JSON is followed by exactly one ``:`` byte, so K (keys, counting repeats)
+#   <= C (``:`` bytes in the message; a string value may hold more);
+# - the models forbid unknown fields and fill ``model_fields_set`` from the input only (no aliases,
+#   no "before" validators adding keys), so D, the fields set summed over the validated message and
+#   its nested models, is the number of *distinct* keys per object;
+# - a duplicate means K > D. So C == D proves there is none; only C > D (a ``:`` in a string value,
+#   or a duplicate) pays for the full parse. A message that fails validation is checked in full too,
+#   so a duplicate is reported as such even when the winning value is also invalid.
+
+
+def _holds_model(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_model(arg) for arg in get_args(annotation))
+
+
+def _is_leaf_list(annotation: Any) -> bool:
+    """``list[M]`` (or ``list[M] | None``) of a model ``M`` with no nested models of its own."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return _is_leaf_list(args[0])
+    if get_origin(annotation) is not list or len(args) != 1:
+        return False
+    item = args[0]
+    return isinstance(item, type) and issubclass(item, BaseModel) and not _shape(item)
+
+
+def _shape(cls: type[BaseModel]) -> tuple[tuple[str, bool], ...]:
+    """The fields of ``cls`` that may hold nested models, each with whether it is a leaf list."""
+    found = _SHAPES.get(cls)
+    if found is None:
+        found = tuple(
+            (name, _is_leaf_list(info.annotation))
+            for name, info in cls.model_fields.items()
+            if _holds_model(info.annotation)
+        )
+        _SHAPES[cls] = found
+    return found
+
+
+_SHAPES: dict[type[BaseModel], tuple[tuple[str, bool], ...]] = {}
+_FIELDS_SET = operator.attrgetter("__pydantic_fields_set__")  # model_fields_set, without the property
+
+
+def _keys_given(message: BaseModel) -> int:
+    """D above: the keys the input gave ``message`` and its nested models, each counted once."""
+    count = len(_FIELDS_SET(message))
+    for name, leaf_list in _shape(message.__class__):
+        value = getattr(message, name)
+        if value is None:
+            continue
+        if leaf_list:  # e.g. telemetry's compartments: counted without a Python call per item
+            count += sum(map(len, map(_FIELDS_SET, value)))
+        elif isinstance(value, BaseModel):
+            count += _keys_given(value)
+        elif isinstance(value, list | tuple):
+            count += sum(_keys_given(item) for item in value if isinstance(item, BaseModel))
+    return count
+
+
+class _Duplicated(dict[str, Any]):
+    """A JSON object that named some keys more than once: ``repeated`` maps each to its values."""
+
+    repeated: dict[str, list[Any]]
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _Duplicated(obj)
+    given: dict[str, list[Any]] = {}
+    for key, value in pairs:
+        given.setdefault(key, []).append(value)
+    marked.repeated = {key: values for key, values in given.items() if len(values) > 1}
+    return marked
+
+
+def _find_duplicates(node: Any, path: tuple[str, ...], out: list[str]) -> None:
+    if isinstance(node, dict):
+        repeated: dict[str, list[Any]] = getattr(node, "repeated", {})
+        for key, values in repeated.items():
+            given = ", ".join(json.dumps(v)[:40] for v in values)
+            out.append(f"{'.'.join(path) or '(message)'}: duplicate key {key!r} (given {given})")
+        for key, value in node.items():
+            for item in repeated.get(key, [value]):  # look inside every value of a repeated key
+                _find_duplicates(item, (*path, key), out)
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            _find_duplicates(item, (*path, str(index)), out)
+
+
+def _duplicate_key_error(raw: bytes) -> ContractError | None:
+    """``duplicate_key`` naming each object (field path) and key repeated in ``raw``, or None. Also
+    None when ``raw`` is not JSON to Python's parser (the validator's own error then stands)."""
+    try:
+        tree = json.loads(raw, object_pairs_hook=_pairs)
+    except (ValueError, RecursionError):
+        return None
+    found: list[str] = []
+    _find_duplicates(tree, (), found)
+    if not found:
+        return None
+    more = f"; ... and {len(found) - 5} more" if len(found) > 5 else ""
+    return ContractError(ErrorCode.DUPLICATE_KEY, "; ".join(found[:5]) + more)
+
+
+def _refuse_duplicate_keys(raw: bytes, message: BaseModel) -> None:
+    if raw.count(b":") == _keys_given(message):
+        return  # no key can be repeated (see above)
+    error = _duplicate_key_error(raw)
+    if error is not None:
+        raise error
+
+
 def decode_event(raw: bytes, *, topic_box_id: str | None = None) -> BoxEvent:
     """Parse and validate an event or telemetry message.
 
@@ -451,7 +587,8 @@ def decode_event(raw: bytes, *, topic_box_id: str | None = None) -> BoxEvent:
     try:
         event = EVENT_ADAPTER.validate_json(raw)
     except ValidationError as exc:
-        raise _contract_error(exc) from None
+        raise (_duplicate_key_error(raw) or _contract_error(exc)) from None
+    _refuse_duplicate_keys(raw, event)
     if topic_box_id is not None and event.box_id != topic_box_id:
         raise ContractError(
             ErrorCode.BOX_ID_MISMATCH,
@@ -465,7 +602,8 @@ def _decode_model(model: type[M], raw: bytes, limit: int, topic_box_id: str | No
     try:
         message = model.model_validate_json(raw)
     except ValidationError as exc:
-        raise _contract_error(exc) from None
+        raise (_duplicate_key_error(raw) or _contract_error(exc)) from None
+    _refuse_duplicate_keys(raw, message)
     box_id = getattr(message, "box_id", None)
     if topic_box_id is not None and box_id != topic_box_id:
         raise ContractError(

@@ -11,6 +11,7 @@ topic                                        direction  content                 
 ``molo/v1/boxes/{box_id}/status``            box -> in  :class:`Status`         QoS 1, retained, Last Will
 ``molo/v1/boxes/{box_id}/commands``          in -> box  :class:`Command`        QoS 1
 ``molo/v1/boxes/{box_id}/commands/ack``      box -> in  :class:`CommandAck`     QoS 1
+``molo/v1/boxes/{box_id}/receipts``          in -> box  :class:`Receipt`        QoS 0
 ===========================================  =========  ======================  ========
 """
 
@@ -36,6 +37,8 @@ class MessageKind(StrEnum):
     STATUS = "status"
     COMMANDS = "commands"
     COMMAND_ACK = "commands/ack"
+    #: The ingest's receipts: which of the box's messages are stored (contract/receipts.py).
+    RECEIPTS = "receipts"
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,17 @@ Events carry the session current when they were emitted.
 
 Delivery rules of the sender:
 
-- rows are handed to paho once per process, in ``seq`` order; after a reconnect paho itself
-  re-sends what it still holds (with the DUP flag), so the sender does not hand them again;
+- rows are handed to paho in ``seq`` order; after a reconnect paho itself re-sends what it still
+  holds (with the DUP flag), so the sender does not hand those again;
+- a row is deleted only when the ingest's receipt (:mod:`contract.receipts`) says it is committed.
+  A broker's PUBACK says only that the broker took it: a broker killed before it handed the message
+  on, or one that had no subscriber for it, has lost it. Rows PUBACKed but not receipted are
+  handed again after every reconnect (the broker may have died with them) and after
+  ``receipt_timeout_s``; the ingest stores each ``(box, seq)`` once and receipts copies again.
+  (``confirm="puback"`` deletes on the PUBACK instead: for a broker with no ingest behind it.)
+- a PUBACK with reason code 16, "no matching subscribers" (Mosquitto's answer between its restart
+  and the ingest's new SUBSCRIBE), means nobody got the message: the row is kept and handed again,
+  in order, after a jittered backoff during which nothing newer is handed;
 - at process start everything still in the outbox is handed again (a replay, in order);
 - a PUBACK with a failure reason code (e.g. 135, not authorised) is logged as an error and
   counted, and the row is kept (it is retried at the next start): nothing is dropped silently.
@@ -46,12 +55,13 @@ import json
 import logging
 import queue
 import random
-import select
+import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
@@ -86,11 +96,12 @@ from contract.messages import (
     Telemetry,
     check_layout,
 )
+from contract.receipts import decode_receipt
 from firmware_stub.backoff import Backoff
 from firmware_stub.commands import CommandJournal, Outcome, clip_detail, execute
 from firmware_stub.db import DB_FILE, Synchronous
 from firmware_stub.errors import BrokerRefusedError, FirmwareError, FirmwareStateError
-from firmware_stub.outbox import Outbox
+from firmware_stub.outbox import Outbox, OutboxRow
 from firmware_stub.state import BoxState
 
 __all__ = ["FIRMWARE_VERSION", "BoxFirmware", "FirmwareStats", "wall_clock_ms"]
@@ -101,6 +112,11 @@ FIRMWARE_VERSION: Final = "molo-stub/0.1"
 _RESERVED_INFLIGHT: Final = 4
 _NO_RECEIVE_MAXIMUM: Final = 65535  # MQTT v5 default when CONNACK carries none
 _JOIN_TIMEOUT_S: Final = 10.0
+#: PUBACK reason code 16: the broker took the message but no subscriber matched, so nobody got it.
+_NO_MATCHING_SUBSCRIBERS: Final = 16
+#: How often the sender looks for rows whose receipt is overdue (it sleeps until then, or until the
+#: end of a pause after PUBACK 16, unless something happens: a thousand idle boxes stay asleep).
+_RECEIPT_CHECK_S: Final = 30.0
 
 
 def wall_clock_ms() -> int:
@@ -115,8 +131,15 @@ class FirmwareStats:
     connects: int = 0
     #: Rows handed to the MQTT client (replays at start included, paho's own re-sends not).
     handed: int = 0
-    #: Rows deleted from the outbox after a successful PUBACK.
+    #: Rows deleted from the outbox: committed by the ingest (its receipt), or with
+    #: ``confirm="puback"`` acknowledged by the broker.
     acked: int = 0
+    #: Successful PUBACKs of outbox rows (the broker took them).
+    delivered: int = 0
+    #: PUBACKs with reason code 16 (no matching subscribers): the rows were kept and handed again.
+    no_subscribers: int = 0
+    #: Rows handed again in this process: after a reconnect, a PUBACK 16 or an overdue receipt.
+    resent: int = 0
     #: PUBACKs carrying a failure reason code; the rows were kept.
     refused: int = 0
     commands_executed: int = 0
@@ -142,13 +165,38 @@ class _LinkUp:
     receive_maximum: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Receipt:
+    seqs: tuple[int, ...]
+
+
 class _Signal(Enum):
     WAKE = "wake"
     LINK_DOWN = "link_down"
     HALT = "halt"
 
 
-_SenderEvent = _PubAck | _LinkUp | _Signal
+_SenderEvent = _PubAck | _LinkUp | _Receipt | _Signal
+
+
+@dataclass
+class _SenderState:
+    """What the sender thread knows of the rows it handed; touched by that thread only."""
+
+    window: int
+    up: bool = False
+    #: paho mid -> outbox seq, handed and not yet PUBACKed.
+    in_flight: dict[int, int] = field(default_factory=dict)
+    #: Highest seq handed by this process in order (rows after it are new).
+    handed_upto: int = 0
+    #: seq -> monotonic time of its PUBACK: the broker took it, no receipt yet.
+    awaiting: dict[int, float] = field(default_factory=dict)
+    #: Rows to hand again, lowest first, before anything new.
+    resend: set[int] = field(default_factory=set)
+    #: Receipted while a copy was in flight: that copy's PUBACK ends it.
+    receipted: set[int] = field(default_factory=set)
+    #: After a PUBACK 16, nothing is handed before this monotonic time.
+    hold_until: float = 0.0
 
 
 class _Phase(Enum):
@@ -178,6 +226,12 @@ class BoxFirmware:
         session when the link drops, so commands sent while it is offline are not queued for it
         (commands to an offline box fail or time out at the sender). >0 queues them across short outages.
     :param synchronous: SQLite durability, see :mod:`firmware_stub.db`.
+    :param confirm: when a row leaves the outbox: ``"receipt"`` (default) when the ingest's receipt
+        says it is committed; ``"puback"`` when the broker acknowledges it (a broker with no ingest
+        behind it, as in broker-only tests; a broker crash can then lose what it had taken).
+    :param receipt_timeout_s: a row PUBACKed this long ago with no receipt is handed again.
+    :param tls_ca_file: connect over TLS (the broker's 8883 listener), trusting only the CA in this
+        file and checking that the broker's certificate names ``host``; None: plain MQTT.
     :param logger: where to log (default ``firmware_stub.<box_id>``).
     """
 
@@ -198,6 +252,9 @@ class BoxFirmware:
         rng: random.Random | None = None,
         session_expiry_s: int = 0,
         synchronous: Synchronous = "FULL",
+        confirm: Literal["receipt", "puback"] = "receipt",
+        receipt_timeout_s: float = 300.0,
+        tls_ca_file: Path | None = None,
         firmware_version: str = FIRMWARE_VERSION,
         protocol: Literal["5", "3.1.1"] = "5",
         logger: logging.Logger | None = None,
@@ -215,12 +272,19 @@ class BoxFirmware:
         self.protocol = protocol
         self.max_inflight = max_inflight
         self.session_expiry_s = session_expiry_s
+        if receipt_timeout_s <= 0:
+            raise ValueError(f"receipt_timeout_s must be > 0, got {receipt_timeout_s}")
+        self.confirm = confirm
+        self.receipt_timeout_s = receipt_timeout_s
+        self.tls_ca_file = tls_ca_file
         self.firmware_version = firmware_version
         self._password = password
         self._clock = clock
         self._log = logger if logger is not None else logging.getLogger("firmware_stub").getChild(box_id)
         self._topic = {kind: topic_for(box_id, kind) for kind in MessageKind}  # validates box_id
         self._backoff = Backoff(reconnect_min_delay, reconnect_max_delay, rng)
+        # Retries after PUBACK 16: short, since the ingest resubscribes within a second or two.
+        self._no_sub_backoff = Backoff(0.25, 10.0, rng)
 
         state_dir.mkdir(parents=True, exist_ok=True)
         self._outbox = Outbox(state_dir / DB_FILE, synchronous=synchronous)
@@ -269,7 +333,8 @@ class BoxFirmware:
 
     @property
     def pending_count(self) -> int:
-        """Rows in the outbox: not yet acknowledged by the broker (or refused by it)."""
+        """Rows in the outbox: not yet committed by the ingest (or acknowledged by the broker, with
+        ``confirm="puback"``), or refused."""
         return len(self._outbox)
 
     @property
@@ -326,7 +391,8 @@ class BoxFirmware:
             return False
 
     def flush(self, timeout: float) -> bool:
-        """Wait until the outbox is empty (every message acknowledged): True, or False on timeout."""
+        """Wait until the outbox is empty (every message committed by the ingest, or with
+        ``confirm="puback"`` acknowledged by the broker): True, or False on timeout."""
         deadline = time.monotonic() + timeout
         with self._drained:
             while len(self._outbox) > 0:
@@ -481,6 +547,10 @@ class BoxFirmware:
             clean_session=None if v5 else True,
         )
         client.username_pw_set(self.box_id, self._password)
+        if self.tls_ca_file is not None:
+            # TLS 1.2+, the server's certificate must chain to this CA and name the host we dial
+            # (PROTOCOL_TLS_CLIENT verifies both); a failed handshake is retried like any refusal.
+            client.tls_set(ca_certs=str(self.tls_ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.enable_logger(self._log.getChild("paho"))
         # The sender keeps its own window; paho must not queue behind a second one.
         client.max_inflight_messages_set(0)
@@ -562,7 +632,9 @@ class BoxFirmware:
         receive_maximum = int(getattr(properties, "ReceiveMaximum", _NO_RECEIVE_MAXIMUM))
         # Subscribe before the birth: the broker handles both in order, so whoever reacts to the
         # birth by sending a command reaches a box that is already listening.
-        _, self._subscribe_mid = client.subscribe(self._topic[MessageKind.COMMANDS], qos=1)
+        _, self._subscribe_mid = client.subscribe(
+            [(self._topic[MessageKind.COMMANDS], 1), (self._topic[MessageKind.RECEIPTS], 0)]
+        )
         client.publish(self._topic[MessageKind.STATUS], self._status(online=True), qos=1, retain=True)
         self._connected_at = time.monotonic()
         self._stats.connects += 1
@@ -591,7 +663,7 @@ class BoxFirmware:
         if self._subscribe_mid is None or mid != self._subscribe_mid:
             return
         if any(reason.is_failure for reason in reasons):
-            self._log.error("box %s: subscription to its commands refused: %s", self.box_id, reasons)
+            self._log.error("box %s: subscription to its commands or receipts refused: %s", self.box_id, reasons)
         with self._conn_cv:
             self._subscribed = True
             self._conn_cv.notify_all()
@@ -619,6 +691,13 @@ class BoxFirmware:
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.topic == self._topic[MessageKind.COMMANDS]:
             self._inbox.put(bytes(message.payload))
+        elif message.topic == self._topic[MessageKind.RECEIPTS]:
+            try:
+                receipt = decode_receipt(bytes(message.payload), topic_box_id=self.box_id)
+            except ContractError as exc:
+                self._log.warning("box %s: unreadable receipt ignored: %s", self.box_id, exc)
+                return
+            self._events.put(_Receipt(tuple(receipt.each_seq())))
         else:
             self._log.warning("box %s: unexpected message on %s ignored", self.box_id, message.topic)
 
@@ -667,21 +746,40 @@ class BoxFirmware:
         wake = self._wake_r
         if wake is None:
             raise FirmwareStateError("network thread started without its wake-up socket")
+        sock = client.socket()
+        if sock is None:
+            return
+        # selectors (epoll/poll), not select(): select() cannot watch file descriptors above 1024,
+        # and a process running a thousand boxes has several thousand.
+        with selectors.DefaultSelector() as selector:
+            selector.register(wake.fileno(), selectors.EVENT_READ)
+            selector.register(sock.fileno(), selectors.EVENT_READ)
+            self._drive(client, sock.fileno(), wake, selector)
+
+    def _drive(self, client: mqtt.Client, fd: int, wake: socket.socket, selector: selectors.BaseSelector) -> None:
+        watching_write = False
+        wake_fd = wake.fileno()
         while not self._halt.is_set():
             sock = client.socket()
-            if sock is None:
+            if sock is None or sock.fileno() != fd:
                 return
+            want_write = client.want_write()
             try:
-                readable, _, _ = select.select([sock, wake], [sock] if client.want_write() else [], [], 1.0)
+                if want_write != watching_write:
+                    selector.modify(fd, selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0))
+                    watching_write = want_write
+                # Wake for keepalive pings (loop_misc) well within the keepalive; otherwise only on I/O.
+                ready = selector.select(self.keepalive / 4)
             except (OSError, ValueError) as exc:
                 self._log.warning("box %s: socket error: %s", self.box_id, exc)
                 return
             if self._halt.is_set():
                 return
-            if wake in readable:
+            readable = {key.fd for key, mask in ready if mask & selectors.EVENT_READ}
+            if wake_fd in readable:
                 with contextlib.suppress(BlockingIOError):
                     wake.recv(4096)
-            if sock in readable:
+            if fd in readable:
                 rc = client.loop_read()
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
                     self._link_up_pending = None
@@ -702,13 +800,15 @@ class BoxFirmware:
     # ------------------------------------------------------------------ sender thread
 
     def _sender_main(self) -> None:
-        link_up = False
-        window = self.max_inflight
-        in_flight: dict[int, int] = {}  # paho mid -> outbox seq; touched by this thread only
-        handed_upto = 0  # highest seq handed to paho by this process
+        link = _SenderState(window=self.max_inflight)
+        next_check = time.monotonic() + _RECEIPT_CHECK_S
         while True:
             try:
-                batch: list[_SenderEvent] = [self._events.get(timeout=1.0)]
+                before = time.monotonic()
+                wait = next_check - before
+                if link.hold_until > before:
+                    wait = min(wait, link.hold_until - before)
+                batch: list[_SenderEvent] = [self._events.get(timeout=max(0.01, wait))]
             except queue.Empty:
                 batch = [_Signal.WAKE]
             while True:
@@ -717,37 +817,40 @@ class BoxFirmware:
                 except queue.Empty:
                     break
             try:
-                acked: list[int] = []
+                now = time.monotonic()
+                done: list[int] = []  # rows to delete from the outbox
                 halt = False
                 for event in batch:
                     if isinstance(event, _PubAck):
-                        # PUBACKs of the birth, acks and status carry mids not in this map.
-                        seq = in_flight.pop(event.mid, None)
-                        if seq is None:
-                            if event.reason.is_failure:
-                                self._log.error(
-                                    "box %s: broker refused mid %d: %s", self.box_id, event.mid, event.reason
-                                )
-                        elif event.reason.is_failure:
-                            self._refused(seq, event.reason)
-                        else:
-                            acked.append(seq)
+                        self._on_puback(link, event, done, now)
+                    elif isinstance(event, _Receipt):
+                        self._on_receipt(link, event, done)
                     elif isinstance(event, _LinkUp):
-                        link_up = True
-                        window = min(self.max_inflight, max(1, event.receive_maximum - _RESERVED_INFLIGHT))
+                        link.up = True
+                        link.window = min(self.max_inflight, max(1, event.receive_maximum - _RESERVED_INFLIGHT))
+                        # The broker took these, but may have died with them (a reconnect follows
+                        # a broker restart): hand them again; the ingest stores each seq once.
+                        link.resend.update(link.awaiting)
+                        link.awaiting.clear()
+                        link.hold_until = 0.0
                     elif event is _Signal.LINK_DOWN:
-                        link_up = False
+                        link.up = False
                     elif event is _Signal.HALT:
                         halt = True
-                if acked:
-                    self._outbox.ack_many(acked)
-                    self._stats.acked += len(acked)
+                if now >= next_check:
+                    next_check = now + _RECEIPT_CHECK_S
+                    overdue = [s for s, at in link.awaiting.items() if now - at >= self.receipt_timeout_s]
+                    for seq in overdue:
+                        del link.awaiting[seq]
+                        link.resend.add(seq)
+                if done:
+                    self._stats.acked += self._outbox.ack_many(done)
                     with self._drained:
                         self._drained.notify_all()
                 if halt:
                     return
-                if link_up and not self._closing.is_set():
-                    handed_upto = self._hand(in_flight, handed_upto, window)
+                if link.up and not self._closing.is_set() and now >= link.hold_until:
+                    self._hand(link)
             except FirmwareError as exc:  # the outbox was closed under us: nothing left to do
                 self._log.debug("box %s: sender stops: %s", self.box_id, exc)
                 return
@@ -755,31 +858,89 @@ class BoxFirmware:
                 self._log.exception("box %s: sender error; retrying", self.box_id)
                 time.sleep(0.1)
 
-    def _hand(self, in_flight: dict[int, int], handed_upto: int, window: int) -> int:
-        room = window - len(in_flight)
+    def _on_puback(self, link: _SenderState, event: _PubAck, done: list[int], now: float) -> None:
+        # PUBACKs of the birth, acks and status carry mids not in the map.
+        seq = link.in_flight.pop(event.mid, None)
+        if seq is None:
+            if event.reason.is_failure:
+                self._log.error("box %s: broker refused mid %d: %s", self.box_id, event.mid, event.reason)
+            return
+        if seq in link.receipted:  # the ingest committed an earlier copy; the row is gone
+            link.receipted.discard(seq)
+            return
+        if event.reason.value == _NO_MATCHING_SUBSCRIBERS:
+            # Taken by the broker, received by nobody (no ingest subscribed right now): keep it
+            # and hand it again, in order, after a pause in which nothing newer is handed.
+            self._stats.no_subscribers += 1
+            link.resend.add(seq)
+            if link.hold_until <= now:
+                link.hold_until = now + self._no_sub_backoff.next_delay()
+                self._log.info(
+                    "box %s: no subscriber took seq %d; handing it again in %.2f s",
+                    self.box_id,
+                    seq,
+                    link.hold_until - now,
+                )
+        elif event.reason.is_failure:
+            self._refused(seq, event.reason)
+        else:
+            self._no_sub_backoff.reset()
+            self._stats.delivered += 1
+            if self.confirm == "puback":
+                done.append(seq)
+            else:
+                link.awaiting[seq] = now
+
+    def _on_receipt(self, link: _SenderState, event: _Receipt, done: list[int]) -> None:
+        in_flight_seqs = set(link.in_flight.values())
+        for seq in event.seqs:
+            link.awaiting.pop(seq, None)
+            link.resend.discard(seq)
+            if seq in in_flight_seqs:  # a copy is on its way again: its PUBACK must not wait for a receipt
+                link.receipted.add(seq)
+        done.extend(event.seqs)
+
+    def _hand(self, link: _SenderState) -> None:
+        """Hand rows to paho while the window has room: first those to send again, then new ones."""
+        room = link.window - len(link.in_flight)
         if room <= 0:
-            return handed_upto
+            return
         client = self._require_client()
-        for row in self._outbox.pending(after_seq=handed_upto, limit=room):
-            try:
-                info = client.publish(row.topic, row.payload, qos=row.qos)
-            except ValueError as exc:  # a row paho cannot send at all (say, a wildcard in its topic)
-                self._stats.refused += 1
-                self._log.error(
-                    "box %s: seq %d cannot be published (%s); it stays in the outbox", self.box_id, row.seq, exc
-                )
-                handed_upto = row.seq
-                continue
-            # NO_CONN: the link just dropped, but paho keeps the message and sends it on reconnect.
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                self._log.warning(
-                    "box %s: MQTT client did not take seq %d: %s", self.box_id, row.seq, mqtt.error_string(info.rc)
-                )
-                break
-            in_flight[info.mid] = row.seq
-            handed_upto = row.seq
+        again = sorted(link.resend)[:room]
+        rows = self._outbox.rows(again) if again else []
+        link.resend.difference_update(again)  # rows no longer stored were receipted meanwhile
+        for row in rows:
+            if not self._publish_row(client, link, row):
+                link.resend.update(r.seq for r in rows if r.seq >= row.seq)
+                return
+            self._stats.resent += 1
+        room -= len(rows)
+        if room <= 0 or link.resend:
+            return
+        for row in self._outbox.pending(after_seq=link.handed_upto, limit=room):
+            if not self._publish_row(client, link, row):
+                return
+            link.handed_upto = row.seq
             self._stats.handed += 1
-        return handed_upto
+
+    def _publish_row(self, client: mqtt.Client, link: _SenderState, row: OutboxRow) -> bool:
+        """Hand one row to paho; False if paho would not take it now (try again later)."""
+        try:
+            info = client.publish(row.topic, row.payload, qos=row.qos)
+        except ValueError as exc:  # a row paho cannot send at all (say, a wildcard in its topic)
+            self._stats.refused += 1
+            self._log.error(
+                "box %s: seq %d cannot be published (%s); it stays in the outbox", self.box_id, row.seq, exc
+            )
+            return True
+        # NO_CONN: the link just dropped, but paho keeps the message and sends it on reconnect.
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._log.warning(
+                "box %s: MQTT client did not take seq %d: %s", self.box_id, row.seq, mqtt.error_string(info.rc)
+            )
+            return False
+        link.in_flight[info.mid] = row.seq
+        return True
 
     def _refused(self, seq: int, reason: ReasonCode) -> None:
         self._stats.refused += 1

@@ -74,7 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--flush-timeout",
         type=float,
         default=5.0,
-        help="on shutdown, wait this long for unsent events to be acknowledged (default 5)",
+        help="on shutdown, wait this long for unsent events to be committed by the ingest (default 5)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="connect over TLS, trusting only this CA file (the broker's certificate must name --host)",
+    )
+    parser.add_argument(
+        "--confirm",
+        choices=("receipt", "puback"),
+        default="receipt",
+        help="delete an event from the outbox on the ingest's receipt (default; nothing is lost if the "
+        "broker crashes) or on the broker's PUBACK (a broker with no ingest behind it)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -155,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         args.state_dir or Path("var") / "boxes" / args.box_id,
         keepalive=args.keepalive,
         rng=random.Random(rng.random()),
+        confirm=args.confirm,
+        tls_ca_file=args.tls_ca,
     )
     stop = threading.Event()
     with _stop_on_signals(stop):

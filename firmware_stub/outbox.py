@@ -3,10 +3,11 @@
 Where it sits in a message's journey (see ``shared/DESIGN.md``)::
 
     simulator -> BoxFirmware.emit -> [Outbox] -> paho (QoS 1) -> Mosquitto -> ingest -> PostgreSQL
-                                       ^ row deleted on PUBACK
+                                       ^ row deleted on the ingest's receipt  <-----------'
 
 A row is written *before* the message is handed to the MQTT client, and deleted only when the
-broker's PUBACK arrives. A crash, a power cut or a broker outage in between leaves the row on disk,
+ingest's receipt says it is committed (or, in the firmware's ``confirm="puback"`` mode, when the
+broker's PUBACK arrives). A crash, a power cut or a broker outage in between leaves the row on disk,
 and the next start replays it, in ``seq`` order. That makes delivery at-least-once; the backend
 stores each ``(box_id, seq)`` once, which makes it exactly-once in the database.
 
@@ -168,6 +169,24 @@ class Outbox:
                 .fetchall()
             )
         return [OutboxRow(seq, topic, bytes(payload), qos, created) for seq, topic, payload, qos, created in rows]
+
+    def rows(self, seqs: Iterable[int]) -> list[OutboxRow]:
+        """The stored rows among ``seqs``, in seq order (rows already deleted are left out)."""
+        wanted = sorted(set(seqs))
+        found: list[OutboxRow] = []
+        with self._lock:
+            conn = self._require()
+            for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                chunk = wanted[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                found += [
+                    OutboxRow(seq, topic, bytes(payload), qos, created)
+                    for seq, topic, payload, qos, created in conn.execute(
+                        f"SELECT seq, topic, payload, qos, created FROM outbox WHERE seq IN ({marks}) ORDER BY seq",
+                        chunk,
+                    )
+                ]
+        return found
 
     def ack(self, seq: int) -> bool:
         """Delete the row ``seq`` (the broker has it). False if there was no such row."""

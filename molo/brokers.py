@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from molo.provision import Credentials, write_passwd
+from molo.provision import Credentials, write_acl, write_passwd
 
 __all__ = [
     "BROKER_CONFIG_DIR",
@@ -203,6 +203,26 @@ class RunningBroker:
         process.kill()
         process.wait()
 
+    def write_auth(self, credentials: Credentials) -> None:
+        """Write ``passwd`` and ``acl`` (rendered from broker_config/acl) for ``credentials``."""
+        write_passwd(self.workdir / "passwd", credentials.users())
+        write_acl(self.workdir / "acl", credentials.services)
+
+    def reload(self, credentials: Credentials, timeout: float = _START_TIMEOUT_S) -> None:
+        """Rewrite ``passwd`` and ``acl`` for ``credentials`` and make the running broker read them
+        (SIGHUP, as ``docker compose kill -s HUP mosquitto``), keeping every connection."""
+        self.write_auth(credentials)
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        before = self.log_path.read_bytes().count(b"Reloading config")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log_path.read_bytes().count(b"Reloading config") <= before:
+            if time.monotonic() > deadline:
+                raise BrokerStartError(f"mosquitto did not reload within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.02)
+
     def restart(self, timeout: float = _START_TIMEOUT_S) -> None:
         """Stop if running, then start again on the same port with the same persistence dir."""
         self.stop()
@@ -252,9 +272,8 @@ def start_mosquitto(
         shutil.copytree(tls_certs, workdir / "certs", dirs_exist_ok=True)
     config = local_config(production, workdir, port, tls_port=tls_port)
     (workdir / "mosquitto.conf").write_text(config, encoding="utf-8")
-    shutil.copyfile(BROKER_CONFIG_DIR / "acl", workdir / "acl")
-    write_passwd(workdir / "passwd", credentials.users())
     broker = RunningBroker(found, workdir, port)
+    broker.write_auth(credentials)
     broker.tls_port = tls_port
     broker.start()
     return broker

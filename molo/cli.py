@@ -4,9 +4,11 @@ molo demo        the main job: services, migrations, ingest, API and boxes publi
 molo migrate     apply the SQL migrations to MOLO_DATABASE_URL
 molo ingest      run one ingest worker (several may run: they share the load)
 molo api         serve the HTTP API
+molo worker      run experiment jobs submitted over the API (a procrastinate worker)
 molo provision   create broker credentials for N boxes
 molo box         run one box's firmware stub as its own process
 molo boxes       run N stand-in boxes against a broker
+molo experiment  what-if experiments: run, status, report, compare (docs/experiments.md)
 molo schemas     write the JSON Schemas of the wire contract
 molo keys        create, list and revoke API keys (operator, courier of a carrier, researcher)
 """
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from molo import logs
+from molo import experiments_cli, logs
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -77,8 +79,17 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from backend.experiments.worker import run_worker
+
+    settings = _settings()
+    if args.concurrency is not None:
+        settings = settings.model_copy(update={"experiment_worker_concurrency": args.concurrency})
+    return run_worker(settings)
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
-    from molo.provision import box_ids, provision
+    from molo.provision import DEFAULT_SERVICE_USERS, box_ids, provision
 
     ids = box_ids(args.boxes, prefix=args.prefix) + list(args.box_id or [])
     if not ids:
@@ -86,14 +97,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
         return 2
     try:
         creds = provision(
-            Path(args.out), ids, service_users=tuple(args.service or ["ingest"]), existing=not args.rotate
+            Path(args.out), ids, service_users=tuple(args.service or DEFAULT_SERVICE_USERS), existing=not args.rotate
         )
     except ValueError as exc:
         print(f"molo provision: {exc}", file=sys.stderr)
         return 2
     print(
         f"{len(creds.boxes)} boxes and {len(creds.services)} service users in {args.out}/credentials.json; "
-        f"broker password file: {args.out}/passwd"
+        f"broker password file: {args.out}/passwd, ACL: {args.out}/acl"
     )
     return 0
 
@@ -148,7 +159,7 @@ def cmd_boxes(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulator.params import dump, resolve
     from simulator.run import run_batch, summary_json
-    from simulator.trace import FileSink
+    from simulator.trace import FileSink, ParquetSink
 
     overrides = list(args.set or [])
     if args.seed is not None:
@@ -167,7 +178,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "params.json").write_text(dump(scenario))
-        sink = FileSink(out / f"trace.{args.format}", scenario.simulation.start)
+        path = out / f"trace.{args.format}"
+        sink = (ParquetSink if args.format == "parquet" else FileSink)(path, scenario.simulation.start)
     try:
         result = run_batch(scenario, sink)
     finally:
@@ -205,18 +217,33 @@ def cmd_impact(args: argparse.Namespace) -> int:
             method_sets.append(f'{key}="{getattr(args, flag)}"')
     if args.van_electric_share is not None:
         method_sets.append(f"van_electric_share={args.van_electric_share}")
+    records = None
+    if args.run is not None:
+        if overrides or args.scenario:
+            print("molo impact: --run takes the saved run's scenario: drop --scenario, --set, --seed, --days",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            scenario, records = _saved_run(Path(args.run))
+        except ValueError as exc:
+            print(f"molo impact: {exc}", file=sys.stderr)
+            return 2
+        args.no_counterfactual = True  # the counterfactual is a second simulation, not in the saved run
     try:
-        scenario = resolve(Path(args.scenario) if args.scenario else None, overrides)
+        if records is None:
+            scenario = resolve(Path(args.scenario) if args.scenario else None, overrides)
         method = method_for(scenario, method_sets)
     except ValueError as exc:
         print(f"molo impact: invalid parameters: {exc}", file=sys.stderr)
         return 2
+    if records is not None and args.sensitivity:
+        records = list(records)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "params.json").write_text(dump(scenario))
     if args.sensitivity:
-        rows = sensitivity(scenario, method)
+        rows = sensitivity(scenario, method, records=records)
         table = sensitivity_markdown(rows)
         print(f"Avoided t CO2e (well-to-wheel) of scenario {scenario.name}, seed {scenario.simulation.seed}, "
               f"{scenario.simulation.days:g} days, by baseline, allocation and electric van share:\n")  # fmt: skip
@@ -226,13 +253,31 @@ def cmd_impact(args: argparse.Namespace) -> int:
             (out / "sensitivity.md").write_text(table)
         return 0
     result = run_impact(scenario, method, group_by=tuple(args.group_by or ["box"]),
-                        counterfactual=not args.no_counterfactual)  # fmt: skip
+                        counterfactual=not args.no_counterfactual, records=records)  # fmt: skip
     print(report_text(result), end="")
     if out is not None:
         (out / "impact.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         (out / "impact.csv").write_text(to_csv(result))
         print(f"# results in {out}/ (impact.json, impact.csv, params.json)", file=sys.stderr)
     return 0
+
+
+def _saved_run(run: Path) -> tuple[Any, Any]:
+    """The scenario and the trace records of a ``molo simulate --out RUN`` folder."""
+    from simulator.params import Scenario
+    from simulator.trace import read_trace
+
+    params = run / "params.json"
+    if not params.is_file():
+        raise ValueError(f"{run} is not a saved run: no params.json (write one with `molo simulate --out {run}`)")
+    traces = [run / f"trace.{fmt}" for fmt in ("parquet", "csv", "jsonl") if (run / f"trace.{fmt}").is_file()]
+    if not traces:
+        raise ValueError(f"{run} has no trace.parquet, trace.csv or trace.jsonl")
+    try:
+        scenario = Scenario.model_validate_json(params.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{params}: not the parameters of a run ({exc})") from None
+    return scenario, read_trace(traces[0])
 
 
 def _simulate_live(args: argparse.Namespace, scenario: Any) -> int:
@@ -367,13 +412,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    experiments_cli.add_parser(sub)
+
     p = sub.add_parser("simulate", help="run a what-if simulation in batch (simulated time)")
     p.add_argument("--scenario", default=None, help="scenario TOML (default: the bundled Aalborg one)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--days", type=float, default=None)
     p.add_argument("--out", default=None, help="directory for params.json, summary.json and the trace")
-    p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="trace file format (default csv)")
+    p.add_argument(
+        "--format", choices=["csv", "jsonl", "parquet"], default="csv", help="trace file format (default csv)"
+    )
     p.add_argument(
         "--live",
         action="store_true",
@@ -397,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", action="append", choices=["box", "carrier", "category", "day", "week", "month"])
     p.add_argument("--no-counterfactual", action="store_true", help="skip the common-random-numbers run")
     p.add_argument("--sensitivity", action="store_true", help="avoided CO2 across baselines and e-van shares")
+    p.add_argument(
+        "--run",
+        default=None,
+        metavar="DIR",
+        help="apply the method to a saved `molo simulate --out DIR` run (no simulation)",
+    )
     p.add_argument("--out", default=None, help="directory for impact.json, impact.csv and params.json")
     p.set_defaults(func=cmd_impact)
 
@@ -428,11 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=cmd_api)
 
+    p = sub.add_parser("worker", help="run experiment jobs submitted over the API (docs/experiments.md)")
+    p.add_argument("--concurrency", type=int, default=None, help="jobs at once (MOLO_EXPERIMENT_WORKER_CONCURRENCY)")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("provision", help="create credentials for N boxes and the broker's password file")
     p.add_argument("--boxes", type=int, default=0, help="provision PREFIX-001 .. PREFIX-N")
     p.add_argument("--prefix", default="aal")
     p.add_argument("--box-id", action="append", help="an extra box id (repeatable), e.g. to add one box later")
-    p.add_argument("--service", action="append", help="service user (repeatable; default: ingest)")
+    p.add_argument(
+        "--service",
+        action="append",
+        help="service user ROLE or ROLE-<name> (roles ingest, api; repeatable; default: ingest ingest-1 ingest-2 api)",
+    )
     p.add_argument("--rotate", action="store_true", help="new passwords for everyone (default: keep existing)")
     p.add_argument("--out", default="secrets")
     p.set_defaults(func=cmd_provision)

@@ -41,6 +41,8 @@ from simulator.params import Scenario, resolve
 from simulator.run import network_for
 
 log = logging.getLogger("molo.demo")
+#: The broker user the API's command sender logs in as (a service user of role ``api``).
+API_MQTT_USER = "api"
 
 
 def run_demo(
@@ -128,6 +130,14 @@ def run_demo(
             stack.callback(broker.stop)
             host, port = broker.host, broker.port
         ingest_password = creds.services.get(settings.mqtt_username) or settings.mqtt_secret()
+        api_password = creds.services.get(API_MQTT_USER)
+        if api_password is None:
+            log.error(
+                "the credentials file has no %r user for the API's commands: run `molo provision` again "
+                "(it keeps every existing password)",
+                API_MQTT_USER,
+            )
+            return 2
 
         # -- ingest
         worker_settings = settings.model_copy(
@@ -144,9 +154,16 @@ def run_demo(
 
         # -- API
         try:
+            # The API sends commands to boxes through the same broker as a user of its own: the
+            # broker binds a client id to its user, so sharing the ingest's would take its session.
             api_settings = settings.model_copy(
-                update={"mqtt_host": host, "mqtt_port": port, "mqtt_password": SecretStr(ingest_password)}
-            )  # the API sends commands to boxes through the same broker, as the ingest user
+                update={
+                    "mqtt_host": host,
+                    "mqtt_port": port,
+                    "mqtt_username": API_MQTT_USER,
+                    "mqtt_password": SecretStr(api_password),
+                }
+            )
             app = create_app(api_settings, database_url=url)
             server = ApiServer(app, host=settings.api_host, port=api_port).start()
         except OSError as exc:

@@ -14,7 +14,13 @@ from backend.settings import Settings
 
 #: Routes only operators may use (others who may read must not act).
 OPERATOR_ONLY = {("POST", "/api/v1/alerts/{alert_id}/ack"), ("POST", "/api/v1/boxes/{box_id}/commands")}
-SAMPLE = {"box_id": "box-001", "alert_id": "1", "command_id": str(uuid.uuid4()), "reservation_id": str(uuid.uuid4())}
+SAMPLE = {
+    "box_id": "box-001",
+    "alert_id": "1",
+    "command_id": str(uuid.uuid4()),
+    "reservation_id": str(uuid.uuid4()),
+    "experiment_id": "1",
+}
 
 
 def routes() -> list[tuple[str, str]]:

@@ -28,6 +28,8 @@ from tests.fixtures.keys import Headers
 from tests.fixtures.pipeline import settings_for
 
 EXAMPLES = int(os.environ.get("MOLO_FUZZ_EXAMPLES", "25"))
+# Experiment files (POST /api/v1/experiments) are TOML text: generated strings go out as text/plain does.
+schemathesis.serializer.alias("application/toml", "text/plain")
 
 
 @pytest.fixture(scope="module")

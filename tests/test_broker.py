@@ -279,7 +279,10 @@ def test_local_config_only_changes_paths_listener_and_tls(tmp_path: Path) -> Non
     assert not [line for line in local if "/mosquitto/" in line]
     assert "listener 12345 127.0.0.1" in local
     tls = production[production.index("listener 8883") :]
-    assert not set(tls[2:]) & set(local), "TLS listener settings leaked into the local config"
+    # Settings both listeners share (the client-id binding) may appear once in the local config.
+    tls_only = set(tls[2:]) - set(production[: production.index("listener 8883")])
+    assert tls_only
+    assert not tls_only & set(local), "TLS listener settings leaked into the local config"
     assert f"password_file {tmp_path}/passwd" in local
     assert f"acl_file {tmp_path}/acl" in local
     assert f"persistence_location {tmp_path}/data/" in local
@@ -304,7 +307,7 @@ def test_passwd_uses_mosquittos_hash_format(tmp_path: Path) -> None:
     creds = provision(tmp_path, ["aal-001", "aal-002"])
     lines = creds.passwd_path.read_text().splitlines()
     users = {m.group("user"): line for line in lines if (m := PASSWD_LINE.match(line))}
-    assert sorted(users) == ["aal-001", "aal-002", "ingest"], lines
+    assert sorted(users) == ["aal-001", "aal-002", "api", "ingest", "ingest-1", "ingest-2"], lines
     for user, line in users.items():
         assert verify_password(creds.password(user), line.split(":", 1)[1])
         assert not verify_password(creds.password(user) + "x", line.split(":", 1)[1])
@@ -338,7 +341,7 @@ def test_reprovisioning_keeps_passwords_and_adds_ids(tmp_path: Path) -> None:
     assert sorted(second.boxes) == ["aal-001", "aal-002", "aal-003"]
     assert Credentials.load(second.path) == second
     hashed = dict(line.split(":", 1) for line in second.passwd_path.read_text().splitlines())
-    assert sorted(hashed) == ["aal-001", "aal-002", "aal-003", "ingest"]
+    assert sorted(hashed) == ["aal-001", "aal-002", "aal-003", "api", "ingest", "ingest-1", "ingest-2"]
     assert all(verify_password(second.password(user), h) for user, h in hashed.items())
 
     rotated = provision(tmp_path, ["aal-001"], existing=False)
@@ -364,13 +367,36 @@ def test_invalid_box_ids_are_refused(tmp_path: Path, bad: str) -> None:
 
 
 def test_reserved_names_are_refused_as_box_ids(tmp_path: Path) -> None:
-    """'ingest' and every service user name cannot be a box id (it would share the service's identity)."""
-    with pytest.raises(ValueError, match="reserved"):
-        provision(tmp_path, ["ingest"])
-    with pytest.raises(ValueError, match="reserved"):
-        provision(tmp_path, ["api"], service_users=("ingest", "api"))
+    """Role names, ROLE-<name> and every service user name cannot be a box id (it would share a
+    service's identity or rights)."""
+    for name in ("ingest", "ingest-9", "api", "api-2"):
+        with pytest.raises(ValueError, match="reserved"):
+            provision(tmp_path, [name])
     with pytest.raises(ValueError, match="reserved"):
         provision(tmp_path, ["ingest"], service_users=("api",))
+    with pytest.raises(ValueError, match="has no role"):
+        provision(tmp_path, ["aal-001"], service_users=("backend",))
+
+
+def test_acl_gives_each_service_user_its_roles_block(tmp_path: Path) -> None:
+    """The rendered ACL keeps the template's box patterns and gives every service user exactly the
+    topic lines of its role's block in broker_config/acl."""
+    creds = provision(tmp_path, ["aal-001"], service_users=("ingest-1", "ingest-7", "api-3"))
+    acl = creds.acl_path.read_text()
+    assert stat.S_IMODE(creds.acl_path.stat().st_mode) == 0o600
+    blocks: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in acl.splitlines():
+        if line.startswith("user "):
+            current = blocks.setdefault(line.split()[1], [])
+        elif line.startswith("topic "):
+            current.append(line)
+    assert sorted(blocks) == ["api-3", "ingest-1", "ingest-7"]
+    template = (BROKER_CONFIG_DIR / "acl").read_text().split("\nuser ")
+    ingest_lines = [line for line in template[1].splitlines() if line.startswith("topic ")]
+    assert blocks["ingest-1"] == blocks["ingest-7"] == ingest_lines
+    assert blocks["api-3"] == ["topic write molo/v1/boxes/+/commands"]
+    assert "pattern write molo/v1/boxes/%u/events" in acl
 
 
 # --- development fallback ---------------------------------------------------------------------

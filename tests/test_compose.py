@@ -16,13 +16,14 @@ import yaml
 
 from backend.settings import Environment, Settings
 from molo.cli import build_parser
+from molo.provision import DEFAULT_SERVICE_USERS, role_of
 
 ROOT = Path(__file__).parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 OURS = {name: s for name, s in SERVICES.items() if s.get("build") == "."}
 #: Files `molo provision` and the TLS instructions create; never committed.
-GENERATED = {"secrets/passwd", "secrets/credentials.json", "secrets/certs"}
+GENERATED = {"secrets/passwd", "secrets/acl", "secrets/credentials.json", "secrets/certs"}
 
 
 def test_stack_has_the_services_the_design_names() -> None:
@@ -31,6 +32,15 @@ def test_stack_has_the_services_the_design_names() -> None:
     assert SERVICES["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert {"migrate", "api"} <= set(OURS)
     assert len([n for n in OURS if n.startswith("ingest")]) >= 2
+
+
+def test_timescaledb_image_is_a_release_the_migrations_support() -> None:
+    """The pinned image is TimescaleDB 2.18 or newer (migration 0008 puts a transition-table trigger on
+    the events hypertable) on PostgreSQL 15 or newer (NULLS NOT DISTINCT in 0004, 0008)."""
+    tag = SERVICES["timescaledb"]["image"].split(":", 1)[1]
+    version, pg = tag.split("-pg")
+    assert tuple(int(n) for n in version.split(".")[:2]) >= (2, 18), tag
+    assert int(pg) >= 15, tag
 
 
 def test_every_backend_service_runs_a_real_molo_command() -> None:
@@ -53,6 +63,15 @@ def test_ingest_workers_have_stable_distinct_ids() -> None:
     """Worker ids are fixed and unique: the broker queues each worker's share by its id."""
     ids = [s["environment"]["MOLO_WORKER_ID"] for n, s in OURS.items() if n.startswith("ingest")]
     assert len(ids) == len(set(ids))
+
+
+def test_every_broker_client_has_a_provisioned_user_of_its_own() -> None:
+    """Each service that connects to the broker logs in as a distinct user that `molo provision`
+    creates by default and whose name gives it the right role (the broker binds client id to user)."""
+    users = {n: s["environment"]["MOLO_MQTT_USERNAME"] for n, s in OURS.items() if n.startswith(("ingest", "api"))}
+    assert len(set(users.values())) == len(users), users
+    assert set(users.values()) <= set(DEFAULT_SERVICE_USERS)
+    assert all(role_of(user) == ("api" if name == "api" else "ingest") for name, user in users.items())
 
 
 def test_mounted_files_exist_or_are_generated() -> None:

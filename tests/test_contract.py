@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -17,6 +19,7 @@ from contract import (
     MessageKind,
     SizeClass,
     decode_command,
+    decode_command_ack,
     decode_event,
     decode_status,
     default_layout,
@@ -29,14 +32,20 @@ from contract.domain import WasteFraction
 from contract.messages import (
     EVENT_TYPES,
     Command,
+    CommandAck,
     CommandAction,
+    CommandResult,
+    CompartmentReading,
     ParcelDeposited,
+    PowerSource,
+    RedBoxReading,
     Status,
     Telemetry,
     WasteDeposited,
     check_layout,
     json_schemas,
 )
+from contract.receipts import Receipt, decode_receipt
 
 T0 = 1_767_225_600_000
 GOOD = encode(
@@ -191,3 +200,180 @@ def test_committed_json_schemas_match_the_code() -> None:
     for name, schema in json_schemas().items():
         on_disk = json.loads((directory / name).read_text())
         assert on_disk == json.loads(json.dumps(schema)), f"{name} is stale: run `molo schemas`"
+
+
+# --------------------------------------------------------------------------- duplicate keys
+
+TELEMETRY = encode(
+    make_event(
+        box_id="aal-001",
+        seq=8,
+        session=2,
+        ts_ms=T0,
+        payload=Telemetry(
+            power=PowerSource.MAINS,
+            temperature_c=20.5,
+            compartments=[CompartmentReading(id=i, occupied=i % 3 == 0) for i in range(3, 17)],
+            red_boxes=[RedBoxReading(compartment=1, weight_kg=1.5), RedBoxReading(compartment=2, weight_kg=0.0)],
+        ),
+    )
+)
+BIRTH = encode(Status(v=1, box_id="aal-001", online=True, session=3, ts_ms=T0, firmware="t", layout=default_layout()))
+ACK = encode(CommandAck(v=1, command_id=uuid4(), box_id="aal-001", ts_ms=T0, result=CommandResult.SUCCEEDED))
+COMMAND = encode(
+    Command(v=1, command_id=uuid4(), box_id="aal-001", ts_ms=T0, action=CommandAction.OPEN_COMPARTMENT, compartment=4)
+)
+RECEIPT = encode(Receipt(box_id="aal-001", seqs=[(1, 4), (7, 7)]))
+Decoder = Callable[..., Any]
+KINDS: dict[str, tuple[Decoder, bytes]] = {
+    "event": (decode_event, GOOD),
+    "telemetry": (decode_event, TELEMETRY),
+    "status": (decode_status, BIRTH),
+    "command_ack": (decode_command_ack, ACK),
+    "command": (decode_command, COMMAND),
+    "receipt": (decode_receipt, RECEIPT),
+}
+
+
+def _twice(raw: bytes, old: bytes, new: bytes) -> bytes:
+    assert raw.count(old) == 1, old
+    return raw.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "where", "key"),
+    [
+        ("event", _twice(GOOD, b'"seq":7', b'"seq":7,"seq":8'), "(message)", "seq"),
+        ("event", _twice(GOOD, b'"compartment":5', b'"compartment":5,"compartment":6'), "payload", "compartment"),
+        ("telemetry", _twice(TELEMETRY, b'"seq":8', b'"seq":8,"seq":9'), "(message)", "seq"),
+        ("telemetry", _twice(TELEMETRY, b'"power":"mains"', b'"power":"mains","power":"battery"'), "payload", "power"),
+        (
+            "telemetry",
+            _twice(TELEMETRY, b'{"id":5,"occupied":false', b'{"id":5,"occupied":false,"occupied":true'),
+            "payload.compartments.2",
+            "occupied",
+        ),
+        ("status", _twice(BIRTH, b'"session":3', b'"session":3,"session":2'), "(message)", "session"),
+        (
+            "status",
+            _twice(BIRTH, b'{"id":1,"kind":"red_box"', b'{"id":1,"kind":"red_box","kind":"parcel"'),
+            "layout.compartments.0",
+            "kind",
+        ),
+        (
+            "command_ack",
+            _twice(ACK, b'"result":"succeeded"', b'"result":"succeeded","result":"failed"'),
+            "(message)",
+            "result",
+        ),
+        ("command_ack", _twice(ACK, b'"v":1', b'"v":1,"x":{"a":1,"a":2}'), "x", "a"),
+        (
+            "command",
+            _twice(COMMAND, b'"compartment":4', b'"compartment":4,"compartment":5'),
+            "(message)",
+            "compartment",
+        ),
+        ("command", _twice(COMMAND, b'"v":1', b'"v":1,"x":[{"a":1,"a":2}]'), "x.0", "a"),
+        (
+            "receipt",
+            _twice(RECEIPT, b'"box_id":"aal-001"', b'"box_id":"aal-001","box_id":"aal-001"'),
+            "(message)",
+            "box_id",
+        ),
+    ],
+)
+def test_duplicate_keys_are_refused_for_every_kind(kind: str, raw: bytes, where: str, key: str) -> None:
+    """A key repeated in any object of any inbound kind is refused as duplicate_key, naming the path and key."""
+    decode, good = KINDS[kind]
+    decode(good, topic_box_id="aal-001")  # the message without the repeat is fine
+    with pytest.raises(ContractError) as info:
+        decode(raw, topic_box_id="aal-001")
+    assert info.value.code is ErrorCode.DUPLICATE_KEY, info.value.detail
+    assert f"{where}: duplicate key {key!r}" in info.value.detail
+
+
+@pytest.mark.parametrize(
+    ("raw", "given"),
+    [
+        (GOOD.replace(b'"seq":7', b'"seq":7,"seq":7'), "given 7, 7"),  # even with the same value
+        (GOOD.replace(b'"seq":7', b'"seq":7 , "se\\u0071" :8'), "given 7, 8"),  # the same key, escaped and spaced
+        (GOOD.replace(b'"seq":7', b'"seq":7,"seq":"x"'), 'given 7, "x"'),  # the winning value is invalid too
+        (GOOD.replace(b'"seq":7', b'"seq":"x","seq":7'), 'given "x", 7'),  # the losing value is invalid
+        (GOOD.replace(b'"seq":7', b'"seq":7,"seq":8,"seq":9'), "given 7, 8, 9"),
+    ],
+)
+def test_duplicate_key_is_refused_however_it_is_spelled(raw: bytes, given: str) -> None:
+    """Repeats with equal or invalid values, or an escaped spelling, are duplicate_key, with the values given."""
+    error = refused(raw)
+    assert error.code is ErrorCode.DUPLICATE_KEY, error.detail
+    assert "duplicate key 'seq'" in error.detail
+    assert given in error.detail
+
+
+def test_every_duplicate_is_named_even_inside_a_repeated_value() -> None:
+    """Both the repeated outer key and a repeat inside the value it overrode are reported."""
+    raw = GOOD.replace(b'"v":1', b'"v":1,"w":{"a":1,"a":2},"w":3')
+    detail = refused(raw).detail
+    assert "(message): duplicate key 'w'" in detail
+    assert "w: duplicate key 'a'" in detail
+
+
+def test_colons_in_string_values_are_not_taken_for_duplicates() -> None:
+    """A ':' in a string value (a parcel id may hold one) takes the full check and is accepted."""
+    event = decode_event(GOOD.replace(b'"P-1"', b'"P:1:2"'))
+    assert isinstance(event.payload, ParcelDeposited)
+    assert event.payload.parcel_id == "P:1:2"
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_valid_messages_take_the_cheap_duplicate_check(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A valid message of each kind is cleared by the ':' count alone: no second JSON parse."""
+    decode, good = KINDS[kind]
+
+    def no_second_parse(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the full duplicate-key parse ran for a valid message")
+
+    monkeypatch.setattr(json, "loads", no_second_parse)
+    decode(good, topic_box_id="aal-001")
+
+
+#: One payload of every event type, optional fields given (they count as keys too).
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "parcel.deposited": {"compartment": 5, "size_class": "B", "parcel_id": "P-1", "carrier": "gls", "weight_kg": 1.5},
+    "parcel.collected": {"compartment": 5, "parcel_id": "P-1"},
+    "parcel.expired": {"compartment": 5, "parcel_id": "P-1", "carrier": "gls"},
+    "parcel.dropped_off": {"compartment": 6, "size_class": "A", "parcel_id": "P-2", "carrier": "dao", "weight_kg": 2},
+    "parcel.picked_up": {"compartment": 6, "parcel_id": "P-2", "carrier": "dao"},
+    "waste.deposited": {"compartment": 1, "fraction": "batteries", "weight_kg": 0.4},
+    "waste.collected": {"compartment": 1, "carrier": "gls", "courier_id": "c-7", "weight_kg": 3.1},
+    "door.opened": {"compartment": 3},
+    "door.closed": {"compartment": 3},
+    "door.left_open": {"compartment": 3, "open_s": 600},
+    "compartment.fault": {"compartment": 4, "fault": "lock_failure", "detail": "motor stalls"},
+    "compartment.restored": {"compartment": 4},
+    "telemetry": {
+        "power": "battery",
+        "battery_pct": 80.0,
+        "temperature_c": -3.5,
+        "compartments": [{"id": 3, "occupied": True}, {"id": 4, "occupied": False, "door_open": True}],
+        "red_boxes": [{"compartment": 1, "weight_kg": 0.4}],
+    },
+}
+
+
+@pytest.mark.parametrize("event_type", EVENT_TYPES)
+def test_every_event_type_takes_the_cheap_duplicate_check(event_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A valid event of each of the 13 types, optional fields included, needs no second JSON parse."""
+    envelope = {"v": 1, "box_id": "aal-001", "seq": 1, "session": 1, "ts_ms": T0, "type": event_type}
+    raw = json.dumps({**envelope, "payload": EXAMPLES[event_type]}).encode()
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("the full duplicate-key parse ran"))
+    assert decode_event(raw).type == event_type
+
+
+def test_deep_nesting_is_refused_without_crashing_the_duplicate_check() -> None:
+    """Nesting beyond Python's recursion limit still gets a contract code, not a RecursionError."""
+    raw = b'{"a":' * 1300 + b"1" + b"}" * 1300
+    assert refused(raw).code is ErrorCode.INVALID_JSON
+    with pytest.raises(ContractError) as info:
+        decode_status(b'{"v":1,"x":' * 1300 + b"1" + b"}" * 1300)
+    assert info.value.code is ErrorCode.INVALID_JSON

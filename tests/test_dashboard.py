@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from backend.api.server import ApiServer
 from backend.dashboard import STATIC_DIR
 from backend.ingest.run import build_worker
 from backend.migrate import migrate
+from backend.operations.live import LiveEvent, notify, status_data
 from backend.settings import Settings, TimescaleMode
 from contract.messages import SCHEMA_VERSION, Status, StatusReason, encode
 from contract.topics import MessageKind, topic_for
@@ -166,6 +171,25 @@ def test_dashboard_in_chromium_shows_the_demo_and_follows_a_status_change(demo: 
         check_in_browser(demo, api, credentials)
 
 
+@contextmanager
+def busy_stream(database_url: str, box_id: str, every_s: float = 0.05) -> Iterator[None]:
+    """While inside, the live stream carries an unchanged ``box.status`` of ``box_id`` every ``every_s``."""
+    stop = threading.Event()
+
+    def chatter() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while not stop.wait(every_s):
+                notify(conn, LiveEvent.BOX_STATUS, status_data(box_id, True, "birth", None, None))
+
+    thread = threading.Thread(target=chatter, name="busy-stream", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) -> None:
     """The browser part of the test above (``api`` authenticates as the operator)."""
 
@@ -233,14 +257,17 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             page.evaluate("window.__sameDocument = true")
             victim = IDS[3]
             session = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}[victim]["session"]
-            publish_last_will(demo.broker, credentials, victim, session)
-            page.wait_for_selector(f'#plan .box[data-box-id="{victim}"][data-status="offline"]', timeout=20_000)
-            assert page.evaluate("window.__sameDocument === true")
-            assert page.locator("#legend li[data-status=offline]").get_attribute("data-count") == "1"
-            title = page.locator(f'#plan .box[data-box-id="{victim}"] title').text_content() or ""
-            assert "Last Will" in title
-            if has_alerts:  # the offline alert the Last Will raised shows up too
-                page.wait_for_selector(f'#alerts tr[data-box-id="{victim}"]', timeout=20_000)
+            # A busy stream (an event every 50 ms, more often than the page's 200 ms refresh delay) must
+            # not keep postponing the refresh that brings the alert.
+            with busy_stream(demo.database_url, IDS[5]):
+                publish_last_will(demo.broker, credentials, victim, session)
+                page.wait_for_selector(f'#plan .box[data-box-id="{victim}"][data-status="offline"]', timeout=20_000)
+                assert page.evaluate("window.__sameDocument === true")
+                assert page.locator("#legend li[data-status=offline]").get_attribute("data-count") == "1"
+                title = page.locator(f'#plan .box[data-box-id="{victim}"] title').text_content() or ""
+                assert "Last Will" in title
+                if has_alerts:  # the offline alert the Last Will raised shows up too, well before the 10 s poll
+                    page.wait_for_selector(f'#alerts tr[data-box-id="{victim}"]', timeout=8_000)
 
             # Without a key (a new tab: empty sessionStorage) the page asks for one, then shows the boxes.
             other = browser.new_page()
@@ -265,5 +292,149 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+    assert outside == [], f"the page fetched from outside its origin: {outside}"
+    assert errors == [], f"the page raised: {errors}"
+
+
+# ------------------------------------------------------------------------------------ experiments page
+
+#: A small experiment: 2 points x 2 replications on 3 boxes for 4 days.
+SMALL_EXPERIMENT = """name = "page-study"
+description = "submitted from the dashboard"
+seed = 5
+days = 4
+warmup_days = 1
+[set]
+"network.boxes" = 3
+[design]
+kind = "list"
+[[design.points]]
+name = "base"
+[[design.points]]
+name = "share-30"
+set = { "demand.locker_share" = 0.30 }
+[replications]
+n = 2
+[metrics]
+summary = ["parcels.collected"]
+impact = ["avoided.kg_co2e_wtw"]
+per_box = ["avoided.kg_co2e_wtw"]
+"""
+
+
+@dataclass
+class ExperimentsSite:
+    url: str
+    token: str
+    jobs: Path
+
+
+@pytest.fixture(scope="module")
+def experiments_site(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExperimentsSite]:
+    """The API on a database of its own with a researcher key, and a real ``molo worker`` running its jobs."""
+    url = create_database(pg_admin_url, "molo_dashboard_experiments")
+    migrate(url, TimescaleMode.OFF)
+    with psycopg.connect(url, autocommit=True) as conn:
+        token = create_key(conn, role=Role.RESEARCHER, name="dashboard researcher").token
+    jobs = tmp_path_factory.mktemp("dashboard-experiment-jobs")
+    server = ApiServer(create_app(Settings(database_url=url, experiments_dir=jobs))).start()
+    env = {**os.environ, "MOLO_DATABASE_URL": url, "MOLO_EXPERIMENTS_DIR": str(jobs), "MOLO_EXPERIMENT_PROCESSES": "1"}
+    log_path = tmp_path_factory.mktemp("dashboard-worker") / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "molo.cli", "worker"], env=env, cwd=jobs, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield ExperimentsSite(url=server.url, token=token, jobs=jobs)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        print(f"--- molo worker\n{log_path.read_text(errors='replace')[-4000:]}")
+        server.stop()
+        drop_database(url, pg_admin_url)
+
+
+def test_experiments_page_submits_a_job_shows_its_progress_and_opens_its_report(
+    experiments_site: ExperimentsSite,
+) -> None:
+    """In headless Chromium the experiments page (researcher key from the URL fragment) refuses a bad file
+    with the API's message, submits a small experiment, lists it with its progress until the worker has
+    stored all 4 replications, and opens the runner's report in its sandboxed frame; its assets are served
+    with a same-origin policy and nothing is fetched from elsewhere."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
+    site = experiments_site
+    page_response = httpx.get(f"{site.url}/dashboard/experiments", timeout=10)
+    assert page_response.status_code == 200
+    assert "frame-src blob:" in page_response.headers["content-security-policy"]
+    for name in ("experiments.js", "experiments.css"):
+        asset = httpx.get(f"{site.url}/dashboard/static/{name}", timeout=10)
+        assert asset.status_code == 200, name
+        assert "http://" not in asset.text, name
+        assert "https://" not in asset.text, name
+    outside: list[str] = []
+    errors: list[str] = []
+    progress_seen: set[str] = set()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.on(
+                "request", lambda r: None if r.url.startswith((site.url, "blob:", "data:")) else outside.append(r.url)
+            )
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{site.url}/dashboard/experiments#key={site.token}&poll=1")
+            page.get_by_text("No experiments yet").wait_for(timeout=15_000)
+            assert "key=" not in page.url
+
+            # A bad file: the API's one-line message, shown as it came.
+            page.fill("#experiment-source", SMALL_EXPERIMENT.replace('"network.boxes"', '"network.boxess"'))
+            page.click("#submit-form button[type=submit]")
+            page.wait_for_selector("#submit-message[data-kind=error]", timeout=10_000)
+            message = page.locator("#submit-message").inner_text()
+            assert message.startswith("invalid_experiment: experiment.toml:"), message
+            assert "network.boxess" in message
+
+            page.fill("#experiment-source", SMALL_EXPERIMENT)
+            page.click("#submit-form button[type=submit]")
+            page.wait_for_selector("#submit-message[data-kind=ok]", timeout=15_000)
+            row = page.locator("#experiments tr.job-row").first
+            row.wait_for(timeout=10_000)
+            experiment_id = row.get_attribute("data-experiment-id")
+            assert experiment_id is not None
+            assert "page-study" in row.inner_text()
+            deadline = time.monotonic() + 240
+            while row.get_attribute("data-status") != "succeeded":
+                assert row.get_attribute("data-status") in {"queued", "running"}, row.inner_text()
+                progress_seen.add(row.locator(".progress-text").inner_text())
+                assert time.monotonic() < deadline, f"not done: {row.inner_text()}"
+                time.sleep(0.2)
+            assert row.locator(".progress-text").inner_text() == "4 / 4"
+            assert row.locator("progress").get_attribute("value") == "4"
+            assert progress_seen <= {f"{n} / 4" for n in range(5)}
+
+            row.locator("button.open-report").wait_for(timeout=10_000)
+            row.locator("button.open-report").click()
+            page.wait_for_selector("#report-panel:not([hidden])", timeout=10_000)
+            assert page.locator("#report-frame").get_attribute("data-experiment-id") == experiment_id
+            frame = page.frame_locator("#report-frame")
+            frame.locator("h1, h2").first.wait_for(timeout=20_000)
+            assert "page-study" in frame.locator("body").inner_text()
+            assert frame.locator("img[src^='data:image/png']").count() > 0
+            # Its own inline CSS applies in the frame (the page's policy lets it in): a body width of its own.
+            assert frame.locator("body").evaluate("b => getComputedStyle(b).maxWidth") not in ("", "none")
+            page.evaluate("window.scrollTo(0, 0)")
+            time.sleep(0.5)
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "experiments.png"
+            page.screenshot(path=str(shot))  # the viewport: a full-page shot leaves the report's frame blank
+            print(f"experiments screenshot: {shot}")
+        finally:
+            browser.close()
+    assert (site.jobs / experiment_id / "report.html").is_file()
     assert outside == [], f"the page fetched from outside its origin: {outside}"
     assert errors == [], f"the page raised: {errors}"

@@ -52,7 +52,17 @@ from firmware_stub.db import DB_FILE
 from firmware_stub.outbox import Outbox
 from molo.brokers import RunningBroker, start_mosquitto
 from molo.provision import Credentials
-from tests.fixtures.broker import TIMEOUT_S, close, mqtt_client, new_client, next_message, publish, subscribe
+from tests.fixtures.broker import (
+    TIMEOUT_S,
+    add_service_user,
+    close,
+    mqtt_client,
+    new_client,
+    next_message,
+    publish,
+    service_client,
+    subscribe,
+)
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -116,6 +126,8 @@ def boxes(credentials: Credentials, broker: RunningBroker, tmp_path: Path) -> It
             "reconnect_min_delay": 0.05,
             "reconnect_max_delay": 0.5,
             "rng": random.Random(1),
+            # No ingest sends receipts here: these tests are about the box-broker hop.
+            "confirm": "puback",
         }
         box = BoxFirmware(box_id, **(options | overrides))
         made.append(box)
@@ -133,7 +145,7 @@ def listen(broker: RunningBroker, credentials: Credentials) -> Iterator[Callable
     clients: list[mqtt.Client] = []
 
     def make(*topics: str, on: RunningBroker | None = None) -> mqtt.Client:
-        client = mqtt_client(on or broker, "ingest", credentials.services["ingest"])
+        client = service_client(on or broker, credentials)
         clients.append(client)
         for topic in topics:
             assert not subscribe(client, topic).is_failure
@@ -154,8 +166,9 @@ def persistent_listener(broker: RunningBroker, credentials: Credentials, topic: 
     one started clean (paho's default: clean on the first connect only) lives while the broker runs
     but is lost when it restarts, whatever its session expiry.
     """
-    client = new_client(f"fw-test-{uuid.uuid4().hex[:8]}")
-    client.username_pw_set("ingest", credentials.services["ingest"])
+    user = add_service_user(broker, credentials)
+    client = new_client(user)
+    client.username_pw_set(user, credentials.services[user])
     client.reconnect_delay_set(min_delay=1, max_delay=1)
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 300
@@ -329,7 +342,7 @@ def test_events_emitted_while_the_broker_is_down_arrive_in_order_after_it_return
         assert box.flush(TIMEOUT_S)
         # The reconnect is a new session, so the backend takes its birth over the will of the old one.
         assert box.session > first_session
-        status = mqtt_client(own_broker, "ingest", credentials.services["ingest"])
+        status = service_client(own_broker, credentials)
         assert not subscribe(status, topic_for(box_id, MessageKind.STATUS)).is_failure
         birth = expect_status(status, box_id)
         close(status)

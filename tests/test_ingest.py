@@ -1,6 +1,6 @@
 """End to end through the real broker and PostgreSQL: boxes publish, ingest stores, the API shows.
 
-Each test uses its own box ids (box-041 ..) so tests stay independent in the shared test database.
+Each test uses its own box ids (box-040 ..) so tests stay independent in the shared test database.
 """
 
 from __future__ import annotations
@@ -304,7 +304,8 @@ def test_ingest_killed_between_receive_and_commit_loses_nothing(
         "MOLO_DATABASE_URL": database_url,
         "MOLO_MQTT_HOST": broker.host,
         "MOLO_MQTT_PORT": str(broker.port),
-        "MOLO_MQTT_PASSWORD": credentials.services["ingest"],
+        "MOLO_MQTT_USERNAME": settings.mqtt_username,
+        "MOLO_MQTT_PASSWORD": credentials.services[settings.mqtt_username],
         "MOLO_WORKER_ID": settings.worker_id,
         "MOLO_INGEST_BATCH_WAIT_MS": "20",
     }
@@ -360,7 +361,11 @@ def test_ingest_killed_between_receive_and_commit_loses_nothing(
         # Retire the worker id so its session stops taking a share of later tests' messages.
         from backend.ingest.run import build_worker
 
-        leaver = build_worker(settings_for(database_url, broker, credentials, worker_id=settings.worker_id))
+        leaver = build_worker(
+            settings_for(
+                database_url, broker, credentials, worker_id=settings.worker_id, mqtt_username=settings.mqtt_username
+            )
+        )
         leaver.start()
         leaver.mqtt.subscribed.wait(10)
         leaver.retire(quiet_s=0.3)
@@ -523,7 +528,7 @@ def test_retire_during_database_outage_keeps_the_session(
         assert worker.retire(quiet_s=0.2, timeout=2) is False
     close(client)
     assert events_of(db, box) == []
-    successor = start_ingest(worker_id=worker.worker_id)
+    successor = start_ingest(worker_id=worker.worker_id, mqtt_username=worker.mqtt.username)
     wait_for(lambda: [s for s, _ in events_of(db, box)] == [1, 2, 3, 4, 5], timeout=20)
     assert successor.retire(quiet_s=0.2) is True
 
@@ -540,3 +545,26 @@ def test_ack_for_an_unknown_command_is_dead_lettered(
     rows = wait_rows(db, "SELECT error_code, reason FROM dead_letters WHERE box_id = %s", (box,), 1)
     assert rows[0][0] == "unknown_command"
     assert str(stray.command_id) in rows[0][1]
+
+
+def test_payload_with_a_duplicate_key_is_dead_lettered_and_ingest_goes_on(
+    broker: RunningBroker, credentials: Credentials, ingest: IngestWorker, db: psycopg.Connection[Any]
+) -> None:
+    """An event naming "seq" twice is kept as a duplicate_key dead letter with its raw bytes, stored as
+    no event under either seq, and the next valid event is stored."""
+    box = "box-040"
+    client = box_client(broker, credentials, box)
+    topic = topic_for(box, MessageKind.EVENTS)
+    twice = deposited(box, 1).replace(b'"seq":1', b'"seq":1,"seq":2')
+    assert twice.count(b'"seq"') == 2
+    publish(client, topic, twice)
+    publish(client, topic, deposited(box, 3))
+    close(client)
+    wait_for(lambda: events_of(db, box) == [(3, "parcel.deposited")])
+    rows = wait_rows(db, "SELECT error_code, reason, payload, topic FROM dead_letters WHERE box_id = %s", (box,), 1)
+    code, reason, payload, dead_topic = rows[0]
+    assert code == "duplicate_key"
+    assert "duplicate key 'seq' (given 1, 2)" in reason
+    assert bytes(payload) == twice
+    assert dead_topic == topic
+    assert events_of(db, box) == [(3, "parcel.deposited")]

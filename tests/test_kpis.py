@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
@@ -26,17 +25,14 @@ import pytest
 from accounting import ActivityCounter, Method, Point, apply_overrides, assess, summarize
 from backend.access.keys import Role, create_key
 from backend.ingest.worker import IngestWorker
-from backend.migrate import migrate
-from backend.settings import TimescaleMode
 from molo.brokers import RunningBroker
-from molo.postgres import create_database, drop_database
 from molo.provision import Credentials
 from molo.registry import register_boxes
 from simulator.impact import geography_of, run_impact
 from simulator.live import run_live
 from simulator.network import load_network
 from simulator.params import resolve
-from tests.fixtures.database import FLAVOURS
+from tests.fixtures.database import FLAVOURS, own_database
 from tests.fixtures.keys import headers
 from tests.fixtures.pipeline import renamed_network, wait_for
 
@@ -46,12 +42,8 @@ T0 = datetime(2026, 4, 6, 8, tzinfo=UTC)  # a Monday
 @pytest.fixture(scope="module", params=FLAVOURS)
 def database_url(request: pytest.FixtureRequest, pg_admin_url: str) -> Iterator[str]:
     """This module's own fresh, migrated database (overrides the run's shared one here)."""
-    flavour: str = request.param
-    admin = os.environ["MOLO_TEST_TIMESCALE_URL"] if flavour == "timescale" else pg_admin_url
-    url = create_database(admin, f"molo_test_kpis_{flavour}")
-    migrate(url, TimescaleMode.ON if flavour == "timescale" else TimescaleMode.OFF)
-    yield url
-    drop_database(url, admin)
+    with own_database(request.param, pg_admin_url, "kpis") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

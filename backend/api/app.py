@@ -16,6 +16,8 @@ from psycopg_pool import AsyncConnectionPool
 from backend import dashboard
 from backend.api import alerts, boxes, commands, couriers, kpis, ops, stream
 from backend.api.errors import install_error_handlers
+from backend.api.limits import BodyLimit
+from backend.experiments import endpoints as experiments
 from backend.operations.commands import CommandSender
 from backend.settings import Settings
 
@@ -71,7 +73,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
         if sender is not None:
             sender.start()
         app.state.commands = sender
-        hub = stream.LiveHub(url)
+        hub = stream.LiveHub(url, keepalive_s=settings.stream_keepalive_s)
         hub.start()
         app.state.live = hub
         loop = asyncio.get_running_loop()
@@ -95,6 +97,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.api_max_body_bytes)
     app.include_router(ops.router)
     app.include_router(boxes.router)
     app.include_router(alerts.router)
@@ -102,5 +105,6 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
     app.include_router(couriers.router)
     app.include_router(kpis.router)
     app.include_router(stream.router)
+    app.include_router(experiments.router)
     dashboard.install(app)
     return app

@@ -9,6 +9,11 @@ Use the ``Annotated`` dependencies in endpoints::
     @router.get("/things")
     async def things(who: ViewerDep) -> ...:      # operator or researcher
 
+A response that stays open (the live stream) uses ``StreamViewerDep``: it looks the key up on a
+connection borrowed for the lookup only. ``ViewerDep`` shares the request's ``ConnDep``, and FastAPI
+returns a yield dependency's connection only when the response has been sent, which for a stream is
+when it ends (ten open streams held the whole pool of ten).
+
 Errors, in the API's JSON error shape: 401 ``missing_api_key``, ``invalid_api_key``,
 ``revoked_api_key``; 403 ``forbidden_role`` (and ``forbidden_carrier`` from :func:`carrier_for`,
 when a courier names another carrier).
@@ -16,18 +21,30 @@ when a courier names another carrier).
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
+from psycopg import AsyncConnection
 
 from backend.access import repository
 from backend.access.keys import Role, hash_matches, parse_token
-from backend.api.deps import ConnDep
+from backend.api.deps import ConnDep, get_conn
 from backend.api.errors import ApiError
 
-__all__ = ["CourierDep", "OperatorDep", "Principal", "Role", "ViewerDep", "carrier_for", "require"]
+__all__ = [
+    "CourierDep",
+    "OperatorDep",
+    "Principal",
+    "Role",
+    "StreamViewerDep",
+    "ViewerDep",
+    "carrier_for",
+    "require",
+]
 
 API_KEY_HEADER = "X-API-Key"
 _header = APIKeyHeader(
@@ -47,10 +64,13 @@ class Principal:
     carrier: str | None
 
 
-async def authenticate(conn: ConnDep, token: Annotated[str | None, Security(_header)] = None) -> Principal:
-    """The caller behind the ``X-API-Key`` header, or 401."""
+def _require_token(token: str | None) -> str:
     if not token:
         raise ApiError(401, "missing_api_key", f"send an API key in the {API_KEY_HEADER} header")
+    return token
+
+
+async def _look_up(conn: AsyncConnection[Any], token: str) -> Principal:
     key_id = parse_token(token)
     row = await repository.find_key(conn, key_id) if key_id else None
     if row is None or not hash_matches(token, row["secret_sha256"]):
@@ -60,17 +80,77 @@ async def authenticate(conn: ConnDep, token: Annotated[str | None, Security(_hea
     return Principal(key_id=row["key_id"], name=row["name"], role=Role(row["role"]), carrier=row["carrier"])
 
 
-def require(*roles: Role) -> Any:
-    """A dependency that authenticates the caller and admits only ``roles`` (else 403 ``forbidden_role``)."""
+async def authenticate(conn: ConnDep, token: Annotated[str | None, Security(_header)] = None) -> Principal:
+    """The caller behind the ``X-API-Key`` header, or 401 (on the request's own connection)."""
+    return await _look_up(conn, _require_token(token))
+
+
+#: ``get_conn`` as a context manager: a pool connection for one block (503 ``database_unavailable``
+#: when none can be had within its timeout, as for ``ConnDep``).
+_borrow = asynccontextmanager(get_conn)
+
+
+async def _look_up_briefly(request: Request, token: str) -> Principal:
+    async with _borrow(request) as conn:
+        return await _look_up(conn, token)
+
+
+def _lookups(request: Request) -> dict[str, asyncio.Task[Principal]]:
+    """The brief lookups in flight in this app (per app: each runs on its own event loop)."""
+    state = request.app.state
+    lookups: dict[str, asyncio.Task[Principal]] | None = getattr(state, "brief_key_lookups", None)
+    if lookups is None:
+        lookups = state.brief_key_lookups = {}
+    return lookups
+
+
+async def authenticate_briefly(request: Request, token: Annotated[str | None, Security(_header)] = None) -> Principal:
+    """As :func:`authenticate`, on a pool connection held for the lookup only and returned before
+    the endpoint runs: for responses that stay open (the live stream).
+
+    Requests with the same key while its lookup is in flight share that lookup (its answer is at most
+    one query old), so when every dashboard reconnects at once (an API restart) the pool
+    sees one query per key, not one per stream, and other requests are not starved."""
+    token = _require_token(token)
+    lookups = _lookups(request)
+    task = lookups.get(token)
+    if task is None:
+        task = asyncio.ensure_future(_look_up_briefly(request, token))
+        lookups[token] = task
+
+        def _done(t: asyncio.Task[Principal]) -> None:
+            lookups.pop(token, None)
+            if not t.cancelled():
+                t.exception()  # retrieved here too: every waiter may have gone away
+
+        task.add_done_callback(_done)
+    # One waiter going away (its client disconnected) must not cancel the others' lookup.
+    return await asyncio.shield(task)
+
+
+def require(*roles: Role, brief: bool = False) -> Any:
+    """A dependency that authenticates the caller and admits only ``roles`` (else 403 ``forbidden_role``);
+    ``brief``: with :func:`authenticate_briefly` (no connection kept for the rest of the request)."""
     allowed = frozenset(roles)
     names = ", ".join(r.value for r in roles)
 
-    async def _check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    def admit(principal: Principal) -> Principal:
         if principal.role not in allowed:
             raise ApiError(
                 403, "forbidden_role", f"this needs the role {names}; the key is a {principal.role.value} key"
             )
         return principal
+
+    # Two definitions, not Depends(a_local): the annotations are strings, resolved in this module.
+    if brief:
+
+        async def _check_brief(principal: Annotated[Principal, Depends(authenticate_briefly)]) -> Principal:
+            return admit(principal)
+
+        return Depends(_check_brief)
+
+    async def _check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        return admit(principal)
 
     return Depends(_check)
 
@@ -90,5 +170,7 @@ def carrier_for(principal: Principal, carrier: str | None) -> str | None:
 OperatorDep = Annotated[Principal, require(Role.OPERATOR)]
 #: Read-only box and KPI data.
 ViewerDep = Annotated[Principal, require(Role.OPERATOR, Role.RESEARCHER)]
+#: The same roles for a response that stays open: holds no pool connection once it has started.
+StreamViewerDep = Annotated[Principal, require(Role.OPERATOR, Role.RESEARCHER, brief=True)]
 #: Courier endpoints; an operator may act for any carrier.
 CourierDep = Annotated[Principal, require(Role.COURIER, Role.OPERATOR)]

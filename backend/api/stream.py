@@ -3,8 +3,14 @@
 Where it sits in a message's journey: last. Ingest (and the monitor sweep, and the API itself)
 ``NOTIFY``s on the ``molo_live`` channel inside the transaction that commits a change
 (:mod:`backend.operations.live`); each API process holds one dedicated connection that
-``LISTEN``s (:class:`LiveHub`) and fans every notification out to its connected clients. So the
-stream shows exactly what was committed, from whichever ingest worker committed it.
+``LISTEN``s (:class:`LiveHub`) and fans every notification out to its connected clients, in memory.
+So the stream shows exactly what was committed, from whichever ingest worker committed it.
+
+An open stream holds no database connection: its key is looked up on a pool connection that is
+returned before the stream starts (``StreamViewerDep``), and the hub checks the keys of all open
+streams for revocation with one query on its own connection every ``MOLO_STREAM_KEEPALIVE_S``. A
+process serves at most ``MOLO_STREAM_MAX_PER_KEY`` streams per key (then 429 ``too_many_streams``)
+and ``MOLO_STREAM_MAX_TOTAL`` in all (then 503 ``streams_full``), both with ``Retry-After``.
 
 Wire format (``text/event-stream``)::
 
@@ -18,8 +24,9 @@ Wire format (``text/event-stream``)::
 
 A comment line (``: keepalive``) every 15 s keeps proxies from closing an idle stream. A client too
 slow to keep up (over 1,000 events behind) gets ``event: lagged`` and the stream ends: reconnect and
-re-read the alert list. Events and payloads: docs/operations.md. Browsers read it with ``fetch()``
-(so the ``X-API-Key`` header can be sent) or with ``EventSource`` behind a proxy that adds it.
+re-read the alert list. A stream whose key is revoked gets ``event: revoked`` and ends. Events and
+payloads: docs/operations.md. Browsers read it with ``fetch()`` (so the ``X-API-Key`` header can be
+sent) or with ``EventSource`` behind a proxy that adds it.
 """
 
 from __future__ import annotations
@@ -28,17 +35,19 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import psycopg
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from psycopg import AsyncConnection
+from starlette.types import Receive, Scope, Send
 
-from backend.access import repository as access_repository
-from backend.api.auth import ViewerDep
+from backend.api.auth import StreamViewerDep
+from backend.api.errors import error_body
 from backend.operations.live import CHANNEL
 from contract.topics import BOX_ID_PATTERN
 
@@ -46,56 +55,107 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["operations"])
 
 QUEUE_MAX = 1000
+#: Events written to a client in one chunk at most, when several are waiting.
+CHUNK_MAX = 100
+#: Streams woken per turn of the event loop when an event is fanned out.
+FAN_OUT_SLICE = 10
+#: ``Retry-After`` (seconds) of a refused stream.
+RETRY_AFTER_S = 10
+
+_REVOKED = b'event: revoked\ndata: {"reason": "the API key was revoked"}\n\n'
+_KEEPALIVE = b": keepalive\n\n"
+_LAGGED = b'event: lagged\ndata: {"reason": "too far behind; reconnect and re-read the alerts"}\n\n'
+
+# The keys of open streams still valid (api_keys; see backend/access/repository.py find_key).
+_VALID_KEYS = "SELECT key_id FROM api_keys WHERE key_id = ANY(%s) AND revoked_at IS NULL"
 
 
 @dataclass(eq=False)  # identity: each client is its own subscriber
 class _Subscriber:
     box_id: str | None
-    queue: asyncio.Queue[str | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_MAX))
+    key_id: str
+    queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_MAX))
+    last_queued: float = field(default_factory=time.monotonic)  # an event or a keepalive
     lagged: bool = False
+    revoked: bool = False
 
 
 class LiveHub:
-    """One LISTEN connection per API process, fanned out to the SSE clients."""
+    """One LISTEN connection per API process, fanned out to the SSE clients in memory. The hub also
+    counts the open streams (per key and in all), queues the keepalives of quiet streams, and ends
+    the streams whose key was revoked (one query on its own connection every ``keepalive_s``)."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, keepalive_s: float = 15.0) -> None:
         self._url = database_url
+        self._keepalive_s = keepalive_s
         self._subscribers: set[_Subscriber] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._per_key: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         self.listening = asyncio.Event()
         self.ending = False
         self._closed = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="live-hub")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="live-hub"),
+            asyncio.create_task(self._keep_alive(), name="live-hub-keepalive"),
+        ]
 
     def end_streams(self) -> None:
         """End every open stream (the server is shutting down); new ones end after ``hello``."""
         self.ending = True
         for sub in list(self._subscribers):
-            sub.lagged = False
-            while True:  # make room for the end marker
-                try:
-                    sub.queue.put_nowait(None)
-                    break
-                except asyncio.QueueFull:
-                    sub.queue.get_nowait()
+            self._end(sub)
 
     async def stop(self) -> None:
         self._closed = True
         self.end_streams()
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
-    def subscribe(self, box_id: str | None) -> _Subscriber:
-        sub = _Subscriber(box_id)
+    @property
+    def open_streams(self) -> int:
+        return len(self._subscribers)
+
+    def open_streams_of(self, key_id: str) -> int:
+        return self._per_key.get(key_id, 0)
+
+    def subscribe(self, box_id: str | None, key_id: str) -> _Subscriber:
+        sub = _Subscriber(box_id, key_id)
         self._subscribers.add(sub)
+        self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
+        if self.ending:
+            self._end(sub)
         return sub
 
     def unsubscribe(self, sub: _Subscriber) -> None:
+        """Forget ``sub`` (idempotent: the stream and its response both call this when they end)."""
+        if sub not in self._subscribers:
+            return
         self._subscribers.discard(sub)
+        left = self._per_key[sub.key_id] - 1
+        if left:
+            self._per_key[sub.key_id] = left
+        else:
+            del self._per_key[sub.key_id]
+
+    @staticmethod
+    def _end(sub: _Subscriber, *, revoked: bool = False) -> None:
+        """Queue the end marker; a revoked key's stream gets nothing more that was queued."""
+        sub.lagged = False
+        sub.revoked = sub.revoked or revoked
+        while True:  # make room for the end marker
+            if revoked:
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+            try:
+                sub.queue.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                sub.queue.get_nowait()
 
     async def _run(self) -> None:
         delay = 0.5
@@ -106,8 +166,15 @@ class LiveHub:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
                     delay = 0.5
-                    async for note in conn.notifies():
-                        self._fan_out(note.payload)
+                    next_check = time.monotonic() + self._keepalive_s
+                    while True:
+                        # Notifications that arrive during the key check wait in psycopg's backlog
+                        # and come first from the next notifies().
+                        async for note in conn.notifies(timeout=max(0.0, next_check - time.monotonic())):
+                            await self._fan_out(note.payload)
+                        if time.monotonic() >= next_check:
+                            await self._check_keys(conn)
+                            next_check = time.monotonic() + self._keepalive_s
             except asyncio.CancelledError:
                 raise
             except (psycopg.Error, OSError) as exc:
@@ -117,7 +184,42 @@ class LiveHub:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
 
-    def _fan_out(self, payload: str) -> None:
+    async def _check_keys(self, conn: AsyncConnection[Any]) -> None:
+        """End the streams whose key has been revoked (or deleted) since they opened: one query for
+        all of them. If it fails on a connection still good, the next check asks again."""
+        keys = {sub.key_id for sub in self._subscribers}
+        if not keys:
+            return
+        try:
+            cur = await conn.execute(_VALID_KEYS, (sorted(keys),))
+            valid = {row[0] for row in await cur.fetchall()}
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            log.warning("live stream: key check failed (%s); trying again in %g s", exc, self._keepalive_s)
+            return
+        for sub in list(self._subscribers):
+            if sub.key_id in keys and sub.key_id not in valid and not sub.revoked:
+                self._end(sub, revoked=True)
+
+    async def _keep_alive(self) -> None:
+        """Queue a keepalive for every stream quiet for ``keepalive_s``: a pass every quarter of it
+        (so a quiet stream gets one after 1 to 1.25 times ``keepalive_s``), also while the database
+        is away, and a slice of streams per turn of the event loop as in :meth:`_fan_out`."""
+        while True:
+            await asyncio.sleep(self._keepalive_s / 4)
+            due = time.monotonic() - self._keepalive_s
+            for n, sub in enumerate([s for s in self._subscribers if s.last_queued <= due], start=1):
+                with contextlib.suppress(asyncio.QueueFull):  # full: it is not quiet
+                    sub.queue.put_nowait(_KEEPALIVE)
+                sub.last_queued = time.monotonic()
+                if n % FAN_OUT_SLICE == 0:
+                    await asyncio.sleep(0)
+
+    async def _fan_out(self, payload: str) -> None:
+        """Queue the event for every stream it is for, ``FAN_OUT_SLICE`` streams per turn of the
+        event loop: each woken stream writes to its socket at once, so waking hundreds together
+        would make every other request wait behind all those writes."""
         try:
             note = json.loads(payload)
             event, data = str(note["event"]), note["data"]
@@ -125,14 +227,20 @@ class LiveHub:
             log.warning("live stream: ignoring a malformed notification %.100r", payload)
             return
         box_id = data.get("box_id") if isinstance(data, dict) else None
-        text = f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+        text = f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()  # once for all
+        now = time.monotonic()
+        woken = 0
         for sub in list(self._subscribers):
-            if sub.box_id is not None and sub.box_id != box_id:
+            if sub.revoked or (sub.box_id is not None and sub.box_id != box_id):
                 continue
             try:
                 sub.queue.put_nowait(text)
             except asyncio.QueueFull:
                 sub.lagged = True
+            sub.last_queued = now
+            woken += 1
+            if woken % FAN_OUT_SLICE == 0:
+                await asyncio.sleep(0)  # let those streams write, and other requests run, first
 
 
 def _hub(request: Request) -> LiveHub:
@@ -140,16 +248,27 @@ def _hub(request: Request) -> LiveHub:
     return hub
 
 
-async def _revoked(request: Request, key_id: str) -> bool:
-    """True if the stream's key has been revoked (or deleted) since the stream opened. If the
-    database cannot be asked now, the stream goes on and asks again at the next keepalive."""
-    pool = request.app.state.pool
-    try:
-        async with pool.connection(timeout=5.0) as conn:
-            row = await access_repository.find_key(conn, key_id)
-    except (psycopg.OperationalError, TimeoutError):
-        return False
-    return row is None or row["revoked_at"] is not None
+class _LiveResponse(StreamingResponse):
+    """A streaming response that gives its stream's slot back however it ends (also when the
+    client goes away before the first byte, so the body never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None], headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def _refuse(status: int, code: str, message: str, limit: int) -> JSONResponse:
+    return JSONResponse(
+        error_body(code, message, {"limit": limit}),
+        status_code=status,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 @router.get(
@@ -160,40 +279,61 @@ async def _revoked(request: Request, key_id: str) -> bool:
         200: {"content": {"text/event-stream": {}}, "description": "events as described in docs/operations.md"},
         401: {"description": "`missing_api_key`, `invalid_api_key` or `revoked_api_key`"},
         403: {"description": "`forbidden_role`: operators and researchers only"},
+        429: {"description": "`too_many_streams`: this key holds `MOLO_STREAM_MAX_PER_KEY` streams (`Retry-After`)"},
+        503: {
+            "description": "`streams_full`: the process serves `MOLO_STREAM_MAX_TOTAL` streams (`Retry-After`); "
+            "`database_unavailable`"
+        },
     },
 )
 async def stream(
     request: Request,
-    viewer: ViewerDep,
+    viewer: StreamViewerDep,
     box_id: Annotated[str | None, Query(pattern=BOX_ID_PATTERN, description="only this box's events")] = None,
-) -> StreamingResponse:
+) -> Response:
     hub = _hub(request)
-    keepalive_s = request.app.state.settings.stream_keepalive_s
+    settings = request.app.state.settings
+    if hub.open_streams_of(viewer.key_id) >= settings.stream_max_per_key:
+        return _refuse(
+            429,
+            "too_many_streams",
+            f"the API key {viewer.key_id} already has {settings.stream_max_per_key} live streams open here;"
+            " close one or retry later",
+            settings.stream_max_per_key,
+        )
+    if hub.open_streams >= settings.stream_max_total:
+        return _refuse(
+            503,
+            "streams_full",
+            "this API process serves all the live streams it can; retry later",
+            settings.stream_max_total,
+        )
+    # Counted from here (no await since the checks): everything committed after hello is delivered.
+    sub = hub.subscribe(box_id, viewer.key_id)
 
-    async def events() -> AsyncIterator[str]:
-        sub = hub.subscribe(box_id)  # before hello: everything committed after hello is delivered
+    async def events() -> AsyncIterator[bytes]:
         try:
-            yield "retry: 3000\n\n"
+            yield b"retry: 3000\n\n"
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hub.listening.wait(), 5.0)
-            yield f"event: hello\ndata: {json.dumps({'listening': hub.listening.is_set(), 'box_id': box_id})}\n\n"
-            while not hub.ending or not sub.queue.empty():
+            hello = {"listening": hub.listening.is_set(), "box_id": box_id}
+            yield f"event: hello\ndata: {json.dumps(hello)}\n\n".encode()
+            while True:
                 if sub.lagged and sub.queue.empty():
-                    yield 'event: lagged\ndata: {"reason": "too far behind; reconnect and re-read the alerts"}\n\n'
+                    yield _LAGGED
                     return
-                try:
-                    item = await asyncio.wait_for(sub.queue.get(), keepalive_s)
-                except TimeoutError:
-                    if await _revoked(request, viewer.key_id):  # a key revoked mid-stream ends it
-                        yield 'event: revoked\ndata: {"reason": "the API key was revoked"}\n\n'
-                        return
-                    yield ": keepalive\n\n"
-                    continue
-                if item is None:
+                items = [await sub.queue.get()]  # the hub queues keepalives too
+                while items[-1] is not None and len(items) < CHUNK_MAX and not sub.queue.empty():
+                    items.append(sub.queue.get_nowait())  # several waiting: one write
+                text = b"".join(item for item in items if item is not None)
+                if text:
+                    yield text
+                if items[-1] is None:
+                    if sub.revoked:
+                        yield _REVOKED
                     return
-                yield item
         finally:
             hub.unsubscribe(sub)
 
-    headers: dict[str, Any] = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return _LiveResponse(events(), lambda: hub.unsubscribe(sub), headers)

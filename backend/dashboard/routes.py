@@ -35,6 +35,14 @@ _HEADERS = {
     "Cache-Control": "no-cache",
 }
 
+#: The experiments page shows the runner's HTML report (its own inline styles and data: images) in a
+#: sandboxed frame from a blob: URL the page makes; such a document takes the policy of the page that
+#: made it, so this page's policy also allows inline styles and blob: frames (still no inline script).
+EXPERIMENTS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; frame-src blob:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
 router = APIRouter(include_in_schema=False)
 
 
@@ -42,6 +50,15 @@ router = APIRouter(include_in_schema=False)
 async def dashboard() -> HTMLResponse:
     """The dashboard page (the API key comes from the operator or the URL fragment, never the server)."""
     return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"), headers=_HEADERS)
+
+
+@router.get("/dashboard/experiments")
+async def experiments() -> HTMLResponse:
+    """The experiments page: jobs with their progress, submitting a file, the reports."""
+    return HTMLResponse(
+        (STATIC_DIR / "experiments.html").read_text(encoding="utf-8"),
+        headers={**_HEADERS, "Content-Security-Policy": EXPERIMENTS_CSP},
+    )
 
 
 @router.get("/dashboard/")

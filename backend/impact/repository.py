@@ -1,9 +1,10 @@
 """All SQL of the KPIs: the daily activity counts the method reads, and where the boxes stand.
 
-Where it sits: the backend's end of a message's journey. ``activity_daily`` (migration 0004) is a
-continuous aggregate on TimescaleDB and a rollup table kept by a trigger on plain PostgreSQL, with
-the same columns; this query pivots it into one row per (day, box, carrier), the columns of
-``accounting.BoxDay``.
+Where it sits: the backend's end of a message's journey. ``activity_daily`` is a rollup table kept
+by a trigger on ``events`` in the inserting transaction, on both flavours (migration 0004 on plain
+PostgreSQL; 0008 replaced TimescaleDB's continuous aggregate with it), so its counts are exact at
+once, late events included; this query pivots it into one row per (day, box, carrier), the columns
+of ``accounting.BoxDay``.
 """
 
 from __future__ import annotations

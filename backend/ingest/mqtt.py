@@ -25,7 +25,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from contract.topics import INGEST_SHARE_GROUP, MessageKind, subscription
+from contract.messages import encode
+from contract.receipts import receipts_for
+from contract.topics import INGEST_SHARE_GROUP, MessageKind, subscription, topic_for
 
 SUBSCRIBED_KINDS = (MessageKind.STATUS, MessageKind.EVENTS, MessageKind.TELEMETRY, MessageKind.COMMAND_ACK)
 
@@ -89,7 +91,11 @@ class IngestMqtt:
         client.username_pw_set(username, password)
         if use_tls or tls_ca_file:
             client.tls_set(ca_certs=tls_ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Reconnect at once and often: between a broker restart and this worker's SUBSCRIBE, the boxes'
+        # publishes find no subscriber (Mosquitto 2.0 does not restore shared subscriptions from its
+        # persistence). They keep such messages and retry, but the window should be short: a second
+        # or two, not paho's default of doubling up to 2 minutes. A few workers are no load.
+        client.reconnect_delay_set(min_delay=0.1, max_delay=2)  # type: ignore[arg-type]  # floats work; paho annotates int
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -99,6 +105,11 @@ class IngestMqtt:
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def username(self) -> str:
+        """The broker user, which is also this worker's client id and so its session."""
+        return self._username
 
     def start(self) -> None:
         """Connect in the background (retrying until :meth:`stop`)."""
@@ -162,6 +173,17 @@ class IngestMqtt:
             self._client.ack(message.mid, message.qos)
             self._unacked.discard((message.generation, message.mid))
             return True
+
+    def send_receipts(self, committed: dict[str, list[int]]) -> int:
+        """Tell each box which of its seqs are committed (QoS 0: a lost receipt costs the box a
+        re-send, which is stored once and receipted again). Returns the receipts handed to paho."""
+        sent = 0
+        for box_id, seqs in committed.items():
+            topic = topic_for(box_id, MessageKind.RECEIPTS)
+            for receipt in receipts_for(box_id, seqs):
+                info = self._client.publish(topic, encode(receipt), qos=0)
+                sent += info.rc == mqtt.MQTT_ERR_SUCCESS
+        return sent
 
     @property
     def outstanding(self) -> int:

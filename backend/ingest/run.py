@@ -37,7 +37,9 @@ def build_worker(
         port=mqtt_port or settings.mqtt_port,
         username=settings.mqtt_username,
         password=password if password is not None else settings.mqtt_secret(),
-        client_id=f"ingest-{settings.worker_id}",
+        # The broker makes every client id its username (use_username_as_clientid): the session is
+        # the user's. Saying so here too keeps it the same on a broker without that setting.
+        client_id=settings.mqtt_username,
         session_expiry_s=settings.ingest_session_expiry_s,
         receive_maximum=settings.ingest_receive_maximum,
         use_tls=settings.mqtt_tls,

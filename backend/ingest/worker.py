@@ -256,6 +256,9 @@ class IngestWorker:
                 if self._stop.wait(delay):
                     return  # shutting down: the broker redelivers the unacked batch later
         not_acked = sum(1 for m in batch if not self.mqtt.ack(m))
+        # Only now may the boxes delete these rows from their outboxes: they are committed.
+        self.mqtt.send_receipts(result.receipts)
+        result.receipts = {}  # the totals keep counts, not every seq
         if not_acked:
             log.warning(
                 "ingest: %d committed messages came on an older connection; the broker will "

@@ -96,6 +96,9 @@ class BatchResult:
     alert_errors: int = 0
     seconds: float = 0.0
     lag_seconds: float = 0.0
+    #: Box id -> seqs of its events and telemetry that this batch committed (stored now, already
+    #: stored, or kept as dead letters with a reason): what the boxes' receipts say.
+    receipts: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,11 +220,16 @@ class BatchWriter:
 
     def _write(self, batch: Sequence[Received]) -> BatchResult:
         decoded = self._decode(batch)
+        receipts: dict[str, list[int]] = {}
+        for _, event in decoded.events + decoded.telemetry:  # before the layout check: kept either way
+            receipts.setdefault(event.box_id, []).append(event.seq)
         self._check_layouts(decoded)
         position = {id(msg): i for i, msg in enumerate(batch)}
         decoded.dead.sort(key=lambda item: position[id(item[0])])  # keep arrival order
         self._ensure_partitions(decoded)
-        return self._commit(decoded, len(batch))
+        result = self._commit(decoded, len(batch))
+        result.receipts = receipts
+        return result
 
     def write(self, batch: Sequence[Received]) -> BatchResult:
         """Validate and commit ``batch``.
@@ -613,3 +621,5 @@ def merge_results(total: BatchResult, part: BatchResult) -> None:
         setattr(total, name, getattr(total, name) + getattr(part, name))
     for code, n in part.dead_letter_codes.items():
         total.dead_letter_codes[code] = total.dead_letter_codes.get(code, 0) + n
+    for box_id, seqs in part.receipts.items():
+        total.receipts.setdefault(box_id, []).extend(seqs)

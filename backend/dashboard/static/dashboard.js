@@ -45,6 +45,7 @@
     kpiNote: "loading…",
     geometry: null,
     timer: null,
+    refreshDue: 0, // when the scheduled refresh (state.timer) runs, ms since the epoch
     refreshing: false,
     refreshAgain: false,
     authProblem: null,
@@ -737,9 +738,17 @@
     }
   }
 
+  /** Schedule a refresh in ``ms`` unless one is due sooner: a busy stream (an event every few
+   * milliseconds) must not keep pushing the refresh back, or alerts and details would never update. */
   function refreshSoon(ms) {
+    const due = Date.now() + ms;
+    if (state.timer !== null && state.refreshDue <= due) return;
     clearTimeout(state.timer);
-    state.timer = setTimeout(refresh, ms);
+    state.refreshDue = due;
+    state.timer = setTimeout(() => {
+      state.timer = null;
+      refresh();
+    }, ms);
   }
 
   let streamAbort = null;

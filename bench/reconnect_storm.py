@@ -1,0 +1,220 @@
+"""Reconnect storm: 1,000 live boxes, the broker killed and restarted; how long until every box is
+online again in the API, and how the API answers meanwhile.
+
+Method: Mosquitto with broker_config (its own credentials), one ingest worker process (`molo
+ingest`), the API process (`molo api`), and the 1,000 boxes in one `molo boxes` process (0.01
+events/s per box plus telemetry every 15 s), all on this machine with PostgreSQL. Once every box
+is online in `GET /api/v1/boxes`, the broker gets SIGKILL and is started again 1 s later. From the
+kill on, `GET /api/v1/boxes` is requested open loop at a fixed rate (each request sent on its
+schedule whether or not earlier ones returned; latency measured from the scheduled time), and the
+time from the restart until the API shows every box online with a newer session (it reconnected)
+is taken. Then the boxes stop, and what is stored is checked per box: events and telemetry share a
+box's seq space, so seqs 1..n with no hole mean nothing was lost.
+
+Run: `uv run python bench/reconnect_storm.py [--boxes 1000] [--rate 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from backend.access.keys import Role, create_key
+from backend.migrate import migrate
+from backend.settings import TimescaleMode
+from molo.brokers import free_port, start_mosquitto
+from molo.postgres import create_database, drop_database
+from molo.provision import box_ids, provision
+
+
+def sessions(client: httpx.Client) -> dict[str, int]:
+    """Box id -> session of every box the API shows online."""
+    response = client.get("/api/v1/boxes")
+    response.raise_for_status()  # a 503 under load is an answer too: counted as not yet
+    return {b["box_id"]: int(b["session"]) for b in response.json() if b["online"]}
+
+
+def online_count(client: httpx.Client) -> int:
+    return len(sessions(client))
+
+
+async def open_loop(url: str, headers: dict[str, str], rate: float, seconds: float) -> tuple[list[float], int]:
+    """GET /api/v1/boxes at ``rate`` per second for ``seconds``: latencies (ms) from the schedule, and
+    how many failed (a timeout of 30 s or an error status; their latency counts as measured)."""
+    latencies: list[float] = []
+    failed = 0
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
+
+        async def one(scheduled: float) -> None:
+            nonlocal failed
+            try:
+                response = await client.get("/api/v1/boxes")
+                failed += response.status_code != 200
+            except httpx.HTTPError:
+                failed += 1
+            latencies.append((time.monotonic() - scheduled) * 1000)
+
+        start = time.monotonic()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            scheduled = start + i / rate
+            await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+            tasks.append(asyncio.create_task(one(scheduled)))
+        await asyncio.gather(*tasks)
+    return latencies, failed
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--boxes", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=10.0, help="GET /api/v1/boxes per second during the storm")
+    parser.add_argument("--storm-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    admin = os.environ.get("MOLO_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    url = create_database(admin, "molo_bench_storm")
+    work = Path(tempfile.mkdtemp(prefix="molo-storm-"))
+    ids = box_ids(args.boxes, prefix="stm")
+    creds = provision(work / "creds", ids, service_users=("ingest-1", "api"))
+    broker = start_mosquitto(work / "broker", creds)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        migrate(url, TimescaleMode.OFF)
+        with psycopg.connect(url, autocommit=True) as conn:
+            token = create_key(conn, role=Role.OPERATOR, name="storm").token
+        headers = {"X-API-Key": token}
+        env = {
+            **os.environ,
+            "MOLO_DATABASE_URL": url,
+            "MOLO_MQTT_HOST": broker.host,
+            "MOLO_MQTT_PORT": str(broker.port),
+            "MOLO_CREDENTIALS_FILE": str(creds.path),
+        }
+        cli = [sys.executable, "-m", "molo.cli", "--log-level", "ERROR"]
+        procs["ingest"] = subprocess.Popen([*cli, "ingest"], env={**env, "MOLO_MQTT_USERNAME": "ingest-1"})
+        port = free_port()
+        procs["api"] = subprocess.Popen(
+            [*cli, "api", "--port", str(port)], env={**env, "MOLO_MQTT_USERNAME": "api"}, stdout=subprocess.DEVNULL
+        )
+        api_url = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        procs["boxes"] = subprocess.Popen(
+            [
+                *cli,
+                "boxes",
+                "--count",
+                str(args.boxes),
+                "--prefix",
+                "stm",
+                "--credentials",
+                str(creds.path),
+                "--state-dir",
+                str(work / "state"),
+                "--rate",
+                "0.01",
+            ],
+            env=env,
+        )
+        with httpx.Client(base_url=api_url, headers=headers, timeout=30) as client:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                try:
+                    if online_count(client) == args.boxes:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            first_online = time.monotonic() - started
+            print(f"{args.boxes} boxes online in the API {first_online:.1f} s after `molo boxes` started")
+            memory = {name: rss_mb(p.pid) for name, p in procs.items()}
+            broker_pid = broker.pid
+            assert broker_pid is not None
+            memory["mosquitto"] = rss_mb(broker_pid)
+
+            before = sessions(client)  # every box is online here (checked above)
+            broker.kill()
+            time.sleep(1.0)
+            broker.start()
+            restarted = time.monotonic()
+            loop = asyncio.new_event_loop()
+            future = loop.run_in_executor(
+                None, lambda: asyncio.run(open_loop(api_url, headers, args.rate, args.storm_seconds))
+            )
+            back: float | None = None
+            # Back = online in the API with a newer session than before the crash (a box reconnecting
+            # takes a new session; its old "online" is only stale until the heartbeat timeout).
+            while time.monotonic() - restarted < args.storm_seconds + 120:
+                try:
+                    now = sessions(client)
+                    if sum(1 for b, s in now.items() if s > before.get(b, 0)) == args.boxes:
+                        back = time.monotonic() - restarted
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            latencies, failed = loop.run_until_complete(future)
+            loop.close()
+        procs["boxes"].send_signal(15)
+        procs["boxes"].wait(120)
+        with psycopg.connect(url, autocommit=True) as conn:
+            time.sleep(3)
+            rows = conn.execute(
+                "SELECT box_id, count(*), max(seq) FROM (SELECT box_id, seq FROM events UNION ALL "
+                "SELECT box_id, seq FROM telemetry) s GROUP BY box_id"
+            ).fetchall()
+            state: dict[str, int] = dict(conn.execute("SELECT box_id, last_seq FROM box_state").fetchall())
+        # Events and telemetry share a box's seq space: stored seqs 1..max without a hole = nothing lost.
+        gaps = [b for b, n, top in rows if n != top]
+        print(
+            f"method: SIGKILL of Mosquitto with {args.boxes} boxes online, restart after 1 s; "
+            f"GET /api/v1/boxes open loop at {args.rate:g}/s for {args.storm_seconds:g} s from the restart"
+        )
+        when = f"{back:.1f} s after the restart" if back is not None else "not within the window"
+        print(f"all {args.boxes} boxes online again in the API: {when}")
+        print(
+            f"GET /api/v1/boxes during the storm: n={len(latencies)} p50 {pct(latencies, 50):.0f} ms, "
+            f"p99 {pct(latencies, 99):.0f} ms, max {max(latencies):.0f} ms, failed or timed out (30 s) {failed}"
+        )
+        print(
+            f"events and telemetry stored: {sum(n for _, n, _ in rows)} over {len(rows)} boxes; boxes with a hole "
+            f"in their seqs: {len(gaps)}; boxes whose newest seq is not stored: "
+            f"{sum(1 for b, _, top in rows if state.get(b, top) != top)}"
+        )
+        print("RSS before the storm (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+        return 0
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        broker.stop()
+        drop_database(url, admin)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
