@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,12 @@ _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+?)(?:\.(postgres|timescale))?\.sql$"
 _LOCK_KEY = 0x6D6F6C6F  # "molo"
 Flavour = Literal["postgres", "timescale"]
 log = logging.getLogger(__name__)
+
+
+#: How often a statement of a no-transaction file is tried when it loses a race with a concurrent
+#: transaction (see :func:`_execute_retrying`), and the first pause between tries (doubling).
+STATEMENT_TRIES = 6
+RETRY_PAUSE_S = 0.05
 
 
 class MigrationError(RuntimeError):
@@ -246,10 +253,35 @@ def _apply(
     if script.startswith("-- molo:no-transaction"):
         conn.execute("SELECT set_config('molo.flavour', %s, false)", (flavour,))
         for statement in split_statements(script):
-            conn.execute(sql.SQL(statement))  # trusted file from the repo
+            _execute_retrying(conn, statement, path.name)
         conn.execute(record)
         return
     with conn.transaction():
         conn.execute("SELECT set_config('molo.flavour', %s, true)", (flavour,))
         conn.execute(sql.SQL(script))
         conn.execute(record)
+
+
+def _transient(exc: psycopg.Error) -> bool:
+    """A race with a concurrent transaction that the same statement wins when tried again: deadlock,
+    serialization failure, or a catalogue row changed under it ("tuple concurrently updated" or
+    "deleted", SQLSTATE XX000: e.g. TimescaleDB's scheduler running a policy of the aggregate that
+    0008 drops, seconds after 0004 made it on a fresh database)."""
+    if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure):
+        return True
+    return isinstance(exc, psycopg.errors.InternalError_) and "concurrently" in str(exc)
+
+
+def _execute_retrying(conn: psycopg.Connection[tuple[object, ...]], statement: str, file: str) -> None:
+    """One statement of a no-transaction file, tried again when it loses a race (it runs in its own
+    transaction and rolls back whole, and every such statement is written to be repeatable)."""
+    for attempt in range(1, STATEMENT_TRIES + 1):
+        try:
+            conn.execute(sql.SQL(statement))  # trusted file from the repo
+            return
+        except psycopg.Error as exc:
+            if attempt == STATEMENT_TRIES or not _transient(exc):
+                raise
+            pause = RETRY_PAUSE_S * 2 ** (attempt - 1)
+            log.warning("%s: %s; trying the statement again in %.2f s", file, str(exc).splitlines()[0], pause)
+            time.sleep(pause)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -202,3 +204,60 @@ def test_migrate_can_register_where_the_boxes_stand(blank_database: str, capsys:
     with psycopg.connect(blank_database) as conn:
         rows = conn.execute("SELECT count(*), count(latitude), count(name) FROM boxes").fetchone()
     assert rows == (50, 50, 50)
+
+
+@pytest.mark.timescale
+def test_timescale_upgrade_survives_the_policy_running_meanwhile(timescale_admin_url: str, tmp_path: Path) -> None:
+    """Upgrading past 0008 while TimescaleDB runs activity_daily's refresh policy (as its scheduler does
+    on a fresh database, seconds after 0004 made the policy): the catalogue race it can lose ("tuple
+    concurrently deleted" on the DROP of the aggregate) is retried, and the upgrade completes with the
+    events counted once. Caused here by running the job in a loop on a second connection."""
+    for migration in discover():
+        if migration.version < 8:
+            for variant in migration.variants.values():
+                (tmp_path / variant.name).write_text(variant.read_text())
+    for _ in range(5):  # the race is lost about every second time without the retry
+        _upgrade_while_the_policy_runs(timescale_admin_url, tmp_path)
+
+
+def _upgrade_while_the_policy_runs(timescale_admin_url: str, tmp_path: Path) -> None:
+    url = create_database(timescale_admin_url, "molo_ts_race")
+    try:
+        migrate(url, TimescaleMode.ON, directory=tmp_path)  # up to 0007: activity_daily is an aggregate
+        with psycopg.connect(url, autocommit=True) as conn:
+            _insert_two_events(conn)
+            job = conn.execute(
+                "SELECT job_id FROM timescaledb_information.jobs WHERE hypertable_name = 'activity_daily'"
+                " AND proc_name = 'policy_refresh_continuous_aggregate'"
+            ).fetchone()
+        assert job is not None
+        stop = threading.Event()
+        runs: list[str] = []
+
+        def run_the_policy() -> None:
+            with psycopg.connect(url, autocommit=True) as conn:
+                while not stop.is_set():
+                    try:
+                        conn.execute("CALL run_job(%s)", job)
+                        runs.append("ok")
+                    except psycopg.Error as exc:  # once 0008 has dropped the aggregate, its job is gone
+                        runs.append(type(exc).__name__)
+                        stop.wait(0.01)
+
+        runner = threading.Thread(target=run_the_policy, daemon=True)
+        runner.start()
+        try:
+            while "ok" not in runs:
+                time.sleep(0.01)
+            report = migrate(url, TimescaleMode.ON)
+        finally:
+            stop.set()
+            runner.join(10)
+        assert report.applied == [m.version for m in discover() if m.version >= 8]
+        with psycopg.connect(url) as conn:
+            kind = conn.execute("SELECT relkind FROM pg_class WHERE relname = 'activity_daily'").fetchone()
+            assert kind == ("r",)  # the rollup table now, not the aggregate's view
+            total = conn.execute("SELECT sum(events) FROM activity_daily WHERE type = 'waste.deposited'").fetchone()
+            assert total == (2,)
+    finally:
+        drop_database(url, timescale_admin_url)
