@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from simulator.executors import dask_executor
-from simulator.experiment import Job, load_experiment, replication_seed, run_experiment, run_replication
+from simulator.experiment import load_experiment, run_experiment, run_replication
 
 LEVELS = {"demand.locker_share": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5],
           "waste.ready_share": [0.3, 0.5, 0.7, 0.9]}  # fmt: skip
@@ -62,11 +62,7 @@ def main() -> int:
     path = work / "bench.toml"
     path.write_text(experiment_text(args.points, args.reps, args.days))
     plan = load_experiment(path)
-    jobs = [
-        Job(p.name, r, replication_seed(plan.spec.seed, r), p.scenario, plan.network, 0.0, plan.spec.metrics, ())
-        for p in plan.points
-        for r in range(1, args.reps + 1)
-    ]
+    jobs = [plan.job(p, r) for p in plan.points for r in range(1, args.reps + 1)]  # what the runner runs
     print(f"method: {len(plan.points)} points x {args.reps} replications x {args.days:g} days of 50 boxes "
           f"= {len(jobs)} runs; machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     started = time.perf_counter()

@@ -48,12 +48,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accounting import Method, apply_overrides, assess, summarize
+from accounting.method import CATEGORIES, METRICS
 from accounting.overrides import set_dotted
 from contract.domain import Compartment, CompartmentKind, SizeClass
 from simulator.impact import ImpactSink, geography_of, method_for
 from simulator.network import Network, build_layout
 from simulator.params import DEFAULT_SCENARIO, SCENARIO_DIR, Scenario
-from simulator.run import network_for, run_batch
+from simulator.run import EVENT_KINDS, network_for, run_batch
 from simulator.stats import Interval, mean_interval, paired_difference, welch_difference
 
 __all__ = [
@@ -226,6 +227,13 @@ class Plan:
     def network_of(self, point: Point) -> Network:
         """The network ``point`` runs on."""
         return self.networks.get(point.network_key, self.network)
+
+    def job(self, point: Point, replication: int) -> Job:
+        """Replication ``replication`` (from 1) of ``point``, as a worker runs it."""
+        return Job(
+            point.name, replication, replication_seed(self.spec.seed, replication), point.scenario,
+            self.network_of(point), self.spec.warmup_days, self.spec.metrics, (*self.spec.method, *point.method),
+        )  # fmt: skip
 
     @property
     def baseline(self) -> str:
@@ -418,7 +426,48 @@ def plan_experiment(spec: ExperimentSpec, *, path: Path | None = None, source: s
     for p in points:
         if p.network_key not in networks:
             networks[p.network_key] = _with_layout(bare[p.network_key], p.layout, path, source, p.name)
-    return Plan(spec, points, networks[points[0].network_key], source, path, networks)
+    first = points[0]
+    _check_metrics(spec.metrics, first.scenario, networks[first.network_key], path, source)
+    return Plan(spec, points, networks[first.network_key], source, path, networks)
+
+
+def _numeric_leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _numeric_leaves(value, f"{prefix}{key}.")
+        elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+            yield f"{prefix}{key}"
+
+
+def metric_names(scenario: Scenario, network: Network) -> dict[str, list[str]]:
+    """The names each ``[metrics]`` list accepts (besides ``a/b`` ratios of them): the run summary's
+    numeric fields, read from a one-hour run of ``scenario`` (its shape does not depend on the
+    horizon), and the method's totals and per-category figures (``per_box`` takes the totals)."""
+    probe = scenario.model_copy(update={"simulation": scenario.simulation.model_copy(update={"days": 1 / 24})})
+    seen = _numeric_leaves(run_batch(probe, network=network).summary)
+    summary = sorted({*seen, *(f"events.{kind}" for kind in EVENT_KINDS)})
+    totals = [f"{s}.{m}" for s in IMPACT_SCENARIOS for m in METRICS]
+    impact = [*totals, *(f"{c}.{t}" for c in CATEGORIES for t in totals)]
+    return {"summary": summary, "impact": impact, "per_box": totals}
+
+
+def _check_metrics(metrics: Metrics, scenario: Scenario, network: Network, path: Path | None, source: str) -> None:
+    """Every named metric exists, so a typo fails at planning, not after the first replication."""
+    allowed = metric_names(scenario, network)
+    targets = {"summary": metrics.summary, "impact": metrics.impact, "per_box": metrics.per_box}
+    for kind, names in targets.items():
+        known = set(allowed[kind])
+        for name in names:
+            for part in (p.strip() for p in name.split("/", 1)):
+                if part in known:
+                    continue
+                close = difflib.get_close_matches(part, allowed[kind], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                examples = ", ".join(allowed[kind][:4])
+                raise ExperimentError(
+                    f"{_where(path, source, name)}: {part!r} is not one of the [metrics] {kind} names; {hint}"
+                    f"({len(known)} names, e.g. {examples}; docs/experiments.md lists them)"
+                )
 
 
 def _point_method(
@@ -555,11 +604,19 @@ class Job:
 
 
 def _lookup(tree: Any, dotted: str) -> float:
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
+    """The number at ``dotted``; keys may hold dots themselves (``events.parcel.collected``), and an
+    event kind the run never recorded counts 0."""
+    node, rest = tree, dotted
+    while True:
+        if isinstance(node, Mapping) and rest in node:
+            node = node[rest]
+            break
+        head, dot, tail = rest.partition(".")
+        if isinstance(node, Mapping) and node is tree.get("events") and rest in EVENT_KINDS:
+            return 0.0
+        if not dot or not isinstance(node, Mapping) or head not in node:
             raise KeyError(dotted)
-        node = node[part]
+        node, rest = node[head], tail
     if node is None:
         return float("nan")
     if isinstance(node, bool) or not isinstance(node, int | float):
@@ -763,10 +820,7 @@ def run_experiment(
             if max_jobs is not None:
                 todo = todo[: max(0, max_jobs - outcome.ran - len(pending))]
             for point, rep in todo:
-                job = Job(
-                    point.name, rep, replication_seed(plan.spec.seed, rep), point.scenario, plan.network_of(point),
-                    plan.spec.warmup_days, plan.spec.metrics, (*plan.spec.method, *point.method),
-                )  # fmt: skip
+                job = plan.job(point, rep)
                 if executor is None:
                     result, busy = _timed(job)
                     _store(out, timings, result, busy, results, outcome)

@@ -81,6 +81,15 @@ def _r(x: float) -> float:
     return float(f"{x:.6g}")
 
 
+#: Every kind the summary's ``events`` table can count (it lists those that happened at least once).
+EVENT_KINDS: tuple[str, ...] = (
+    "box.offline", "box.online", "compartment.fault", "compartment.restored", "parcel.collected",
+    "parcel.deposited", "parcel.dropped_off", "parcel.expired", "parcel.picked_up", "parcel.redirected",
+    "parcel.refused", "parcel.returned_to_depot", "van.trip", "waste.collected", "waste.deposited",
+    "waste.refused",
+)  # fmt: skip
+
+
 def summarize(world: World, since: float = 0.0) -> dict[str, Any]:
     """KPIs of a finished run (rounded to 6 significant digits, so summaries compare exactly), counted
     from simulated time ``since`` (the end of a warm-up) to the horizon."""
@@ -107,7 +116,7 @@ def summarize(world: World, since: float = 0.0) -> dict[str, Any]:
             # pickup windows that ran out; the parcels go back with the carrier's next van
             "window_ran_out": int(c.get("parcels_expired", 0)),
             "taken_back": int(c.get("parcel.expired", 0)),
-            "turned_away": int(c.get("parcels_turned_away", 0)),
+            "turned_away": int(c.get("parcels_turned_away", 0)),  # validation mode: a full box refuses
             "redirected": int(c.get("parcel.redirected", 0)),
             "returned_to_depot": int(c.get("parcel.returned_to_depot", 0)),
             "mean_dwell_h": _r(c.get("dwell_h_sum", 0.0) / collected) if collected else None,

@@ -36,6 +36,7 @@ from simulator.experiment import (
 )
 from simulator.network import Box, FjordSide, Network, build_layout
 from simulator.params import Scenario
+from simulator.run import EVENT_KINDS
 from simulator.stats import batch_means, mean_interval, paired_difference, welch_difference
 from tests.test_sim_validation import erlang_b
 
@@ -142,6 +143,10 @@ def test_a_factor_may_change_one_carriers_field(tmp_path: Path) -> None:
         (("[replications]\nn = 2", "[replications]\nn = 2\nrepeats = 3"), "unknown setting 'replications.repeats'"),
         (('baseline = "base"', 'baseline = "nope"'), "baseline 'nope' is not a design point"),
         (('"network.boxes" = 4', '"network.boxes" = -1'), "network.boxes"),
+        (('summary = ["parcels.collected"', 'summary = ["parcels.colected"'), "did you mean 'parcels.collected'"),
+        (("parcels.turned_away/parcels.arrived", "parcels.turned_away/parcels.arived"), "'parcels.arived'"),
+        (('impact = ["avoided.kg_co2e_wtw"]', 'impact = ["avoided.co2"]'), "'avoided.co2' is not one of the"),
+        (('per_box = ["avoided.kg_co2e_wtw"]', 'per_box = ["parcel_delivery.avoided.trips"]'), "per_box names"),
     ],
 )
 def test_bad_experiment_files_get_one_clear_line(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
@@ -163,6 +168,24 @@ def test_bad_experiment_files_get_one_clear_line(tmp_path: Path, change: tuple[s
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"molo experiment: {path}"), done.stderr
+
+
+def test_event_counts_are_metrics_and_an_event_that_never_happened_counts_zero(tmp_path: Path) -> None:
+    """``events.<kind>`` reads the summary's events table (kinds hold dots themselves); a kind the run
+    never recorded is 0, not an error; every kind a run records is one the planner accepts."""
+    text = SMALL.format(n=1).replace(
+        'summary = ["parcels.collected", "parcels.turned_away/parcels.arrived"]',
+        'summary = ["events.parcel.collected", "events.waste.refused", "parcels.collected"]',
+    )
+    plan = load_experiment(write(tmp_path, text))
+    out = tmp_path / "out"
+    run_experiment(plan, out, workers=1)
+    result = json.loads(next((out / "runs").glob("base/*.json")).read_text())
+    metrics = result["metrics"]
+    assert metrics["events.parcel.collected"] == metrics["parcels.collected"] > 0
+    assert metrics["events.waste.refused"] == 0.0  # 4 boxes, 18 counted days: no red box fills up
+    recorded = json.loads((ROOT / "tests" / "golden" / "aalborg_14d.json").read_text())["events"]
+    assert set(recorded) <= set(EVENT_KINDS)
 
 
 def test_missing_experiment_file_is_one_line(tmp_path: Path) -> None:
