@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 import random
 from collections.abc import Callable, Generator, Iterator
@@ -33,6 +34,8 @@ YEAR = 365.0 * DAY
 SIZES = (SizeClass.A, SizeClass.B, SizeClass.C)
 ProcessGen = Generator[simpy.Event, Any, None]
 MAX_DEPOSIT_KG = 10.0  # the contract's limit for one waste deposit
+#: Pairs of points whose road km a world remembers (about 100 bytes each) before it starts afresh.
+KM_CACHE_MAX = 1_000_000
 
 
 class Sink(Protocol):
@@ -73,8 +76,22 @@ def poisson(rng: random.Random, lam: float) -> int:
     return k
 
 
-def pick(rng: random.Random, weights: dict[Any, float]) -> Any:
+class Weights:
+    """A fixed discrete distribution over keys (stable order), its cumulative weights summed once.
+    ``rng.choices`` with these cumulative weights draws exactly what it draws from the plain weights
+    (it sums them the same way itself), so using this changes no result, only the time per draw."""
+
+    __slots__ = ("cumulative", "keys")
+
+    def __init__(self, weights: dict[Any, float]) -> None:
+        self.keys = list(weights)
+        self.cumulative = list(itertools.accumulate(weights[k] for k in self.keys))
+
+
+def pick(rng: random.Random, weights: dict[Any, float] | Weights) -> Any:
     """A key of ``weights`` drawn with probability proportional to its weight (stable order)."""
+    if isinstance(weights, Weights):
+        return rng.choices(weights.keys, cum_weights=weights.cumulative)[0]
     keys = list(weights)
     return rng.choices(keys, weights=[weights[k] for k in keys])[0]
 
@@ -143,6 +160,11 @@ class World:
         self.boxes = [self._box_state(i, box) for i, box in enumerate(network.boxes)]
         self._parcel_no = 0
         self._road_factor = scenario.network.road_factor
+        #: Road km between two points, by their coordinates: the same few thousand legs recur all year.
+        self._km_cache: dict[tuple[float, float, float, float], float] = {}
+        self._sizes = Weights({k: v for k, v in scenario.demand.size_mix.items() if v > 0})
+        self._carrier_shares = Weights({n: c.share for n, c in scenario.delivery.carriers.items()} or {"direct": 1.0})
+        self._fraction_shares = Weights({k: v.share for k, v in scenario.waste.fractions.items()})
         p = scenario
         start = p.simulation.start
         self._start_weekday = start.weekday()
@@ -290,8 +312,7 @@ class World:
     def _poisson_deliveries(self, b: BoxState, rate: float) -> ProcessGen:
         """Validation mode: parcels arrive one by one (Poisson); a full box turns them away."""
         rng = self.rng("poisson", b.index)
-        carriers = {n: c.share for n, c in self.scenario.delivery.carriers.items()} or {"direct": 1.0}
-        sizes = {k: v for k, v in self.scenario.demand.size_mix.items() if v > 0}
+        carriers, sizes = self._carrier_shares, self._sizes
         if rate <= 0:
             return
         while True:
@@ -330,8 +351,7 @@ class World:
         return int(self._since_monday(self.env.now if t is None else t) // DAY) % 7
 
     def _send(self, b: BoxState, rng: random.Random) -> None:
-        sizes = {k: v for k, v in self.scenario.demand.size_mix.items() if v > 0}
-        carriers = {n: c.share for n, c in self.scenario.delivery.carriers.items()} or {"direct": 1.0}
+        sizes, carriers = self._sizes, self._carrier_shares
         parcel = Parcel(self._next_parcel_id("S"), pick(rng, sizes), pick(rng, carriers), b.index, sending=True)
         if not self._place(b, parcel):
             self._note(
@@ -357,7 +377,7 @@ class World:
 
     def _deposit_waste(self, b: BoxState, rng: random.Random) -> None:
         fractions = self.scenario.waste.fractions
-        fraction = pick(rng, {k: v.share for k, v in fractions.items()})
+        fraction = pick(rng, self._fraction_shares)
         weight = round(min(MAX_DEPOSIT_KG, max(0.01, sampler(fractions[fraction].weight_kg, rng)())), 3)
         doors = sorted(b.red, key=lambda d: (b.red[d], d))  # emptiest first
         door = next((d for d in doors if b.red[d] + weight <= b.red_capacity[d]), None)
@@ -427,7 +447,7 @@ class World:
     def _carrier_rounds(self, name: str, carrier: Carrier) -> ProcessGen:
         depot = self.network.depots[carrier.depot]
         rng = self.rng(f"demand:{name}")
-        sizes = {k: v for k, v in self.scenario.demand.size_mix.items() if v > 0}
+        sizes = self._sizes
         d = self.scenario.demand
         rates = [
             b.box.households * d.parcels_per_household_year * d.locker_share * carrier.share / YEAR for b in self.boxes
@@ -537,8 +557,15 @@ class World:
         return order
 
     def _km(self, here: tuple[float, float], box: Box | Site) -> float:
-        """Road km: straight line times the road factor (scenario.network.road_factor)."""
-        return haversine_km(here[0], here[1], box.lat, box.lon) * self._road_factor
+        """Road km: straight line times the road factor (scenario.network.road_factor); remembered
+        per pair of points (up to a bound, then forgotten and remembered anew)."""
+        key = (here[0], here[1], box.lat, box.lon)
+        km = self._km_cache.get(key)
+        if km is None:
+            if len(self._km_cache) >= KM_CACHE_MAX:
+                self._km_cache.clear()
+            km = self._km_cache[key] = haversine_km(here[0], here[1], box.lat, box.lon) * self._road_factor
+        return km
 
     def _van_trip(
         self, name: str, carrier: Carrier, van_no: int, depot: Site, stops: list[int], parcels: list[Parcel]
