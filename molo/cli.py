@@ -176,10 +176,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     sink = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "params.json").write_text(dump(scenario))
-        path = out / f"trace.{args.format}"
-        sink = (ParquetSink if args.format == "parquet" else FileSink)(path, scenario.simulation.start)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "params.json").write_text(dump(scenario))
+            path = out / f"trace.{args.format}"
+            sink = (ParquetSink if args.format == "parquet" else FileSink)(path, scenario.simulation.start)
+        except OSError as exc:
+            return _unwritable("simulate", out, exc)
     try:
         result = run_batch(scenario, sink)
     finally:
@@ -240,8 +243,11 @@ def cmd_impact(args: argparse.Namespace) -> int:
         records = list(records)
     out = Path(args.out) if args.out else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "params.json").write_text(dump(scenario))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "params.json").write_text(dump(scenario))
+        except OSError as exc:
+            return _unwritable("impact", out, exc)
     if args.sensitivity:
         rows = sensitivity(scenario, method, records=records)
         table = sensitivity_markdown(rows)
@@ -260,6 +266,13 @@ def cmd_impact(args: argparse.Namespace) -> int:
         (out / "impact.csv").write_text(to_csv(result))
         print(f"# results in {out}/ (impact.json, impact.csv, params.json)", file=sys.stderr)
     return 0
+
+
+def _unwritable(command: str, out: Path, exc: OSError) -> int:
+    """One line for an --out folder that cannot be written (exit code 2)."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+    print(f"molo {command}: cannot write results to --out {out}: {exc.strerror or exc}{where}", file=sys.stderr)
+    return 2
 
 
 def _saved_run(run: Path) -> tuple[Any, Any]:

@@ -53,7 +53,7 @@ from accounting.overrides import set_dotted
 from contract.domain import Compartment, CompartmentKind, SizeClass
 from simulator.impact import ImpactSink, geography_of, method_for
 from simulator.network import Network, build_layout
-from simulator.params import DEFAULT_SCENARIO, SCENARIO_DIR, Scenario
+from simulator.params import DEFAULT_SCENARIO, SCENARIO_DIR, Scenario, first_error, unknown_parameter
 from simulator.run import EVENT_KINDS, network_for, run_batch
 from simulator.stats import Interval, mean_interval, paired_difference, welch_difference
 
@@ -282,14 +282,6 @@ def _where(path: Path | None, source: str, needle: str | None) -> str:
     return f"{name}:{line}" if line else name
 
 
-def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        yield dotted
-        if isinstance(value, Mapping):
-            yield from _dotted_keys(value, dotted + ".")
-
-
 def _scenario_data(spec: ExperimentSpec, base_dir: Path) -> dict[str, Any]:
     if spec.scenario is None:
         path = DEFAULT_SCENARIO
@@ -310,26 +302,16 @@ def _scenario_data(spec: ExperimentSpec, base_dir: Path) -> dict[str, Any]:
 
 
 def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        return f"{loc}: {err['msg']}" if loc else str(err["msg"])
-    return str(exc)
+    return first_error(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
 def _resolve_point(
     base: dict[str, Any], overrides: Mapping[str, Any], plan_path: Path | None, source: str, name: str
 ) -> Scenario:
-    known = set(_dotted_keys(base))
     data = json.loads(json.dumps(base))
     for key, value in overrides.items():
-        if key not in known and not _extends_known_table(key, base):
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ExperimentError(
-                f"{_where(plan_path, source, key)}: {key!r} is not a parameter of the model{hint} "
-                f"(parameters: simulator/params.py; e.g. network.boxes, demand.locker_share)"
-            )
+        if problem := unknown_parameter(key, base):
+            raise ExperimentError(f"{_where(plan_path, source, key)}: {problem}")
         try:
             set_dotted(data, key, value)
         except ValueError as exc:
@@ -343,17 +325,6 @@ def _resolve_point(
         what = f"{loc}: {err['msg']}" if loc else str(err["msg"])
         given = f" (given {err['input']!r})" if loc and "input" in err and not isinstance(err["input"], dict) else ""
         raise ExperimentError(f"{_where(plan_path, source, needle)}: point {name!r}: {what}{given}") from None
-
-
-def _extends_known_table(key: str, base: Mapping[str, Any]) -> bool:
-    """A new entry of an open table (a new carrier, say): its parent exists and is a table."""
-    parent, _, _ = key.rpartition(".")
-    node: Any = base
-    for part in parent.split(".") if parent else []:
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return isinstance(node, Mapping) and bool(parent) and all(isinstance(v, Mapping) for v in node.values())
 
 
 def _design_points(design: Design, seed: int) -> list[tuple[str, dict[str, Any]]]:

@@ -8,13 +8,15 @@ validated parameter set, which a run saves next to its results. Defaults come fr
 
 from __future__ import annotations
 
+import difflib
 import json
 import tomllib
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accounting.overrides import parse_override, set_dotted
 from contract import SizeClass, WasteFraction
@@ -232,13 +234,86 @@ class Scenario(Params):
         return self
 
 
+class ScenarioError(ValueError):
+    """A user error in a scenario file or a ``--set``: one line saying what, where and what is allowed."""
+
+
+def first_error(exc: ValidationError) -> str:
+    """pydantic's first error as one line: ``field.path: message (given value)``, no help URL."""
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    given = err.get("input")
+    shown = f" (given {given!r})" if loc and "input" in err and not isinstance(given, dict | list) else ""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg}{shown}" if loc else msg
+
+
+def dotted_keys(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """Every key path of a nested mapping, tables included (``delivery``, ``delivery.carriers``, ...)."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        yield dotted
+        if isinstance(value, Mapping):
+            yield from dotted_keys(value, dotted + ".")
+
+
+def extends_known_table(key: str, base: Mapping[str, Any]) -> bool:
+    """A new entry of an open table (a new carrier, say): its parent exists and holds only tables."""
+    parent, _, _ = key.rpartition(".")
+    node: Any = base
+    for part in parent.split(".") if parent else []:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, Mapping) and bool(parent) and all(isinstance(v, Mapping) for v in node.values())
+
+
+def unknown_parameter(key: str, base: Mapping[str, Any]) -> str | None:
+    """Why ``key`` cannot be set on the resolved scenario ``base`` (with the nearest parameter), or None."""
+    known = sorted(dotted_keys(base))
+    if key in known or extends_known_table(key, base):
+        return None
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{key!r} is not a parameter of the model{hint} (parameters: simulator/params.py, docs/simulator.md)"
+
+
 def resolve(path: Path | None = None, overrides: list[str] | None = None) -> Scenario:
-    """The scenario in ``path`` (default: the bundled Aalborg one) with ``overrides`` applied."""
-    data: dict[str, Any] = tomllib.loads((path or DEFAULT_SCENARIO).read_text())
+    """The scenario in ``path`` (default: the bundled Aalborg one) with ``overrides`` applied.
+
+    The file is validated first and the overrides apply to its fully resolved parameters, so one
+    field of a table (say one carrier's van capacity) can change without restating the others.
+    :class:`ScenarioError` (one line) for a missing or invalid file, an unknown key (with the
+    nearest parameter) or a value out of range."""
+    path = path or DEFAULT_SCENARIO
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        bundled = ", ".join(sorted(f.name for f in SCENARIO_DIR.glob("*.toml")))
+        raise ScenarioError(f"scenario file {path} not found (bundled in simulator/scenarios/: {bundled})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"scenario file {path} cannot be read: {exc}") from None
+    try:
+        base = Scenario.model_validate(tomllib.loads(text)).model_dump(mode="json")
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise ScenarioError(f"{path}: {first_error(exc)}") from None
     for item in overrides or []:
-        key, value = parse_override(item)
-        set_dotted(data, key, value)
-    return Scenario.model_validate(data)
+        try:
+            key, value = parse_override(item)
+            problem = unknown_parameter(key, base)
+            if problem:
+                raise ScenarioError(f"--set {item}: {problem}")
+            set_dotted(base, key, value)
+        except ScenarioError:
+            raise
+        except ValueError as exc:
+            raise ScenarioError(f"--set {item}: {exc}") from None
+    try:
+        return Scenario.model_validate(base)
+    except ValidationError as exc:
+        raise ScenarioError(f"--set: {first_error(exc)}") from None
 
 
 def dump(scenario: Scenario) -> str:

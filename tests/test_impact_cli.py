@@ -67,3 +67,43 @@ def test_bad_method_parameters_are_refused(capsys: pytest.CaptureFixture[str]) -
     """An unknown or out-of-range method parameter exits 2 with the reason."""
     assert main(["impact", "--days", "1", "--method-set", "residents.box_car_share=3"]) == 2
     assert "box_car_share" in capsys.readouterr().err
+
+
+SCENARIO_MISTAKES = [
+    (["--scenario", "missing.toml"], "scenario file missing.toml not found (bundled in simulator/scenarios/"),
+    (["--set", "demand.lockr_share=0.2"], "did you mean 'demand.locker_share'?"),
+    (["--set", "demand.locker_share=7"], "demand.locker_share: Input should be less than or equal to 1 (given 7)"),
+    (["--set", "delivery.carriers.gls.share=0.9"], "carrier shares must sum to 1, not 1.7"),
+    (["--set", "novalue"], "override 'novalue' is not key.path=value"),
+    (["--out", "/proc/molo-nope"], "cannot write results to --out /proc/molo-nope: No such file or directory"),
+]
+
+
+@pytest.mark.parametrize("command", ["simulate", "impact"])
+@pytest.mark.parametrize(("flags", "expected"), SCENARIO_MISTAKES)
+def test_user_errors_are_one_line_and_exit_2(
+    command: str, flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing scenario file, an unknown or out-of-range --set, a malformed override and an --out
+    that cannot be written: exit code 2 and one line on stderr naming it (no traceback, no pydantic
+    help URL)."""
+    assert main([command, "--days", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"molo {command}: "), err
+    assert err.count("\n") == 1, err
+    assert expected in err, err
+    assert "errors.pydantic.dev" not in err
+
+
+def test_set_changes_one_carriers_field_and_keeps_the_others() -> None:
+    """`--set delivery.carriers.gls.van_capacity=150` (the example in aalborg.toml) merges into that
+    carrier: its share, depot and schedule stay as the file has them, and so do the other carriers."""
+    base = resolve()
+    changed = resolve(overrides=["delivery.carriers.gls.van_capacity=150"])
+    assert changed.delivery.carriers["gls"].van_capacity == 150
+    assert changed.delivery.carriers["gls"].model_copy(update={"van_capacity": 0}) == base.delivery.carriers[
+        "gls"
+    ].model_copy(update={"van_capacity": 0})
+    assert {k: v for k, v in changed.delivery.carriers.items() if k != "gls"} == {
+        k: v for k, v in base.delivery.carriers.items() if k != "gls"
+    }
