@@ -430,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run a what-if simulation in batch (simulated time)")
     p.add_argument("--scenario", default=None, help="scenario TOML (default: the bundled Aalborg one)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--days", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="master random seed (default: the scenario's, 1)")
+    p.add_argument("--days", type=float, default=None, help="simulated days (default: the scenario's, 365)")
     p.add_argument("--out", default=None, help="directory for params.json, summary.json and the trace")
     p.add_argument(
         "--format", choices=["csv", "jsonl", "parquet"], default="csv", help="trace file format (default csv)"
@@ -449,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("impact", help="avoided trips and CO2 of a simulated run (docs/methodology.md)")
     p.add_argument("--scenario", default=None, help="scenario TOML (default: the bundled Aalborg one)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario parameter")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--days", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="master random seed (default: the scenario's, 1)")
+    p.add_argument("--days", type=float, default=None, help="simulated days (default: the scenario's, 365)")
     p.add_argument("--method-set", action="append", metavar="KEY=VALUE", help="override a method parameter")
     p.add_argument("--allocation", choices=["load_distance", "marginal"], default=None)
     p.add_argument("--waste-baseline", choices=["resident_trips", "dedicated_round", "mixed"], default=None)
