@@ -20,7 +20,7 @@ import math
 import random
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import simpy
 
@@ -32,6 +32,8 @@ HOUR = 3600.0
 DAY = 24 * HOUR
 YEAR = 365.0 * DAY
 SIZES = (SizeClass.A, SizeClass.B, SizeClass.C)
+#: The door sizes a parcel of each size fits, smallest first.
+FITS = {size: SIZES[i:] for i, size in enumerate(SIZES)}
 ProcessGen = Generator[simpy.Event, Any, None]
 MAX_DEPOSIT_KG = 10.0  # the contract's limit for one waste deposit
 #: Pairs of points whose road km a world remembers (about 100 bytes each) before it starts afresh.
@@ -76,22 +78,35 @@ def poisson(rng: random.Random, lam: float) -> int:
     return k
 
 
+def _place_in_load(item: tuple[int, Parcel]) -> int:
+    return item[0]
+
+
 class Weights:
     """A fixed discrete distribution over keys (stable order), its cumulative weights summed once.
-    ``rng.choices`` with these cumulative weights draws exactly what it draws from the plain weights
-    (it sums them the same way itself), so using this changes no result, only the time per draw."""
 
-    __slots__ = ("cumulative", "keys")
+    :meth:`draw` is ``rng.choices(keys, weights)[0]`` without the per-call set-up: ``choices`` sums the
+    weights with ``itertools.accumulate`` and takes ``keys[bisect(cumulative, random() * total, 0,
+    n - 1)]``, and so does this, so it consumes the same random number and returns the same key."""
+
+    __slots__ = ("cumulative", "keys", "last", "total")
 
     def __init__(self, weights: dict[Any, float]) -> None:
         self.keys = list(weights)
         self.cumulative = list(itertools.accumulate(weights[k] for k in self.keys))
+        self.total = self.cumulative[-1] + 0.0
+        if not 0.0 < self.total < math.inf:
+            raise ValueError(f"weights must have a positive, finite total: {weights}")
+        self.last = len(self.keys) - 1
+
+    def draw(self, rng: random.Random) -> Any:
+        return self.keys[bisect.bisect(self.cumulative, rng.random() * self.total, 0, self.last)]
 
 
 def pick(rng: random.Random, weights: dict[Any, float] | Weights) -> Any:
     """A key of ``weights`` drawn with probability proportional to its weight (stable order)."""
     if isinstance(weights, Weights):
-        return rng.choices(weights.keys, cum_weights=weights.cumulative)[0]
+        return weights.draw(rng)
     keys = list(weights)
     return rng.choices(keys, weights=[weights[k] for k in keys])[0]
 
@@ -157,11 +172,17 @@ class World:
         self.seed = scenario.simulation.seed
         self.horizon = scenario.simulation.days * DAY
         self.counters = Counters()
+        self.records = 0  # records sent to the sink
         self.boxes = [self._box_state(i, box) for i, box in enumerate(network.boxes)]
         self._parcel_no = 0
         self._road_factor = scenario.network.road_factor
         #: Road km between two points, by their coordinates: the same few thousand legs recur all year.
         self._km_cache: dict[tuple[float, float, float, float], float] = {}
+        self._box_of = [b.box for b in self.boxes]  # by index
+        self._lon_rad = [math.radians(box.lon) for box in self._box_of]
+        self._by_lat = sorted((math.radians(box.lat), i) for i, box in enumerate(self._box_of))
+        points: list[Box | Site] = [*network.boxes, *network.depots.values()]
+        self._cos_max_lat = math.cos(math.radians(max(abs(point.lat) for point in points)))
         self._sizes = Weights({k: v for k, v in scenario.demand.size_mix.items() if v > 0})
         self._carrier_shares = Weights({n: c.share for n, c in scenario.delivery.carriers.items()} or {"direct": 1.0})
         self._fraction_shares = Weights({k: v.share for k, v in scenario.waste.fractions.items()})
@@ -176,6 +197,8 @@ class World:
         self._hour_accept = [h / peak for h in hours]
         self._hour_mean = sum(hours) / 24 / peak  # mean acceptance of the thinning
         self._dwell = [sampler(p.pickup.dwell_h, self.rng("dwell", b.index)) for b in self.boxes]
+        self._window = p.pickup.window_h * HOUR
+        self._vans = p.delivery.mode == "rounds"
         self._backlog: dict[str, list[Parcel]] = {name: [] for name in p.delivery.carriers}
         self._claimed: set[tuple[int, int]] = set()  # red boxes a dedicated trip is on its way to
         self._start_processes()
@@ -226,17 +249,23 @@ class World:
     # ------------------------------------------------------------------ records
 
     def _event(self, b: BoxState, kind: str, **data: Any) -> None:
-        self.sink.record(self.env.now, b.box.id, kind, data)
-        self.counters.add(kind)
+        """A box event (the contract's kinds) of box ``b``, now."""
+        self._record(b.box.id, kind, data)
 
     def _note(self, kind: str, box_id: str | None = None, **data: Any) -> None:
+        """A happening outside the contract (van trips, refusals, redirects), now."""
+        self._record(box_id, kind, data)
+
+    def _record(self, box_id: str | None, kind: str, data: dict[str, Any]) -> None:
         self.sink.record(self.env.now, box_id, kind, data)
-        self.counters.add(kind)
+        self.records += 1
+        counts = self.counters.values
+        counts[kind] = counts.get(kind, 0.0) + 1.0
 
     def _occupancy_changed(self, b: BoxState) -> None:
         """Integrate occupancy up to now (call before every change)."""
         now = self.env.now
-        b.occupied_area += b.occupied * (now - b.last_change)
+        b.occupied_area += len(b.occupant) * (now - b.last_change)
         b.last_change = now
 
     def _next_parcel_id(self, prefix: str) -> str:
@@ -247,8 +276,9 @@ class World:
 
     def _take_door(self, b: BoxState, size: SizeClass) -> int | None:
         """The lowest free in-service door of the smallest size that fits ``size``."""
-        for candidate in SIZES[SIZES.index(size) :]:
-            heap = b.free[candidate]
+        free = b.free
+        for candidate in FITS[size]:
+            heap = free[candidate]
             if heap:
                 return heapq.heappop(heap)
         return None
@@ -285,23 +315,27 @@ class World:
             carrier=parcel.carrier,
         )
         dwell = self._dwell[b.index]() * HOUR
-        window = self.scenario.pickup.window_h * HOUR
-        if dwell < window:
-            self.env.timeout(dwell).callbacks.append(lambda _e: self._collected(b, parcel))
+        if dwell < self._window:
+            self.env.timeout(dwell, parcel).callbacks.append(self._collected)
         else:
-            self.env.timeout(window).callbacks.append(lambda _e: self._expired(b, parcel))
+            self.env.timeout(self._window, parcel).callbacks.append(self._expired)
         return True
 
-    def _collected(self, b: BoxState, parcel: Parcel) -> None:
+    def _collected(self, event: simpy.Event) -> None:
+        """The resident came for the parcel (the event's value) before its window ran out."""
+        parcel = cast(Parcel, event.value)
+        b = self.boxes[parcel.box]
         self._vacate(b, parcel)
         self._event(b, "parcel.collected", compartment=parcel.compartment, parcel_id=parcel.id)
         self.counters.add("dwell_h_sum", (self.env.now - parcel.deposited_at) / HOUR)
 
-    def _expired(self, b: BoxState, parcel: Parcel) -> None:
-        """The pickup window ran out: the parcel waits for its carrier's next van (or, without vans,
-        goes back at once)."""
+    def _expired(self, event: simpy.Event) -> None:
+        """The pickup window of the parcel (the event's value) ran out: it waits for its carrier's next
+        van (or, without vans, goes back at once)."""
+        parcel = cast(Parcel, event.value)
+        b = self.boxes[parcel.box]
         self.counters.add("parcels_expired")
-        if self.scenario.delivery.mode == "poisson":
+        if not self._vans:
             self._vacate(b, parcel)
             self._event(
                 b, "parcel.expired", compartment=parcel.compartment, parcel_id=parcel.id, carrier=parcel.carrier
@@ -522,38 +556,51 @@ class World:
         """Stops in nearest-neighbour order from (lat, lon): each next stop is the one with the least
         ``_km`` from here, ties to the lower index.
 
-        Exact, but without trying every stop at every step: a great-circle distance is at least the
-        Earth's radius times the latitude difference (radians), so with the stops sorted by latitude the
-        search walks outward from here's latitude and stops once that bound exceeds the best ``_km``
-        found (the bound is taken a hair low, 1e-9, so rounding can never hide an equal or nearer stop).
+        Exact, but without trying every stop at every step. Two lower bounds of a great-circle distance
+        between points at most ``_max_lat`` from the equator, each taken a hair low (1e-9) so rounding
+        can never hide an equal or nearer stop: the Earth's radius times the latitude difference
+        (radians), and R * cos(max lat) * dl * (1 - dl^2 / 24) for a longitude difference ``dl``
+        (radians), since h >= cos(lat1) cos(lat2) sin^2(dl / 2) in the haversine formula, asin(x) >= x
+        and sin(x) >= x - x^3 / 6. With the stops sorted by latitude the search walks outward from
+        here's latitude and stops once the first bound exceeds the best ``_km`` found; a stop whose
+        second bound exceeds it (less 1e-9 km for rounding near zero) is passed over without computing
+        its distance.
         """
-        keys = sorted((self.boxes[i].box.lat, i) for i in stops)
-        scale = EARTH_RADIUS_KM * self._road_factor * (1 - 1e-9)
+        boxes, lon_rad = self._box_of, self._lon_rad
+        chosen = [key for key in self._by_lat if key[1] in stops]
+        lats, index = [lat for lat, _ in chosen], [i for _, i in chosen]  # by latitude (radians)
+        inf, scale = math.inf, EARTH_RADIUS_KM * self._road_factor * (1 - 1e-9)
+        lon_scale = scale * self._cos_max_lat
         order: list[int] = []
         here = (lat, lon)
-        while keys:
-            rad_here = math.radians(here[0])
-            hi = bisect.bisect_left(keys, (here[0], -1))
-            lo, n = hi - 1, len(keys)
-            best, best_i, best_pos = math.inf, -1, -1
+        while index:
+            lat_here, lon_here = math.radians(here[0]), math.radians(here[1])
+            hi = bisect.bisect_left(lats, lat_here)
+            lo, n = hi - 1, len(index)
+            bound_hi = (lats[hi] - lat_here) * scale if hi < n else inf
+            bound_lo = (lat_here - lats[lo]) * scale if lo >= 0 else inf
+            best, best_i, best_pos = inf, -1, -1
             while True:
-                bound_hi = (math.radians(keys[hi][0]) - rad_here) * scale if hi < n else math.inf
-                bound_lo = (rad_here - math.radians(keys[lo][0])) * scale if lo >= 0 else math.inf
                 if bound_hi <= bound_lo:
                     if bound_hi > best:
                         break
                     pos, hi = hi, hi + 1
+                    bound_hi = (lats[hi] - lat_here) * scale if hi < n else inf
                 else:
                     if bound_lo > best:
                         break
                     pos, lo = lo, lo - 1
-                i = keys[pos][1]
-                d = self._km(here, self.boxes[i].box)
+                    bound_lo = (lat_here - lats[lo]) * scale if lo >= 0 else inf
+                i = index[pos]
+                dl = abs(lon_rad[i] - lon_here)
+                if dl * (1 - dl * dl / 24) * lon_scale - 1e-9 > best:
+                    continue
+                d = self._km(here, boxes[i])
                 if d < best or (d == best and i < best_i):
                     best, best_i, best_pos = d, i, pos
             order.append(best_i)
-            del keys[best_pos]
-            here = (self.boxes[best_i].box.lat, self.boxes[best_i].box.lon)
+            del lats[best_pos], index[best_pos]
+            here = (boxes[best_i].lat, boxes[best_i].lon)
         return order
 
     def _km(self, here: tuple[float, float], box: Box | Site) -> float:
@@ -574,8 +621,13 @@ class World:
         started = self.env.now
         here = (depot.lat, depot.lon)
         km = 0.0
-        on_board = list(parcels)  # parcels for delivery still in the van
-        carried = len(on_board)  # everything occupying van space
+        # The parcels for delivery, by the stop each is headed for, with their place in the load (the
+        # order they are tried in, and go back to the depot in); a redirect moves one to a later stop.
+        heading: dict[int, list[tuple[int, Parcel]]] = {}
+        for place, parcel in enumerate(parcels):
+            heading.setdefault(parcel.box, []).append((place, parcel))
+        unloaded: set[int] = set()  # places of the parcels delivered
+        carried = len(parcels)  # everything occupying van space
         waste_kg, waste_boxes, delivered, picked = 0.0, 0, 0, 0
         radius = self.scenario.delivery.redirect_radius_km
         for position, stop in enumerate(stops):
@@ -585,16 +637,17 @@ class World:
             yield self.env.timeout(leg / carrier.speed_kmh * HOUR)
             here = (b.box.lat, b.box.lon)
             # 1. unload: this box's own parcels first, then ones redirected here, into free doors
-            own = [p for p in on_board if p.box == stop and p.home == stop]
-            redirected = [p for p in on_board if p.box == stop and p.home != stop]
-            failed: list[Parcel] = []
-            for parcel in own + redirected:
+            here_now = sorted(heading.pop(stop, ()), key=_place_in_load)
+            own = [item for item in here_now if item[1].home == stop]
+            redirected = [item for item in here_now if item[1].home != stop]
+            failed: list[tuple[int, Parcel]] = []
+            for place, parcel in own + redirected:
                 if self._deposit(b, parcel):
-                    on_board.remove(parcel)
+                    unloaded.add(place)
                     carried -= 1
                     delivered += 1
                 elif parcel.home == stop:
-                    failed.append(parcel)
+                    failed.append((place, parcel))
             # 2. load what waits for this carrier (expired deliveries, residents' sends), as far as the
             #    van has room; that frees doors
             waiting = b.waiting.pop(name, [])
@@ -609,16 +662,17 @@ class World:
                 b.waiting[name] = waiting[room:]
             # 3. own parcels that did not fit: into the doors just freed, else to the next box of the
             #    round within the redirect radius, else they stay on board (back to the depot)
-            for parcel in failed:
+            for place, parcel in failed:
                 if self._deposit(b, parcel):
-                    on_board.remove(parcel)
+                    unloaded.add(place)
                     carried -= 1
                     delivered += 1
                     continue
-                nxt = [s for s in stops[position + 1 :] if self._km(here, self.boxes[s].box) <= radius]
-                if nxt:
+                nxt = next((s for s in stops[position + 1 :] if self._km(here, self.boxes[s].box) <= radius), None)
+                if nxt is not None:
                     self._note("parcel.redirected", b.box.id, parcel_id=parcel.id, carrier=name)
-                    parcel.box = nxt[0]
+                    parcel.box = nxt
+                    heading.setdefault(nxt, []).append((place, parcel))
             # 3. red boxes ready for collection, if the van has room and dangerous-goods allowance
             for door in sorted(b.red):
                 ready = b.ready_since[door] is not None
@@ -632,7 +686,7 @@ class World:
         back = self._km(here, depot)
         km += back
         yield self.env.timeout(back / carrier.speed_kmh * HOUR)
-        for parcel in on_board:
+        for parcel in (p for place, p in enumerate(parcels) if place not in unloaded):
             parcel.box = parcel.home  # the next round tries the resident's own box again
             self._note("parcel.returned_to_depot", self.boxes[parcel.home].box.id, parcel_id=parcel.id, carrier=name)
             self._backlog[name].append(parcel)
