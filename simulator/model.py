@@ -50,19 +50,23 @@ def sampler(dist: Dist, rng: random.Random) -> Callable[[], float]:
     """A function drawing from ``dist`` with ``rng``."""
     mean = dist.mean
     if dist.kind == "exponential":
-        return lambda: rng.expovariate(1.0 / mean)
+        expovariate, rate = rng.expovariate, 1.0 / mean
+        return lambda: expovariate(rate)
     if dist.kind == "constant":
         return lambda: mean
     if dist.kind == "uniform":
         low, high = float(dist.low or 0.0), float(dist.high or 0.0)
-        return lambda: rng.uniform(low, high)
+        uniform = rng.uniform
+        return lambda: uniform(low, high)
     sd = float(dist.sd or 0.0)
     if dist.kind == "lognormal":
         sigma2 = math.log(1 + (sd / mean) ** 2)
         mu, sigma = math.log(mean) - sigma2 / 2, math.sqrt(sigma2)
-        return lambda: rng.lognormvariate(mu, sigma)
+        lognormvariate = rng.lognormvariate
+        return lambda: lognormvariate(mu, sigma)
     shape, scale = (mean / sd) ** 2, sd**2 / mean  # gamma
-    return lambda: rng.gammavariate(shape, scale)
+    gammavariate = rng.gammavariate
+    return lambda: gammavariate(shape, scale)
 
 
 def poisson(rng: random.Random, lam: float) -> int:
@@ -270,26 +274,25 @@ class World:
 
     def _next_parcel_id(self, prefix: str) -> str:
         self._parcel_no += 1
-        return f"{prefix}{self._parcel_no:08d}"
+        return prefix + str(self._parcel_no).zfill(8)  # P00000001, ...
 
     # ------------------------------------------------------------------ compartments
 
-    def _take_door(self, b: BoxState, size: SizeClass) -> int | None:
-        """The lowest free in-service door of the smallest size that fits ``size``."""
-        free = b.free
-        for candidate in FITS[size]:
-            heap = free[candidate]
-            if heap:
-                return heapq.heappop(heap)
-        return None
 
     def _release_door(self, b: BoxState, door: int) -> None:
         if door not in b.jammed:
             heapq.heappush(b.free[b.size_of[door]], door)
 
     def _place(self, b: BoxState, parcel: Parcel) -> bool:
-        door = self._take_door(b, parcel.size)
-        if door is None:
+        """Put ``parcel`` behind the lowest free in-service door of the smallest size that fits it;
+        False if there is none."""
+        free = b.free
+        for size in FITS[parcel.size]:
+            heap = free[size]
+            if heap:
+                door = heapq.heappop(heap)
+                break
+        else:
             return False
         self._occupancy_changed(b)
         parcel.box, parcel.compartment, parcel.deposited_at = b.index, door, self.env.now
@@ -369,13 +372,12 @@ class World:
             return
         rng = self.rng(stream, b.index)
         peak = rate / self._hour_mean
+        env, draw, uniform = self.env, rng.expovariate, rng.random
+        accept, start_hour = self._hour_accept, self._start_hour
         while True:
-            yield self.env.timeout(rng.expovariate(peak))
-            if rng.random() < self._hour_accept[self._hour_of_day()]:
+            yield env.timeout(draw(peak))
+            if uniform() < accept[int((start_hour + env.now / HOUR) % 24)]:  # by the hour of day
                 act(b, rng)
-
-    def _hour_of_day(self) -> int:
-        return int((self._start_hour + self.env.now / HOUR) % 24)
 
     def _since_monday(self, t: float) -> float:
         """Seconds from the Monday 00:00 before the scenario start to simulated time ``t``."""
