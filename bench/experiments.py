@@ -9,9 +9,11 @@ as the baseline. Then the runner with 1 worker (in this process), 2 local worker
 2-worker Dask LocalCluster, each into a fresh folder. Overhead = runner(1 worker) / bare - 1 (goal
 under 5%), and, robust to other load on the machine, the runner's own share of the 1-worker run
 (its wall time against the time spent inside the replications, both in that run); parallel
-efficiency = T(1) / (2 x T(2)). The issue's full size is 20 x 30 x 365 days.
+efficiency = T(1) / (2 x T(2)). The issue's full size is 20 x 30 x 365 days. `--only` runs some of
+the four (e.g. `--only two` for the whole study's wall time with 2 local workers, the way a
+researcher would run it here); figures that need a part left out are not printed.
 
-Run: `uv run python bench/experiments.py [--points 20] [--reps 30] [--days 365]`.
+Run: `uv run python bench/experiments.py [--points 20] [--reps 30] [--days 365] [--only bare,one,two,dask]`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from simulator.executors import dask_executor
 from simulator.experiment import load_experiment, run_experiment, run_replication
 
+PARTS = ("bare", "one", "two", "dask")
 LEVELS = {"demand.locker_share": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5],
           "waste.ready_share": [0.3, 0.5, 0.7, 0.9]}  # fmt: skip
 
@@ -56,8 +59,14 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=20)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--days", type=float, default=365.0)
-    parser.add_argument("--skip-dask", action="store_true")
+    parser.add_argument("--skip-dask", action="store_true", help="the same as leaving dask out of --only")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = {part.strip() for part in args.only.split(",") if part.strip()}
+    if unknown := parts - set(PARTS):
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if args.skip_dask:
+        parts.discard("dask")
     work = Path(tempfile.mkdtemp(prefix="molo-bench-exp-"))
     path = work / "bench.toml"
     path.write_text(experiment_text(args.points, args.reps, args.days))
@@ -65,35 +74,41 @@ def main() -> int:
     jobs = [plan.job(p, r) for p in plan.points for r in range(1, args.reps + 1)]  # what the runner runs
     print(f"method: {len(plan.points)} points x {args.reps} replications x {args.days:g} days of 50 boxes "
           f"= {len(jobs)} runs; machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    started = time.perf_counter()
-    for job in jobs:
-        run_replication(job)
-    bare = time.perf_counter() - started
-    print(f"bare runs, in turn, no runner: {bare:.1f} s ({bare / len(jobs):.2f} s per run)")
     timings: dict[str, float] = {}
-    for label, kwargs in (("runner, 1 worker", {"workers": 1}), ("runner, 2 local workers", {"workers": 2})):
+    if "bare" in parts:
+        started = time.perf_counter()
+        for job in jobs:
+            run_replication(job)
+        timings["bare"] = time.perf_counter() - started
+        print(f"bare runs, in turn, no runner: {timings['bare']:.1f} s ({timings['bare'] / len(jobs):.2f} s per run)")
+    local = (("one", "runner, 1 worker", {"workers": 1}), ("two", "runner, 2 local workers", {"workers": 2}))
+    for part, label, kwargs in local:
+        if part not in parts:
+            continue
         out = work / label.replace(" ", "_").replace(",", "")
         started = time.perf_counter()
         outcome = run_experiment(plan, out, **kwargs)  # type: ignore[arg-type]
-        timings[label] = time.perf_counter() - started
-        print(f"{label}: {timings[label]:.1f} s ({outcome.busy_seconds:.1f} s inside the replications)")
-        if label == "runner, 1 worker":
+        timings[part] = time.perf_counter() - started
+        print(f"{label}: {timings[part]:.1f} s ({outcome.busy_seconds:.1f} s inside the replications)")
+        if part == "one":
             # Load-robust: the runner's own time is the wall time it spent outside the replications,
             # both measured in the same run.
-            print(f"runner's own time in that run: {100 * (timings[label] / outcome.busy_seconds - 1):+.1f}%")
+            print(f"runner's own time in that run: {100 * (timings[part] / outcome.busy_seconds - 1):+.1f}%")
         shutil.rmtree(out)
-    if not args.skip_dask:
+    if "dask" in parts:
         out = work / "dask"
         started = time.perf_counter()
         with dask_executor(2) as executor:
             run_experiment(plan, out, executor=executor)
         timings["dask"] = time.perf_counter() - started
         print(f"runner, 2-worker Dask LocalCluster (cluster start included): {timings['dask']:.1f} s")
-    one, two = timings["runner, 1 worker"], timings["runner, 2 local workers"]
-    print(f"runner overhead against the bare runs: {100 * (one / bare - 1):+.1f}% (goal under 5%)")
-    print(f"parallel efficiency, 2 local workers: {one / (2 * two):.2f}")
-    if "dask" in timings:
-        print(f"parallel efficiency, 2 Dask workers: {one / (2 * timings['dask']):.2f}")
+    if "one" in timings and "bare" in timings:
+        overhead = timings["one"] / timings["bare"] - 1
+        print(f"runner overhead against the bare runs: {100 * overhead:+.1f}% (goal under 5%)")
+    if "one" in timings and "two" in timings:
+        print(f"parallel efficiency, 2 local workers: {timings['one'] / (2 * timings['two']):.2f}")
+    if "one" in timings and "dask" in timings:
+        print(f"parallel efficiency, 2 Dask workers: {timings['one'] / (2 * timings['dask']):.2f}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
