@@ -438,3 +438,35 @@ def test_experiments_page_submits_a_job_shows_its_progress_and_opens_its_report(
     assert (site.jobs / experiment_id / "report.html").is_file()
     assert outside == [], f"the page fetched from outside its origin: {outside}"
     assert errors == [], f"the page raised: {errors}"
+
+
+def test_api_docs_render_with_no_outside_requests(experiments_site: ExperimentsSite) -> None:
+    """Swagger UI (``/docs``) renders the API's operations in headless Chromium while every request that
+    leaves the API's origin is refused: its script and styles come from the API itself, so it works in
+    a control room without internet. ReDoc is not offered: its page fetches a logo from redoc.ly."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"the browser test needs Chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
+    site = experiments_site
+    outside: list[str] = []
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.route(
+                "**/*",
+                lambda route: route.continue_()
+                if route.request.url.startswith((site.url, "data:", "blob:"))
+                else (outside.append(route.request.url), route.abort()),
+            )
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{site.url}/docs")
+            page.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/api/v1/boxes']", timeout=20_000)
+            assert "MoLo Hubs API" in page.locator(".swagger-ui .info .title").inner_text()
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "api-docs.png"))
+        finally:
+            browser.close()
+    assert outside == []
+    assert errors == []
+    assert httpx.get(f"{site.url}/redoc", timeout=10).status_code == 404

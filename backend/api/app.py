@@ -1,5 +1,8 @@
 """The FastAPI application: ``create_app(settings)``; the pool, the command sender (MQTT) and the
-live-stream listener open in the lifespan."""
+live-stream listener open in the lifespan. ``/docs`` (Swagger UI) loads its script and styles from
+the API itself (``fastapi-offline`` bundles them, under ``/static-offline-docs``), so it works where
+the API has no internet, as in a box network's control room. There is no ``/redoc``: ReDoc's page
+fetches its logo from redoc.ly."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -89,7 +93,10 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
                 sender.stop()
             await pool.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        redoc_url=None,
+        # Swagger UI would send the schema to swagger.io's online validator: not from a control room.
+        swagger_ui_parameters={"validatorUrl": None},
         title="MoLo Hubs API",
         version="0.1.0",
         summary="Smart boxes of the MoLo Hubs pilot in Aalborg: status, compartments, events.",
