@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from molo import experiments_cli, logs
 
+#: Help of --no-progress (simulate, impact): the bar is on a terminal only, after two seconds.
+NO_PROGRESS_HELP = "no progress bar (it shows on a terminal, once a simulation has run two seconds)"
+
 if TYPE_CHECKING:
     from backend.settings import Settings
 
@@ -157,6 +160,7 @@ def cmd_boxes(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from molo.progress import day_bars
     from simulator.params import dump, resolve
     from simulator.run import run_batch, summary_json
     from simulator.trace import FileSink, ParquetSink
@@ -184,7 +188,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _unwritable("simulate", out, exc)
     try:
-        result = run_batch(scenario, sink)
+        with day_bars(not args.no_progress) as bars:
+            result = run_batch(scenario, sink, progress=bars())
     finally:
         if sink is not None:
             sink.close()
@@ -205,6 +210,7 @@ def cmd_impact(args: argparse.Namespace) -> int:
     import json
 
     from accounting import to_csv
+    from molo.progress import day_bars
     from simulator.impact import method_for, report_text, run_impact, sensitivity, sensitivity_markdown
     from simulator.params import dump, resolve
 
@@ -249,7 +255,8 @@ def cmd_impact(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _unwritable("impact", out, exc)
     if args.sensitivity:
-        rows = sensitivity(scenario, method, records=records)
+        with day_bars(not args.no_progress) as bars:
+            rows = sensitivity(scenario, method, records=records, progress=bars("scenario"))
         table = sensitivity_markdown(rows)
         print(f"Avoided t CO2e (well-to-wheel) of scenario {scenario.name}, seed {scenario.simulation.seed}, "
               f"{scenario.simulation.days:g} days, by baseline, allocation and electric van share:\n")  # fmt: skip
@@ -258,8 +265,9 @@ def cmd_impact(args: argparse.Namespace) -> int:
             (out / "sensitivity.json").write_text(json.dumps(rows, indent=2) + "\n")
             (out / "sensitivity.md").write_text(table)
         return 0
-    result = run_impact(scenario, method, group_by=tuple(args.group_by or ["box"]),
-                        counterfactual=not args.no_counterfactual, records=records)  # fmt: skip
+    with day_bars(not args.no_progress) as bars:
+        result = run_impact(scenario, method, group_by=tuple(args.group_by or ["box"]),
+                            counterfactual=not args.no_counterfactual, records=records, progress=bars)  # fmt: skip
     print(report_text(result), end="")
     if out is not None:
         (out / "impact.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -444,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=3600.0, help="with --live: simulated seconds per wall second")
     p.add_argument("--credentials", default=None, help="with --live: credentials.json from `molo provision`")
     p.add_argument("--state-dir", default="var/boxes", help="with --live: where the boxes keep their outboxes")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("impact", help="avoided trips and CO2 of a simulated run (docs/methodology.md)")
@@ -466,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply the method to a saved `molo simulate --out DIR` run (no simulation)",
     )
     p.add_argument("--out", default=None, help="directory for impact.json, impact.csv and params.json")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_impact)
 
     p = sub.add_parser("boxes", help="run N stand-in boxes against MOLO_MQTT_HOST")

@@ -9,7 +9,7 @@ hub run can be checked against a simulated one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -19,7 +19,7 @@ from accounting.method import METRICS
 from contract.messages import PAYLOAD_BY_TYPE
 from simulator.network import Network
 from simulator.params import Scenario
-from simulator.run import network_for, run_batch
+from simulator.run import Progress, network_for, run_batch
 from simulator.trace import Record, to_ms
 
 
@@ -63,11 +63,13 @@ class ImpactSink:
             self.van_km[key] = self.van_km.get(key, 0.0) + float(data["km"])
 
 
-def _sink_of(scenario: Scenario, network: Network, records: Iterable[Record] | None) -> ImpactSink:
+def _sink_of(
+    scenario: Scenario, network: Network, records: Iterable[Record] | None, progress: Progress | None = None
+) -> ImpactSink:
     """The method's counts of ``records`` (a saved run), or of a new run of ``scenario``."""
     sink = ImpactSink(scenario.simulation.start)
     if records is None:
-        run_batch(scenario, sink, network=network)
+        run_batch(scenario, sink, network=network, progress=progress)
     else:
         for t, box_id, kind, data in records:
             sink.record(t, box_id, kind, data)
@@ -107,26 +109,31 @@ def run_impact(
     group_by: tuple[str, ...] = ("box",),
     counterfactual: bool = True,
     records: Iterable[Record] | None = None,
+    progress: Callable[[str], Progress] | None = None,
 ) -> dict[str, Any]:
     """The method's results for ``scenario`` (network totals and ``group_by`` groups), plus, with
     ``counterfactual``, the simulated no-van-collection run of the same seed.
 
     ``records``: the trace of a run of ``scenario`` already made (:func:`simulator.trace.read_trace`);
     the method is applied to it and nothing is simulated (the counterfactual then needs a run of its own).
+    ``progress``: gives the progress callback of each simulation by its name ("scenario",
+    "counterfactual").
     """
     if records is not None and counterfactual:
         raise ValueError("the counterfactual needs a simulated run of its own: not with a saved run's records")
     net = network or network_for(scenario)
     geo = geography_of(net)
     m = method or method_for(scenario)
-    hub = _sink_of(scenario, net, records)
+    hub = _sink_of(scenario, net, records, progress("scenario") if progress else None)
     rows = hub.counter.rows()
     result = summarize(assess(rows, geo, m), group_by)
     result["scenario"] = {"name": scenario.name, "seed": scenario.simulation.seed, "days": scenario.simulation.days}
     result["simulated_van_km"] = {k: round(v, 3) for k, v in sorted(hub.van_km.items())}
     if counterfactual:
         other = ImpactSink(scenario.simulation.start)
-        run_batch(_no_van_collection(scenario), other, network=net)
+        run_batch(
+            _no_van_collection(scenario), other, network=net, progress=progress("counterfactual") if progress else None
+        )
         dedicated = m.model_copy(update={"baseline": m.baseline.model_copy(update={"waste": "dedicated_round"})})
         estimate = summarize(assess(rows, geo, dedicated))["categories"]["hazardous_waste"]["baseline"]
         other_summary = summarize(assess(other.counter.rows(), geo, m), ("box", "category"))
@@ -153,13 +160,14 @@ def sensitivity(
     electric_shares: tuple[float, ...] = (0.0, 0.5, 1.0),
     network: Network | None = None,
     records: Iterable[Record] | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Avoided trips and kg CO2e of ``scenario`` for every waste and parcel baseline and electric share
     of the van fleet (allocation by load x distance), and for hazardous waste under both allocations:
     one simulated run (or ``records`` of a saved one), the method applied to it again for each choice."""
     net = network or network_for(scenario)
     geo = geography_of(net)
-    rows = _sink_of(scenario, net, records).counter.rows()
+    rows = _sink_of(scenario, net, records, progress).counter.rows()
     base = method or method_for(scenario)
     choices = [(w, p, "load_distance") for w in ("resident_trips", "dedicated_round", "mixed")
                for p in ("home_delivery", "parcel_shop")]  # fmt: skip

@@ -278,7 +278,6 @@ class World:
 
     # ------------------------------------------------------------------ compartments
 
-
     def _release_door(self, b: BoxState, door: int) -> None:
         if door not in b.jammed:
             heapq.heappush(b.free[b.size_of[door]], door)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,13 +59,24 @@ def fewer_collections() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
+#: Called during a run with (simulated days done, days in all), once per simulated day and at the end.
+Progress = Callable[[float, float], None]
+
+
 def run_batch(
-    scenario: Scenario, sink: Sink | None = None, network: Network | None = None, *, warmup_days: float = 0.0
+    scenario: Scenario,
+    sink: Sink | None = None,
+    network: Network | None = None,
+    *,
+    warmup_days: float = 0.0,
+    progress: Progress | None = None,
 ) -> RunResult:
     """Run ``scenario`` to its horizon in simulated time; records go to ``sink``.
 
     With ``warmup_days``, the summary counts only what happens after the warm-up: its counters and
     occupancy integrals are reset then (the run itself, and every record the sink gets, is the same).
+    With ``progress``, the run stops at every simulated midnight to report; that changes no result
+    (SimPy's stop event only comes before the other events of that instant, which then run next).
     """
     env = simpy.Environment()
     world = World(env, scenario, network or network_for(scenario), sink if sink is not None else CountingSink())
@@ -75,7 +87,13 @@ def run_batch(
         env.process(_reset_at(env, world, warmup))
     started = time.perf_counter()
     with fewer_collections():
-        env.run(until=world.horizon)
+        if progress is None:
+            env.run(until=world.horizon)
+        else:
+            days = world.horizon / DAY
+            for day in range(1, math.ceil(days) + 1):
+                env.run(until=min(day * DAY, world.horizon))
+                progress(min(float(day), days), days)
     world.finish()
     return RunResult(summarize(world, since=warmup), time.perf_counter() - started, world.records)
 

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Route, sync_playwright
 
 from backend.access.keys import Role, create_key
 from backend.api.app import create_app
@@ -449,16 +449,19 @@ def test_api_docs_render_with_no_outside_requests(experiments_site: ExperimentsS
     site = experiments_site
     outside: list[str] = []
     errors: list[str] = []
+
+    def refuse_outside(route: Route) -> None:
+        if route.request.url.startswith((site.url, "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.route(
-                "**/*",
-                lambda route: route.continue_()
-                if route.request.url.startswith((site.url, "data:", "blob:"))
-                else (outside.append(route.request.url), route.abort()),
-            )
+            page.route("**/*", refuse_outside)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"{site.url}/docs")
             page.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/api/v1/boxes']", timeout=20_000)

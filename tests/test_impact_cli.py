@@ -107,3 +107,57 @@ def test_set_changes_one_carriers_field_and_keeps_the_others() -> None:
     assert {k: v for k, v in changed.delivery.carriers.items() if k != "gls"} == {
         k: v for k, v in base.delivery.carriers.items() if k != "gls"
     }
+
+
+def _run_on_a_terminal(args: list[str]) -> tuple[int, str]:
+    """``molo`` ``args`` in a child process whose stdout and stderr are a pseudo-terminal; its exit code
+    and everything it wrote there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    leader, follower = pty.openpty()
+    # A terminal has a size (a new pseudo-terminal has 0 x 0, and tqdm fits its bar into 0 columns).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    child = subprocess.Popen([sys.executable, "-m", "molo.cli", *args], stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return child.wait(60), b"".join(chunks).decode(errors="replace")
+
+
+def test_a_long_simulation_shows_a_progress_bar_on_a_terminal_and_nothing_elsewhere() -> None:
+    """On a terminal, a run longer than two seconds shows tqdm's bar in simulated days (to stderr,
+    stdout stays the summary); --no-progress hides it; into a pipe nothing but the summary and the
+    closing line is written."""
+    import subprocess
+    import sys
+
+    long_run = ["simulate", "--days", "1200", "--set", "network.boxes=25"]
+    code, shown = _run_on_a_terminal(long_run)
+    assert code == 0, shown
+    assert "simulated days:" in shown, shown[-2000:]
+    assert "day/s" in shown
+    assert '"parcels"' in shown  # the summary still comes
+    code, shown = _run_on_a_terminal([*long_run, "--no-progress"])
+    assert code == 0, shown
+    assert "simulated days:" not in shown
+    piped = subprocess.run(
+        [sys.executable, "-m", "molo.cli", *long_run], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert "simulated days" not in piped.stderr
+    assert piped.stderr.startswith("# "), piped.stderr
+    assert piped.stderr.count("\n") == 1, piped.stderr

@@ -719,3 +719,16 @@ def test_box_events_are_valid_contract_messages_for_the_boxes_layout() -> None:
         "compartment.restored",
         "telemetry",
     }
+
+
+def test_reporting_progress_changes_no_record() -> None:
+    """A run that stops at every simulated midnight to report progress emits exactly the records of one
+    that runs straight through, and reports each day once, ending at the horizon."""
+    scenario = resolve(overrides=["simulation.days=9.5", "network.boxes=12"])
+    straight, stepped = MemorySink(), MemorySink()
+    reported: list[tuple[float, float]] = []
+    run_batch(scenario, straight)
+    run_batch(scenario, stepped, progress=lambda done, total: reported.append((done, total)))
+    assert stepped.records == straight.records
+    assert len(straight.records) > 1000
+    assert reported == [(float(d), 9.5) for d in range(1, 10)] + [(9.5, 9.5)]
