@@ -62,6 +62,9 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(BoxDay))
 Key = tuple[date, str, str | None]  # (day, box, carrier)
 
 
+DAY_MS = 86_400_000
+
+
 def utc_day(ts_ms: int) -> date:
     """The UTC date of an epoch-millisecond device timestamp."""
     return datetime.fromtimestamp(ts_ms / 1000, UTC).date()
@@ -72,13 +75,17 @@ class ActivityCounter:
 
     def __init__(self) -> None:
         self._days: dict[Key, BoxDay] = {}
+        self._dates: dict[int, date] = {}  # utc_day by whole days since the epoch
 
     def add(self, ts_ms: int, box_id: str, type_: str, payload: dict[str, Any]) -> None:
         """Count one event (others than ``COUNTED_TYPES`` are ignored)."""
         if type_ not in COUNTED_TYPES:
             return
         carrier = payload.get("carrier")
-        key = (utc_day(ts_ms), box_id, carrier if isinstance(carrier, str) else None)
+        day = self._dates.get(ts_ms // DAY_MS)
+        if day is None:
+            day = self._dates[ts_ms // DAY_MS] = utc_day(ts_ms)
+        key = (day, box_id, carrier if isinstance(carrier, str) else None)
         d = self._days.get(key)
         if d is None:
             d = self._days[key] = BoxDay(*key)

@@ -55,9 +55,12 @@ class ImpactSink:
     counter: ActivityCounter = field(default_factory=ActivityCounter)
     van_km: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._start_ms = to_ms(self.start, 0.0)  # to_ms(start, t) is this plus round(t * 1000)
+
     def record(self, t: float, box_id: str | None, kind: str, data: dict[str, Any]) -> None:
         if box_id is not None and kind in PAYLOAD_BY_TYPE:
-            self.counter.add(to_ms(self.start, t), box_id, kind, data)
+            self.counter.add(self._start_ms + round(t * 1000), box_id, kind, data)
         elif kind == "van.trip":
             key = "dedicated_waste" if data["trip"] == "dedicated_waste" else "rounds"
             self.van_km[key] = self.van_km.get(key, 0.0) + float(data["km"])
