@@ -18,6 +18,7 @@ RUN uv sync --frozen --no-dev --no-install-project
 
 COPY contract ./contract
 COPY accounting ./accounting
+COPY network ./network
 COPY firmware_stub ./firmware_stub
 COPY backend ./backend
 COPY simulator ./simulator

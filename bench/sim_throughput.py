@@ -41,7 +41,7 @@ from typing import Any
 
 import simpy
 
-from simulator.network import Network, load_network
+from network import Network, load_network
 from simulator.params import resolve
 from simulator.run import GC_YOUNG_THRESHOLD, fewer_collections, run_batch
 from simulator.synthetic import synthetic_network

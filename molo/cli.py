@@ -48,7 +48,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(f"schema at version {report.current} ({report.flavour}); applied now: {report.applied or 'none'}")
     if args.register_boxes:
         from molo.registry import register_boxes
-        from simulator.network import load_network
+        from network import load_network
 
         try:
             network = load_network(settings.network_file)

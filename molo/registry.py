@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import psycopg
 
-from simulator.network import Box
+from network import Box
 
 
 def register_boxes(database_url: str, boxes: Iterable[Box]) -> int:

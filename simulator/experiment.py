@@ -51,8 +51,8 @@ from accounting import Method, apply_overrides, assess, summarize
 from accounting.method import CATEGORIES, METRICS
 from accounting.overrides import set_dotted
 from contract.domain import Compartment, CompartmentKind, SizeClass
-from simulator.impact import ImpactSink, geography_of, method_for
-from simulator.network import Network, build_layout
+from network import Network, build_layout, geography_of
+from simulator.impact import ImpactSink, method_for
 from simulator.params import DEFAULT_SCENARIO, SCENARIO_DIR, Scenario, first_error, unknown_parameter
 from simulator.run import EVENT_KINDS, network_for, run_batch
 from simulator.stats import Interval, mean_interval, paired_difference, welch_difference

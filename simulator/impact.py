@@ -14,22 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from accounting import ActivityCounter, Geography, Method, Point, apply_overrides, assess, summarize
+from accounting import ActivityCounter, Method, apply_overrides, assess, summarize
 from accounting.method import METRICS
 from contract.messages import PAYLOAD_BY_TYPE
-from simulator.network import Network
+from network import Network, geography_of
 from simulator.params import Scenario
 from simulator.run import Progress, network_for, run_batch
 from simulator.trace import Record, to_ms
-
-
-def geography_of(network: Network) -> Geography:
-    """The method's geography of a simulator network (boxes, depots incl. the waste company, stations)."""
-    return Geography(
-        boxes={b.id: Point(b.lat, b.lon) for b in network.boxes},
-        depots={k: Point(s.lat, s.lon) for k, s in network.depots.items()},
-        recycling_stations=[Point(s.lat, s.lon) for s in network.recycling_stations],
-    )
 
 
 def method_for(scenario: Scenario, overrides: list[str] | None = None) -> Method:

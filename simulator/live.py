@@ -27,8 +27,8 @@ import simpy.rt
 
 from contract.messages import PAYLOAD_BY_TYPE, EventPayload
 from firmware_stub.box import BoxFirmware
+from network import Box, Network
 from simulator.model import World
-from simulator.network import Box, Network
 from simulator.params import Scenario
 from simulator.run import network_for, summarize
 from simulator.trace import to_ms

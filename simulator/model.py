@@ -25,7 +25,7 @@ from typing import Any, Protocol, cast
 import simpy
 
 from contract import CompartmentKind, SizeClass
-from simulator.network import EARTH_RADIUS_KM, Box, Network, Site, haversine_km
+from network import EARTH_RADIUS_KM, Box, Network, Site, haversine_km
 from simulator.params import Carrier, Dist, Scenario
 
 HOUR = 3600.0

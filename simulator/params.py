@@ -202,7 +202,7 @@ class Faults(Params):
 
 
 class NetworkParams(Params):
-    #: A network TOML file; unset = the bundled Aalborg network (simulator/data/aalborg_boxes.toml).
+    #: A network TOML file; unset = the bundled Aalborg network (network/data/aalborg_boxes.toml).
     file: Path | None = None
     #: Only the first N boxes (0 = all), for small studies and tests.
     boxes: Annotated[int, Field(ge=0)] = 0

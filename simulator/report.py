@@ -46,8 +46,8 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from PIL import Image
 
+from network import FJORD_LINE
 from simulator.experiment import Plan, comparison_rows, stored_results, summary_rows
-from simulator.network import FJORD_LINE
 
 __all__ = ["MAX_MAP_PANELS", "write_report"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import simpy
 
+from network import Network, load_network
 from simulator.model import DAY, Sink, World
-from simulator.network import Network, load_network
 from simulator.params import Scenario
 from simulator.trace import CountingSink
 

@@ -1,6 +1,6 @@
 """Synthetic networks of any size, made from the bundled Aalborg boxes (benchmarks and scaling studies).
 
-Where it sits: simulator input, beside ``simulator.network``. ``synthetic_network(n)`` returns a
+Where it sits: simulator input, beside the ``network`` package. ``synthetic_network(n)`` returns a
 ``Network`` of ``n`` boxes for the model to run on, for example the 5,000 boxes of the throughput bench
 (``bench/sim_throughput.py``, issue #3). It does no I/O beyond reading the base network when none is
 given.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 
-from simulator.network import EARTH_RADIUS_KM, Box, Network, fjord_side, load_network
+from network import EARTH_RADIUS_KM, Box, Network, fjord_side, load_network
 
 #: Default jitter radius, metres: copies of one base box stand within this distance of it.
 DEFAULT_JITTER_M = 400.0

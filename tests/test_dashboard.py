@@ -42,8 +42,8 @@ from molo.brokers import RunningBroker, start_mosquitto
 from molo.postgres import create_database, drop_database
 from molo.provision import Credentials
 from molo.registry import register_boxes
+from network import FJORD_LINE, Network
 from simulator.live import run_live
-from simulator.network import FJORD_LINE, Network
 from simulator.params import resolve
 from tests.fixtures.broker import close, mqtt_client, publish
 from tests.fixtures.pipeline import renamed_network, settings_for, wait_for
@@ -138,7 +138,7 @@ def publish_last_will(broker: RunningBroker, credentials: Credentials, box_id: s
 
 
 def test_plan_data_carries_the_simulators_fjord_line() -> None:
-    """The plan's Limfjord line is simulator/network.py's FJORD_LINE, point for point."""
+    """The plan's Limfjord line is network.FJORD_LINE, point for point."""
     plan = json.loads((STATIC_DIR / "plan.json").read_text(encoding="utf-8"))
     assert [tuple(p) for p in plan["fjord_line"]] == list(FJORD_LINE)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from scipy.stats import qmc  # noqa: F401  (the design code imports it lazily; fail here if missing)
 
+from network import Box, FjordSide, Network, build_layout
 from simulator.executors import dask_executor, ray_executor
 from simulator.experiment import (
     ExperimentError,
@@ -34,7 +35,6 @@ from simulator.experiment import (
     stored_results,
     summary_rows,
 )
-from simulator.network import Box, FjordSide, Network, build_layout
 from simulator.params import Scenario
 from simulator.run import EVENT_KINDS
 from simulator.stats import batch_means, mean_interval, paired_difference, welch_difference

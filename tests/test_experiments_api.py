@@ -66,7 +66,7 @@ SMALL = EXPERIMENT.format(name="small", days=4, n=2)
 TOML = {"Content-Type": "application/toml"}
 #: A bundled network, named relative to the project as the built-in studies name theirs, and a path that
 #: leaves the bundled folders.
-BUNDLED = "simulator/data/aalborg_boxes.toml"
+BUNDLED = "network/data/aalborg_boxes.toml"
 ESCAPING = "simulator/experiments/networks/../../../../etc/hosts"
 #: Limits of this module's API (the defaults are far larger).
 MAX_RUNS = 1000

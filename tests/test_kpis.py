@@ -28,9 +28,9 @@ from backend.ingest.worker import IngestWorker
 from molo.brokers import RunningBroker
 from molo.provision import Credentials
 from molo.registry import register_boxes
-from simulator.impact import geography_of, run_impact
+from network import geography_of, load_network
+from simulator.impact import run_impact
 from simulator.live import run_live
-from simulator.network import load_network
 from simulator.params import resolve
 from tests.fixtures.database import FLAVOURS, own_database
 from tests.fixtures.keys import headers

@@ -10,7 +10,7 @@ import pytest
 
 from contract.domain import CompartmentKind, SizeClass, default_layout
 from contract.topics import BOX_ID_PATTERN
-from simulator.network import (
+from network import (
     CARRIERS,
     DEFAULT_ROAD_FACTOR,
     WASTE_COMPANY,

@@ -15,8 +15,8 @@ from backend.ingest.worker import IngestWorker
 from contract.messages import PAYLOAD_BY_TYPE, Telemetry
 from molo.brokers import RunningBroker
 from molo.provision import Credentials
+from network import Network
 from simulator.live import payload_of, run_live
-from simulator.network import Network
 from simulator.params import Scenario, resolve
 from simulator.run import run_batch
 from simulator.trace import MemorySink, to_ms

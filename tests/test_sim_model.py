@@ -25,8 +25,8 @@ import simpy
 
 from contract.domain import BoxLayout, Compartment, CompartmentKind, SizeClass
 from contract.messages import EVENT_TYPES, PAYLOAD_BY_TYPE, check_layout, decode_event, encode, make_event
+from network import Box, FjordSide, Network, Site, SiteKind, build_layout, haversine_km
 from simulator.model import Parcel, World
-from simulator.network import Box, FjordSide, Network, Site, SiteKind, build_layout, haversine_km
 from simulator.params import Scenario, resolve
 from simulator.run import network_for, run_batch
 from simulator.trace import FileSink, MemorySink, Record, to_ms

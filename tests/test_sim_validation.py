@@ -43,8 +43,8 @@ from typing import Any
 import pytest
 import simpy
 
+from network import Box, FjordSide, Network, build_layout
 from simulator.model import World
-from simulator.network import Box, FjordSide, Network, build_layout
 from simulator.params import Scenario
 from simulator.run import summarize
 

@@ -44,7 +44,7 @@ __all__ = [
 #: built-in studies name simulator/experiments/networks/synthetic-200.toml) is found.
 PROJECT_ROOT = Path(simulator.__file__).resolve().parent.parent
 #: Where the network files a job may name live.
-NETWORK_DIRS = (PROJECT_ROOT / "simulator" / "experiments" / "networks", PROJECT_ROOT / "simulator" / "data")
+NETWORK_DIRS = (PROJECT_ROOT / "simulator" / "experiments" / "networks", PROJECT_ROOT / "network" / "data")
 #: The file name an experiment is checked and run under (messages name it).
 FILE_NAME = "experiment.toml"
 #: The runner's tables, by the name the API serves them under.

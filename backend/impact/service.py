@@ -29,8 +29,7 @@ from psycopg import AsyncConnection
 
 from accounting import Assessor, BoxDay, Geography, Method, Point, Tally, report, tally
 from backend.impact import repository
-from simulator.impact import geography_of
-from simulator.network import load_network
+from network import geography_of, load_network
 
 
 @lru_cache(maxsize=4)

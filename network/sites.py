@@ -1,9 +1,11 @@
 """The box network: where the 50 Aalborg boxes stand, what doors they have, and where vans come from.
 
-Where it sits: simulator input data. ``load_network()`` reads a TOML file (by default the bundled
-``simulator/data/aalborg_boxes.toml``) into typed, validated models; the rest of the simulator asks
-this module for boxes, their layouts (``contract.BoxLayout``, the same shape a box announces in its
-birth message), carrier depots, recycling stations and distances. No I/O besides reading that file.
+Where it sits: domain data on the ground floor, beside ``contract`` and ``accounting``: the simulator
+builds its world from it and the backend's impact service takes its geography from it, so neither
+depends on the other for where things are. ``load_network()`` reads a TOML file (by default the bundled
+``network/data/aalborg_boxes.toml``) into typed, validated models: boxes, their layouts
+(``contract.BoxLayout``, the same shape a box announces in its birth message), carrier depots,
+recycling stations and distances. No I/O besides reading that file.
 
 Meaning of the data, its sources and assumptions: ``docs/network.md``. Every location is illustrative
 (the pilot's real sites are not published).
@@ -21,10 +23,11 @@ from typing import Annotated, Any, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from accounting.geo import Geography, Point
 from contract.domain import BoxLayout, Compartment, CompartmentKind, SizeClass, default_layout
 from contract.topics import BOX_ID_PATTERN
 
-#: The bundled network file, relative to the ``simulator`` package.
+#: The bundled network file, relative to the ``network`` package.
 DEFAULT_NETWORK_RESOURCE = "data/aalborg_boxes.toml"
 
 #: Carriers the simulator routes vans for. Each needs a depot of the same id in the network file.
@@ -248,8 +251,8 @@ def load_network(path: Path | None = None) -> Network:
     layout with more than 64 doors, ...); FileNotFoundError if ``path`` does not exist.
     """
     if path is None:
-        source = f"simulator/{DEFAULT_NETWORK_RESOURCE}"
-        text = resources.files("simulator").joinpath(DEFAULT_NETWORK_RESOURCE).read_text(encoding="utf-8")
+        source = f"network/{DEFAULT_NETWORK_RESOURCE}"
+        text = resources.files("network").joinpath(DEFAULT_NETWORK_RESOURCE).read_text(encoding="utf-8")
     else:
         source = str(path)
         text = path.read_text(encoding="utf-8")
@@ -300,3 +303,12 @@ def crosses_fjord(a: Located, b: Located) -> bool:
     not know this: such trips go over Limfjordsbroen or through the Limfjord tunnel, so for places far
     from those crossings the real road distance is longer than ``road_km`` says."""
     return fjord_side(a.lat, a.lon) is not fjord_side(b.lat, b.lon)
+
+
+def geography_of(network: Network) -> Geography:
+    """The trip and CO2 method's geography of a network (boxes, depots incl. the waste company, stations)."""
+    return Geography(
+        boxes={b.id: Point(b.lat, b.lon) for b in network.boxes},
+        depots={k: Point(s.lat, s.lon) for k, s in network.depots.items()},
+        recycling_stations=[Point(s.lat, s.lon) for s in network.recycling_stations],
+    )
