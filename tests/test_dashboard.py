@@ -34,6 +34,7 @@ from backend.api.server import ApiServer
 from backend.dashboard import STATIC_DIR
 from backend.ingest.run import build_worker
 from backend.migrate import migrate
+from backend.operations.alerts import AlertKind, raise_alert
 from backend.operations.live import LiveEvent, notify, status_data
 from backend.settings import Settings, TimescaleMode
 from contract.messages import SCHEMA_VERSION, Status, StatusReason, encode
@@ -64,6 +65,11 @@ ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 IDS = [f"box-{n:03d}" for n in range(15, 21)]
 #: Spread over the city, both sides of the Limfjord: indices into the 50 Aalborg boxes.
 PICK = [0, 14, 21, 28, 42, 49]
+#: The box whose Last Will the test publishes. It runs no firmware: the test brings it online with a
+#: birth and takes it offline with the will, both under its own identity. (A live box's firmware would
+#: lose its connection to the test's client under the same client id, reconnect within its first
+#: backoff, at most 0.5 s, and its new birth would clear the alert before the page lists it.)
+VICTIM = IDS[3]
 
 
 @dataclass
@@ -98,6 +104,9 @@ def demo(pg_admin_url: str, credentials: Credentials, tmp_path_factory: pytest.T
     assert worker.mqtt.subscribed.wait(10), worker.mqtt.last_error
     server = ApiServer(create_app(Settings(database_url=url))).start()
     stop = threading.Event()
+    victim = next(b for b in network.boxes if b.id == VICTIM)
+    publish_status(broker, credentials, Status(v=SCHEMA_VERSION, box_id=VICTIM, online=True, session=1,
+                                               reason=StatusReason.BIRTH, layout=victim.layout))  # fmt: skip
     sim = threading.Thread(
         target=run_live,
         name="dashboard-sim",
@@ -108,7 +117,7 @@ def demo(pg_admin_url: str, credentials: Credentials, tmp_path_factory: pytest.T
             "passwords": credentials.boxes,
             "state_dir": tmp_path_factory.mktemp("dashboard-boxes"),
             "speed": 3600.0,
-            "network": network,
+            "network": network.model_copy(update={"boxes": [b for b in network.boxes if b.id != VICTIM]}),
             "stop": stop,
         },
         daemon=True,
@@ -125,16 +134,20 @@ def demo(pg_admin_url: str, credentials: Credentials, tmp_path_factory: pytest.T
         drop_database(url, pg_admin_url)
 
 
-def publish_last_will(broker: RunningBroker, credentials: Credentials, box_id: str, session: int) -> None:
-    """What the broker publishes when a box's connection dies: the retained offline status of its session."""
-    client = mqtt_client(broker, box_id, credentials.boxes[box_id])
+def publish_status(broker: RunningBroker, credentials: Credentials, status: Status) -> None:
+    """A retained status on the box's topic, under the box's own identity."""
+    client = mqtt_client(broker, status.box_id, credentials.boxes[status.box_id])
     try:
-        will = Status(
-            v=SCHEMA_VERSION, box_id=box_id, online=False, session=session, reason=StatusReason.CONNECTION_LOST
-        )
-        assert not publish(client, topic_for(box_id, MessageKind.STATUS), encode(will), retain=True).is_failure
+        topic = topic_for(status.box_id, MessageKind.STATUS)
+        assert not publish(client, topic, encode(status), retain=True).is_failure
     finally:
         close(client)
+
+
+def publish_last_will(broker: RunningBroker, credentials: Credentials, box_id: str, session: int) -> None:
+    """What the broker publishes when a box's connection dies: the retained offline status of its session."""
+    will = Status(v=SCHEMA_VERSION, box_id=box_id, online=False, session=session, reason=StatusReason.CONNECTION_LOST)
+    publish_status(broker, credentials, will)
 
 
 def test_plan_data_carries_the_simulators_fjord_line() -> None:
@@ -188,6 +201,39 @@ def busy_stream(database_url: str, box_id: str, every_s: float = 0.05) -> Iterat
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def colouring_alerts(api: httpx.Client, box_id: str) -> list[str]:
+    """Kinds of the box's open alerts that colour it (critical or warning)."""
+    listed = api.get("/api/v1/alerts", params={"box_id": box_id, "state": "open"}).json()
+    items = listed if isinstance(listed, list) else listed["items"]
+    return [a["kind"] for a in items if a["severity"] != "info"]
+
+
+def check_severity_colours(page: Any, demo: Demo, api: httpx.Client) -> None:
+    """Raise an info and a warning alert the way the ingest does (raise_alert, in the demo's database,
+    notified on the stream) and check how the page colours their boxes."""
+    boxes = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}
+    calm = next(b for b in IDS[:3] if boxes[b]["online"] and not colouring_alerts(api, b))
+    watched = next(b for b in IDS[:3] if b != calm and boxes[b]["online"])
+    with psycopg.connect(demo.database_url, autocommit=True) as conn:
+        message = f"parcel SEV-1 in compartment 1 of box {calm} expires in 3.0 h"
+        raise_alert(conn, box_id=calm, kind=AlertKind.PARCEL_NEAR_EXPIRY, subject="SEV-1", compartment=1,
+                    message=message, raised_by="test")  # fmt: skip
+    page.wait_for_selector(f'#alerts tr[data-box-id="{calm}"]', timeout=8_000)
+    listed = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}[calm]
+    assert "parcel_near_expiry" in listed["open_alert_kinds"]
+    if not colouring_alerts(api, calm):  # nothing else of that box needs an operator meanwhile
+        assert listed["alert_level"] is None
+        time.sleep(0.5)  # the refresh that listed the alert has drawn the plan too
+        assert page.locator(f'#plan .box[data-box-id="{calm}"]').get_attribute("data-status") == "online"
+    with psycopg.connect(demo.database_url, autocommit=True) as conn:
+        raise_alert(conn, box_id=watched, kind=AlertKind.RED_BOX_NEAR_LIMIT, subject="SEV-2", compartment=None,
+                    message=f"red box of box {watched} is near its limit", raised_by="test")  # fmt: skip
+    page.wait_for_selector(f'#plan .box[data-box-id="{watched}"][data-status="alerting"]', timeout=8_000)
+    assert {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}[watched]["alert_level"] in {"warning", "critical"}
+    title = page.locator(f'#plan .box[data-box-id="{watched}"] title').text_content() or ""
+    assert "red box near limit" in title
 
 
 def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) -> None:
@@ -255,7 +301,7 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             page.wait_for_selector("#connection[data-state=stream]", timeout=10_000)
             assert page.locator("#connection").inner_text() == "live (server-sent events)"
             page.evaluate("window.__sameDocument = true")
-            victim = IDS[3]
+            victim = VICTIM
             session = {b["box_id"]: b for b in api.get("/api/v1/boxes").json()}[victim]["session"]
             # A busy stream (an event every 50 ms, more often than the page's 200 ms refresh delay) must
             # not keep postponing the refresh that brings the alert.
@@ -268,6 +314,11 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
                 assert "Last Will" in title
                 if has_alerts:  # the offline alert the Last Will raised shows up too, well before the 10 s poll
                     page.wait_for_selector(f'#alerts tr[data-box-id="{victim}"]', timeout=8_000)
+
+            # Severity (docs/operations.md): an info alert (a parcel near the end of its pickup window) is
+            # listed but leaves its box green; a warning (a red box near its limit) colours its box.
+            if has_alerts:
+                check_severity_colours(page, demo, api)
 
             # Without a key (a new tab: empty sessionStorage) the page asks for one, then shows the boxes.
             other = browser.new_page()

@@ -10,8 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from backend.migrate import MigrationError, discover, migrate, split_statements
+from backend.operations.alerts import SEVERITY, AlertKind
 from backend.settings import TimescaleMode
 from molo.postgres import create_database, drop_database
 
@@ -261,3 +263,43 @@ def _upgrade_while_the_policy_runs(timescale_admin_url: str, tmp_path: Path) -> 
             assert total == (2,)
     finally:
         drop_database(url, timescale_admin_url)
+
+
+def test_0010_brings_old_alerts_in_line_with_the_severity_policy(blank_database: str, tmp_path: Path) -> None:
+    """Alerts stored before the severity policy (0001-0009, severities of the time) carry the policy's
+    after 0010, open or cleared; a door an operator took out of service stays info."""
+    for migration in discover():
+        if migration.version < 10:
+            for variant in migration.variants.values():
+                (tmp_path / variant.name).write_text(variant.read_text())
+    migrate(blank_database, TimescaleMode.OFF, directory=tmp_path)
+    old = [
+        ("box_offline", "", "warning", {"reason": "shutdown"}, False),
+        ("door_left_open", "5", "warning", {}, True),
+        ("compartment_fault", "3", "warning", {"fault": "jammed_door"}, False),
+        ("compartment_fault", "4", "info", {"fault": "out_of_service"}, False),
+        ("temperature_out_of_range", "", "warning", {}, True),
+        ("red_box_near_limit", "1", "warning", {}, False),
+        ("red_box_at_limit", "1", "critical", {}, False),
+        ("parcel_near_expiry", "NX-9", "warning", {}, False),
+    ]
+    with psycopg.connect(blank_database, autocommit=True) as conn:
+        for kind, subject, severity, details, cleared in old:
+            conn.execute(
+                "INSERT INTO alerts (box_id, kind, subject, severity, message, details, raised_by, cleared_at,"
+                " cleared_by) VALUES ('box-001', %s, %s, %s, 'old', %s, 'test', %s, %s)",
+                (
+                    kind,
+                    subject,
+                    severity,
+                    Jsonb(details),
+                    datetime.now(UTC) if cleared else None,
+                    "test" if cleared else None,
+                ),
+            )
+    migrate(blank_database, TimescaleMode.OFF)
+    with psycopg.connect(blank_database) as conn:
+        now: dict[str, str] = dict(conn.execute("SELECT kind || ':' || subject, severity FROM alerts").fetchall())
+    expected = {f"{kind}:{subject}": SEVERITY[AlertKind(kind)].value for kind, subject, *_ in old}
+    expected["compartment_fault:4"] = "info"
+    assert now == expected

@@ -101,6 +101,11 @@ def cleared(api: httpx.Client, box_id: str, kind: str) -> list[dict[str, Any]]:
     return [a for a in alerts(api, box_id, state="cleared") if a["kind"] == kind]
 
 
+def listed(api: httpx.Client, box_id: str) -> dict[str, Any]:
+    """The box as GET /api/v1/boxes lists it."""
+    return next(b for b in api.get("/api/v1/boxes").json() if b["box_id"] == box_id)
+
+
 def online(api: httpx.Client, box_id: str) -> bool:
     response = api.get(f"/api/v1/boxes/{box_id}")
     return response.status_code == 200 and response.json()["online"] is True
@@ -205,6 +210,8 @@ def test_door_left_open_raises_is_acknowledged_and_door_closed_clears(
         assert alert["raised_by"] == f"event door.left_open seq {seq}"
         assert alert["details"] == {"open_s": 180}
         assert alert["acknowledged_at"] is None
+        assert alert["severity"] == "critical"
+        assert listed(ops_api, "box-066")["alert_level"] == "critical"
 
         refused = ops_api.post(f"/api/v1/alerts/{alert['id']}/ack", headers=api_keys["researcher"])
         assert refused.status_code == 403
@@ -281,6 +288,8 @@ def test_red_box_near_then_at_limit_then_collected(
         assert near["subject"] == "1"
         assert near["details"]["weight_kg"] == pytest.approx(3.4)
         assert near["details"]["capacity_kg"] == 4.0
+        assert near["severity"] == "warning"
+        assert listed(ops_api, "box-068")["alert_level"] == "warning"
         assert open_alert(ops_api, "box-068", "red_box_at_limit") is None
         red = {r["compartment"]: r for r in ops_api.get("/api/v1/boxes/box-068").json()["red_boxes"]}
         assert red[1]["deposited_kg"] == pytest.approx(3.4)
@@ -290,6 +299,7 @@ def test_red_box_near_then_at_limit_then_collected(
         box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.PAINT, weight_kg=0.8))
         full = wait_for(lambda: open_alert(ops_api, "box-068", "red_box_at_limit"))
         assert full["severity"] == "critical"
+        assert listed(ops_api, "box-068")["alert_level"] == "critical"  # the highest open one
         assert open_alert(ops_api, "box-068", "red_box_near_limit")["id"] == near["id"]  # type: ignore[index]
         box.emit(WasteCollected(compartment=1, carrier="gls", weight_kg=4.2))
         wait_for(lambda: not [a for a in alerts(ops_api, "box-068", state="open") if a["kind"].startswith("red_box")])
@@ -344,6 +354,10 @@ def test_parcel_near_expiry_by_the_box_clock_and_collection_clears(
         assert alert["subject"] == "NX-1"
         assert alert["compartment"] == 7
         assert alert["details"]["carrier"] == "gls"
+        # Routine, by the severity policy: listed with the box's alerts, but it does not colour the box.
+        assert alert["severity"] == "info"
+        assert listed(ops_api, "box-070")["open_alert_kinds"] == ["parcel_near_expiry"]
+        assert listed(ops_api, "box-070")["alert_level"] is None
         box.emit(ParcelCollected(compartment=7, parcel_id="NX-1"))
         wait_for(lambda: open_alert(ops_api, "box-070", "parcel_near_expiry") is None)
         (done,) = cleared(ops_api, "box-070", "parcel_near_expiry")

@@ -43,10 +43,10 @@ def _now() -> datetime:
 async def list_boxes(conn: ConnDep, settings: SettingsDep, viewer: ViewerDep) -> list[BoxSummary]:
     rows = await repository.list_boxes(conn)
     fills = await repository.red_box_fills(conn)
-    kinds = await repository.open_alert_kinds(conn)
+    alerts = await repository.open_alerts_by_box(conn)
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
     now = _now()
-    return [service.summarize(r, now, timeout, fills, kinds.get(r["box_id"])) for r in rows]
+    return [service.summarize(r, now, timeout, fills, alerts.get(r["box_id"])) for r in rows]
 
 
 @router.get(

@@ -112,13 +112,15 @@ async def red_box_fills(conn: AsyncConnection[Any], box_id: str | None = None) -
         return {(r["box_id"], int(r["compartment"])): r for r in await cur.fetchall()}
 
 
-async def open_alert_kinds(conn: AsyncConnection[Any]) -> dict[str, list[str]]:
-    """The kinds of every box's open alerts (one entry per alert)."""
+async def open_alerts_by_box(conn: AsyncConnection[Any]) -> dict[str, list[tuple[str, str]]]:
+    """Kind and severity of every box's open alerts (one entry per alert)."""
     async with conn.cursor() as cur:
-        await cur.execute("SELECT box_id, kind FROM alerts WHERE cleared_at IS NULL ORDER BY box_id, raised_at")
-        out: dict[str, list[str]] = {}
-        for box_id, kind in await cur.fetchall():
-            out.setdefault(box_id, []).append(kind)
+        await cur.execute(
+            "SELECT box_id, kind, severity FROM alerts WHERE cleared_at IS NULL ORDER BY box_id, raised_at"
+        )
+        out: dict[str, list[tuple[str, str]]] = {}
+        for box_id, kind, severity in await cur.fetchall():
+            out.setdefault(box_id, []).append((kind, severity))
         return out
 
 

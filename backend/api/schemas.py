@@ -56,6 +56,11 @@ class BoxSummary(BaseModel):
     maintenance_since: datetime | None = None
     open_alerts: int = Field(0, description="open alerts of this box (GET /api/v1/alerts?box_id=... lists them)")
     open_alert_kinds: list[str] = Field(default_factory=list)
+    alert_level: Literal["critical", "warning"] | None = Field(
+        None,
+        description="the highest severity among this box's open alerts that colours it (docs/operations.md, "
+        "Severity): critical or warning; null when none is open or all are info (a parcel near expiry)",
+    )
 
 
 class CompartmentView(BaseModel):

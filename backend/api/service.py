@@ -21,7 +21,7 @@ from backend.api.schemas import (
     StatusReasonOut,
     TelemetryView,
 )
-from backend.operations.alerts import alert_data
+from backend.operations.alerts import alert_data, alert_level
 from contract import SIZE_DIMENSIONS_MM, BoxLayout, CompartmentKind, SizeClass
 from contract.domain import RED_BOX_MAX_KG
 
@@ -68,10 +68,10 @@ def summarize(
     now: datetime,
     timeout: timedelta,
     fills: dict[tuple[str, int], Row] | None = None,
-    alert_kinds: list[str] | None = None,
+    open_alerts: list[tuple[str, str]] | None = None,
 ) -> BoxSummary:
-    """The list view of a box; ``fills`` (red-box contents since collection) and ``alert_kinds``
-    (its open alerts) come from the operations tables."""
+    """The list view of a box; ``fills`` (red-box contents since collection) and ``open_alerts``
+    (kind and severity of each open alert) come from the operations tables."""
     online, reason, since = online_state(row, now, timeout)
     layout = _layout(row)
     readings, weights = _readings(row)
@@ -125,8 +125,9 @@ def summarize(
         battery_pct=row.get("battery_pct"),
         maintenance=bool(row.get("maintenance")),
         maintenance_since=row.get("maintenance_since"),
-        open_alerts=len(alert_kinds or []),
-        open_alert_kinds=sorted(set(alert_kinds or [])),
+        open_alerts=len(open_alerts or []),
+        open_alert_kinds=sorted({kind for kind, _ in open_alerts or []}),
+        alert_level=alert_level(severity for _, severity in open_alerts or []),
     )
 
 
@@ -139,7 +140,7 @@ def detail(
 ) -> BoxDetail:
     """One box with its compartments, latest telemetry and open alerts (``alerts``: alert rows)."""
     open_rows = alerts or []
-    summary = summarize(row, now, timeout, fills, [a["kind"] for a in open_rows])
+    summary = summarize(row, now, timeout, fills, [(a["kind"], a["severity"]) for a in open_rows])
     layout = _layout(row)
     readings, weights = _readings(row)
     compartments: list[CompartmentView] = []

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import psycopg
@@ -68,6 +68,33 @@ class Severity(StrEnum):
     INFO = "info"
     WARNING = "warning"
     CRITICAL = "critical"
+
+
+#: The severity policy (docs/operations.md, "Severity"): what an operator must act on now is critical,
+#: what needs watching is a warning; both colour the box on the dashboard and set its ``alert_level``.
+#: Info is listed with the alerts but never colours a box: a parcel nearing the end of its pickup
+#: window is routine, and the van takes it back on its next round.
+SEVERITY: dict[AlertKind, Severity] = {
+    AlertKind.BOX_OFFLINE: Severity.CRITICAL,
+    AlertKind.DOOR_LEFT_OPEN: Severity.CRITICAL,
+    AlertKind.COMPARTMENT_FAULT: Severity.CRITICAL,
+    AlertKind.RED_BOX_AT_LIMIT: Severity.CRITICAL,
+    AlertKind.TEMPERATURE_OUT_OF_RANGE: Severity.CRITICAL,
+    AlertKind.RED_BOX_NEAR_LIMIT: Severity.WARNING,
+    AlertKind.PARCEL_NEAR_EXPIRY: Severity.INFO,
+}
+#: The severities that colour a box.
+AlertLevel = Literal["critical", "warning"]
+
+
+def alert_level(severities: Iterable[str]) -> AlertLevel | None:
+    """The highest severity among a box's open alerts that colours it (None: none does)."""
+    present = set(severities)
+    if Severity.CRITICAL.value in present:
+        return "critical"
+    if Severity.WARNING.value in present:
+        return "warning"
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,7 +162,7 @@ def raise_alert(
     kind: AlertKind,
     subject: str = "",
     compartment: int | None = None,
-    severity: Severity,
+    severity: Severity | None = None,
     message: str,
     details: Mapping[str, Any] | None = None,
     raised_by: str,
@@ -145,6 +172,7 @@ def raise_alert(
     unless_newer: tuple[Sequence[str], int | None] | None = None,
 ) -> Row | None:
     """Open an alert (and notify ``alert.raised``) unless one is open for (box, kind, subject).
+    ``severity``: the kind's by the policy (:data:`SEVERITY`) unless given.
 
     ``unless_newer=(types, compartment)``: do nothing if an event of one of ``types`` (for that
     compartment) with a seq above ``raised_seq`` is already stored: the evidence is stale.
@@ -155,7 +183,7 @@ def raise_alert(
         "kind": kind.value,
         "subject": subject,
         "compartment": compartment,
-        "severity": severity.value,
+        "severity": (severity or SEVERITY[kind]).value,
         "message": message,
         "details": Jsonb(dict(details or {})),
         "by": raised_by,
@@ -316,7 +344,6 @@ class AlertEngine:
             conn,
             box_id=s.box_id,
             kind=AlertKind.BOX_OFFLINE,
-            severity=Severity.CRITICAL if s.reason == "connection_lost" else Severity.WARNING,
             message=f"box {s.box_id} {what}",
             details={"reason": s.reason, "session": s.session},
             raised_by=by,
@@ -360,7 +387,6 @@ class AlertEngine:
                 kind=AlertKind.DOOR_LEFT_OPEN,
                 subject=str(p.compartment),
                 compartment=p.compartment,
-                severity=Severity.WARNING,
                 message=f"door {p.compartment} of box {e.box_id} left open ({p.open_s:.0f} s)",
                 details={"open_s": p.open_s},
                 raised_by=by,
@@ -386,7 +412,8 @@ class AlertEngine:
                 kind=AlertKind.COMPARTMENT_FAULT,
                 subject=str(p.compartment),
                 compartment=p.compartment,
-                severity=Severity.INFO if deliberate else Severity.WARNING,
+                # Taken out of service on purpose (an operator's command) is not a fault to act on.
+                severity=Severity.INFO if deliberate else None,
                 message=f"compartment {p.compartment} of box {e.box_id}: {p.fault.value}"
                 + (f" ({p.detail})" if p.detail else ""),
                 details={"fault": p.fault.value, "detail": p.detail},
@@ -497,7 +524,6 @@ class AlertEngine:
                     conn,
                     box_id=box_id,
                     kind=AlertKind.TEMPERATURE_OUT_OF_RANGE,
-                    severity=Severity.CRITICAL if hot else Severity.WARNING,
                     message=f"box {box_id} is at {t:.1f} °C, "
                     + (f"above {r.temperature_max_c:g} °C (aerosols)" if hot else f"below {r.temperature_min_c:g} °C"),
                     details={
@@ -550,9 +576,9 @@ class AlertEngine:
             ratio = weight / cap
             details = {"weight_kg": round(weight, 3), "capacity_kg": cap, "fill_ratio": round(ratio, 4)}
             by = f"fill {weight:.2f} kg at seq {position}"
-            for kind, limit, severity, words in (
-                (AlertKind.RED_BOX_NEAR_LIMIT, self.rules.red_box_near_ratio, Severity.WARNING, "near its limit"),
-                (AlertKind.RED_BOX_AT_LIMIT, 1.0, Severity.CRITICAL, "at its limit"),
+            for kind, limit, words in (
+                (AlertKind.RED_BOX_NEAR_LIMIT, self.rules.red_box_near_ratio, "near its limit"),
+                (AlertKind.RED_BOX_AT_LIMIT, 1.0, "at its limit"),
             ):
                 is_open = (box_id, kind.value, str(cid)) in open_now
                 if ratio >= limit and not is_open:
@@ -562,7 +588,6 @@ class AlertEngine:
                         kind=kind,
                         subject=str(cid),
                         compartment=cid,
-                        severity=severity,
                         message=f"red box {cid} of box {box_id} is {words}: {weight:.2f} of {cap:g} kg",
                         details=details,
                         raised_by=by,

@@ -33,7 +33,6 @@ from backend.operations.alerts import (
     COMMAND_COLUMNS,
     AlertKind,
     AlertRules,
-    Severity,
     command_data,
     raise_alert,
 )
@@ -98,7 +97,6 @@ def _heartbeats(conn: psycopg.Connection[Any], rules: AlertRules) -> int:
             conn,
             box_id=c["box_id"],
             kind=AlertKind.BOX_OFFLINE,
-            severity=Severity.CRITICAL,
             message=f"box {c['box_id']} silent for over {rules.heartbeat_timeout_s:g} s (missed heartbeats)",
             details={"reason": "heartbeat_timeout", "last_received_at": c["last_received_at"].isoformat()},
             raised_by=f"sweep: nothing received since {c['last_received_at'].isoformat()}",
@@ -146,7 +144,6 @@ def _near_expiry(conn: psycopg.Connection[Any], rules: AlertRules) -> int:
             kind=AlertKind.PARCEL_NEAR_EXPIRY,
             subject=c["parcel_id"],
             compartment=c["compartment"],
-            severity=Severity.WARNING,
             message=f"parcel {c['parcel_id']} in compartment {c['compartment']} of box {c['box_id']} "
             f"expires in {max(left_h, 0):.1f} h",
             details={

@@ -176,13 +176,17 @@
     return box.status === "maintenance" || box.maintenance === true || box.in_maintenance === true;
   }
 
+  /** Alerts that colour a box: critical and warning (docs/operations.md, "Severity"). Info (a parcel
+   * near the end of its pickup window, a door taken out of service on purpose) is listed, never coloured. */
+  const colours = (a) => a.severity !== "info";
+
   /** One of online | alerting | maintenance | offline. Maintenance (an operator's decision) wins over
-   * offline, offline over alerting (an offline box usually has its offline alert open too). */
+   * offline, offline over alerting (an offline box usually has its offline alert open too). A box is
+   * alerting when the API gives it an alert_level, or an open alert of it that colours is listed. */
   function statusOf(box) {
     if (inMaintenance(box)) return "maintenance";
     if (!box.online) return "offline";
-    const listed = Array.isArray(box.open_alerts) ? box.open_alerts.length : Number(box.open_alerts) || 0;
-    if (listed > 0 || box.status === "alerting" || openAlertsOf(box.box_id).length > 0) return "alerting";
+    if (box.alert_level || box.status === "alerting" || openAlertsOf(box.box_id).some(colours)) return "alerting";
     return "online";
   }
 
@@ -310,7 +314,8 @@
     const reason = box.online ? "" : ` (${REASON_TEXT[box.status_reason] || box.status_reason})`;
     const kinds = (box.open_alert_kinds || []).map((k) => k.replaceAll("_", " "));
     const alerts = kinds.length ? `\nopen alerts: ${kinds.join(", ")}` : "";
-    return `${box.name || box.box_id} · ${box.box_id}\n${STATUS_TEXT[status]}${reason}${alerts}`;
+    const level = status === "alerting" && box.alert_level ? ` (${box.alert_level})` : "";
+    return `${box.name || box.box_id} · ${box.box_id}\n${STATUS_TEXT[status]}${level}${reason}${alerts}`;
   }
 
   function renderBoxes() {
