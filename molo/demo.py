@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Literal
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import SecretStr
 
 from backend.access.keys import Role, rotate_named_key
@@ -88,10 +89,19 @@ def run_demo(
         report = migrate(url, settings.timescale)
         log.info("database ready: %s, schema v%d (%s)", where_db, report.current, report.flavour)
         api_key = "(none outside development: `molo keys create --role operator --name ...`)"
+        other_keys = ""
         dashboard_url = "/dashboard   (asks for a key)"
         if settings.environment is Environment.DEVELOPMENT:
+            # One key of each role, renewed every run (the older runs' keys stop working).
+            carrier = next(iter(scenario.delivery.carriers), "postnord")
             with psycopg.connect(url, autocommit=True) as conn:
                 api_key = rotate_named_key(conn, role=Role.OPERATOR, name="molo demo operator").token
+                courier = rotate_named_key(conn, role=Role.COURIER, name="molo demo courier", carrier=carrier)
+                researcher = rotate_named_key(conn, role=Role.RESEARCHER, name="molo demo researcher")
+            other_keys = (
+                f"  courier key  {courier.token}   (carrier {carrier}: GET /api/v1/courier/capacity, reservations)\n"
+                f"  research key {researcher.token}   (researcher: KPIs, POST /api/v1/experiments)\n"
+            )
             dashboard_url = f"/dashboard#key={api_key}"
         register_boxes(url, network.boxes)  # where each box stands, for the dashboard's plan
 
@@ -202,8 +212,10 @@ def run_demo(
             f"\nMoLo Hubs demo running\n"
             f"  API          {server.url}/api/v1/boxes   (OpenAPI: {server.url}/docs, metrics: {server.url}/metrics)\n"
             f"  API key      {api_key}   (operator; send it as the X-API-Key header)\n"
+            f"{other_keys}"
             f"  dashboard    {server.url}{dashboard_url}\n"
             f"  database     {where_db}\n"
+            f"               MOLO_DATABASE_URL='{shown_url(url)}' ./molo.sh keys create --role ... --name ...\n"
             f"  broker       {where_broker}\n"
             f"  simulator    {len(ids)} boxes ({ids[0]} .. {ids[-1]}) of scenario '{scenario.name}', live at "
             f"{speed:g}x (a simulated hour every {3600 / speed:g} s)"
@@ -251,3 +263,12 @@ def _report_until(
             )
             if duration_s is not None and time.monotonic() - started >= duration_s:
                 return
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (it is printed)."""
+    params = conninfo_to_dict(url)
+    if params.get("password"):
+        params["password"] = "***"  # noqa: S105 - a mask, not a secret
+        return make_conninfo(**params)  # type: ignore[arg-type]
+    return url

@@ -77,6 +77,30 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path, broke
         }
         assert any(stored.values()), "no box has stored events"
         assert "simulator    3 boxes (aal-001 .. aal-003)" in "".join(lines)
+
+        # A key of every role, each working where its role may go, and a database line that works with
+        # `molo keys create` as printed.
+        text = "".join(lines)
+        courier = re.search(r"courier key\s+(molo_\S+)\s+\(carrier (\w+)", text)
+        research = re.search(r"research key\s+(molo_\S+)", text)
+        assert courier is not None, text
+        assert research is not None, text
+        near = {"lat": boxes[0]["latitude"], "lon": boxes[0]["longitude"], "size_class": "A"}
+        capacity = f"{url}/api/v1/courier/capacity"
+        answer = httpx.get(capacity, params=near, headers={"X-API-Key": courier[1]}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert httpx.get(f"{url}/api/v1/kpis", headers={"X-API-Key": research[1]}, timeout=10).status_code == 200
+        refused = httpx.get(capacity, params=near, headers={"X-API-Key": research[1]}, timeout=10)
+        assert refused.status_code == 403  # each key only where its role may go
+        printed = re.search(r"MOLO_DATABASE_URL='([^']+)' \./molo\.sh keys create", text)
+        assert printed is not None, text
+        create = [sys.executable, "-m", "molo.cli", "keys", "create", "--role", "operator", "--name", "from the line"]
+        env_url = {**os.environ, "MOLO_DATABASE_URL": printed[1]}
+        made = subprocess.run(create, env=env_url, capture_output=True, text=True, timeout=60, check=False)
+        assert made.returncode == 0, made.stderr
+        token = re.search(r"molo_\S+", made.stdout)
+        assert token is not None, made.stdout
+        assert httpx.get(f"{url}/api/v1/boxes", headers={"X-API-Key": token[0]}, timeout=10).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
