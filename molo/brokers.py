@@ -157,6 +157,9 @@ class RunningBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                # Its own session: a Ctrl-C in the terminal goes to the terminal's process group, and
+                # the broker must outlive the boxes flushing their outboxes through it; its owner stops it.
+                start_new_session=True,
             )
         self._wait_until_ready(timeout)
 

@@ -37,13 +37,15 @@ from molo.brokers import mosquitto_available, start_amqtt, start_mosquitto
 from molo.postgres import EmbeddedPostgres
 from molo.provision import Credentials, provision
 from molo.registry import register_boxes
-from simulator.live import LiveStats, run_live
+from simulator.live import LiveResult, LiveStats, run_live
 from simulator.params import Scenario, resolve
 from simulator.run import network_for
 
 log = logging.getLogger("molo.demo")
 #: The broker user the API's command sender logs in as (a service user of role ``api``).
 API_MQTT_USER = "api"
+#: Seconds the boxes have, all at once, to deliver what their outboxes hold when the demo stops.
+DRAIN_S = 5.0
 
 
 def run_demo(
@@ -149,20 +151,7 @@ def run_demo(
             )
             return 2
 
-        # -- ingest
-        worker_settings = settings.model_copy(
-            update={"mqtt_protocol": protocol, "ingest_shared": shared, "worker_id": "demo"}
-        )
-        worker = build_worker(
-            worker_settings, database_url=url, mqtt_host=host, mqtt_port=port, password=ingest_password
-        )
-        worker.start()
-        stack.callback(worker.stop)
-        if not worker.mqtt.subscribed.wait(15):
-            log.error("ingest could not subscribe: %s", worker.mqtt.last_error)
-            return 1
-
-        # -- API
+        # -- API (started before the ingest, so that on the way out the ingest drains before the API stops)
         try:
             # The API sends commands to boxes through the same broker as a user of its own: the
             # broker binds a client id to its user, so sharing the ingest's would take its session.
@@ -181,11 +170,25 @@ def run_demo(
             return 1
         stack.callback(server.stop)
 
+        # -- ingest
+        worker_settings = settings.model_copy(
+            update={"mqtt_protocol": protocol, "ingest_shared": shared, "worker_id": "demo"}
+        )
+        worker = build_worker(
+            worker_settings, database_url=url, mqtt_host=host, mqtt_port=port, password=ingest_password
+        )
+        worker.start()
+        stack.callback(worker.stop)
+        if not worker.mqtt.subscribed.wait(15):
+            log.error("ingest could not subscribe: %s", worker.mqtt.last_error)
+            return 1
+
         # -- the boxes: the live simulator, one firmware stub per box
         live_stats = LiveStats(speed=speed)
         sim_stop = threading.Event()
+        sim_results: list[LiveResult] = []
         sim_thread = threading.Thread(
-            target=run_live,
+            target=lambda **kwargs: sim_results.append(run_live(**kwargs)),
             name="simulator",
             kwargs={
                 "scenario": scenario,
@@ -198,6 +201,7 @@ def run_demo(
                 "stop": sim_stop,
                 "protocol": box_protocol,
                 "stats": live_stats,
+                "drain_timeout": DRAIN_S,
             },
             daemon=True,
         )
@@ -205,7 +209,7 @@ def run_demo(
 
         def _stop_simulator() -> None:
             sim_stop.set()
-            sim_thread.join(120)
+            sim_thread.join(DRAIN_S + 10)
 
         stack.callback(_stop_simulator)
         print(
@@ -224,9 +228,24 @@ def run_demo(
             flush=True,
         )
         _report_until(stop, url, live_stats, scenario, sim_thread, duration_s)
-        print("stopping: simulator (flushing box outboxes), ingest, API, services ...", flush=True)
-    print("stopped cleanly.")
-    return 0
+        stopping = time.monotonic()
+        print("stopping: simulator, box outboxes, ingest, API, broker, database ...", flush=True)
+    print(_stopped_line(sim_results, var_dir / "boxes", time.monotonic() - stopping), flush=True)
+    return 0 if sim_results else 1
+
+
+def _stopped_line(results: list[LiveResult], outboxes: Path, seconds: float) -> str:
+    """What the demo says at the end: whether every box message reached the database, or how many
+    wait in the boxes' outboxes (on disk, sent at the next start)."""
+    if not results:
+        return f"stopped in {seconds:.1f} s, but the simulator did not finish: see the log above"
+    left = results[0].left_in_outboxes
+    if left == 0:
+        return f"stopped cleanly in {seconds:.1f} s: every box message was delivered and stored."
+    return (
+        f"stopped in {seconds:.1f} s: {left} box messages were not delivered in {DRAIN_S:g} s; they are kept in "
+        f"the outboxes in {outboxes} and sent when the boxes next start."
+    )
 
 
 def _report_until(

@@ -236,6 +236,31 @@ def check_severity_colours(page: Any, demo: Demo, api: httpx.Client) -> None:
     assert "red box near limit" in title
 
 
+def check_kpi_chart(page: Any) -> None:
+    """The chart has a scale on both sides (round ticks, zero among the per-day ones), every bar stays
+    inside the plot, and the boxes' current day, not over yet, is drawn apart and labelled "so far"."""
+    left = page.locator("#kpi-chart text.y-tick:not(.total-tick)").all_text_contents()
+    right = page.locator("#kpi-chart text.total-tick").all_text_contents()
+    assert len(left) >= 2, left
+    assert len(right) >= 2, right
+    assert any(t.strip().startswith("0") for t in left), left
+    box = page.evaluate("""() => {
+        const chart = document.getElementById("kpi-chart");
+        const [, , , height] = chart.getAttribute("viewBox").split(" ").map(Number);
+        const bars = [...chart.querySelectorAll("rect.bar")].map((r) => ({
+            top: Number(r.getAttribute("y")), bottom: Number(r.getAttribute("y")) + Number(r.getAttribute("height")),
+            partial: r.classList.contains("partial"), day: r.dataset.day }));
+        const clock = document.getElementById("clock").textContent;
+        return { height, bars, clock };
+    }""")
+    assert box["bars"], box
+    assert all(0 <= b["top"] <= b["bottom"] <= box["height"] - 28 + 0.1 for b in box["bars"]), box
+    assert not any(b["partial"] for b in box["bars"][:-1]), box  # only the newest day can be unfinished
+    if box["bars"][-1]["day"] in box["clock"]:  # the boxes are on that day now
+        assert box["bars"][-1]["partial"], box
+        assert "so far" in (page.locator("#kpi-chart").text_content() or "")
+
+
 def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) -> None:
     """The browser part of the test above (``api`` authenticates as the operator)."""
 
@@ -292,6 +317,7 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
                 page.locator("#kpis .kpi-totals").wait_for(timeout=20_000)
                 page.locator("#kpi-chart rect.bar").first.wait_for(timeout=20_000)  # visible
                 assert kpis.json()["groups"][0]["key"]["day"] in page.locator("#kpi-chart").inner_html()
+                check_kpi_chart(page)
             has_alerts = api.get("/api/v1/alerts").status_code != 404
             page.locator("#alerts table, #alerts p").first.wait_for(timeout=10_000)
             assert "Alerts unavailable" not in page.locator("#alerts").inner_text()

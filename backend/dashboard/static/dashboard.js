@@ -388,6 +388,7 @@
     $("plan-title").textContent = `Boxes (${boxes.length})`;
     // The newest device time of any box: simulated time when the simulator drives the boxes.
     const newest = boxes.map((b) => b.last_seen_at).filter(Boolean).sort().pop();
+    state.boxTime = newest || null;
     $("clock").textContent = newest ? `box time ${fmtTime(newest)}` : "";
   }
 
@@ -642,6 +643,17 @@
     renderChart(state.kpi.groups || []);
   }
 
+  /** About ``count`` round tick values (1, 2 or 5 times a power of ten) covering [lo, hi]. */
+  function niceTicks(lo, hi, count = 4) {
+    const span = hi - lo || Math.abs(hi) || 1;
+    const raw = span / count;
+    const power = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+    const ticks = [];
+    for (let v = Math.floor(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(Number(v.toPrecision(12)));
+    return ticks;
+  }
+
   function renderChart(groups) {
     const chart = $("kpi-chart");
     const days = groups
@@ -653,19 +665,27 @@
       return;
     }
     chart.toggleAttribute("hidden", false);
+    // The boxes' current day is not over: its figure is what has happened so far (it can be negative
+    // while the day's van km are counted and its pickups are still to come), so it is drawn apart.
+    const clock = state.boxTime ? new Date(state.boxTime) : null;
+    const today = clock && !Number.isNaN(clock.getTime()) ? clock.toISOString().slice(0, 10) : null;
+    days.forEach((d) => (d.partial = today !== null && String(d.day) >= today));
     const width = Math.max(320, Math.round(chart.getBoundingClientRect().width || 640));
     const height = 220;
     chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
     chart.setAttribute("preserveAspectRatio", "xMidYMid meet");
-    const pad = { l: 56, r: 64, t: 14, b: 28 };
+    const pad = { l: 64, r: 72, t: 14, b: 28 };
     const w = width - pad.l - pad.r;
     const h = height - pad.t - pad.b;
     let running = 0;
     const cumulative = days.map((d) => (running += d.kg));
-    const maxDay = Math.max(...days.map((d) => d.kg), 1e-9);
-    const maxTotal = Math.max(...cumulative, 1e-9);
-    const minDay = Math.min(0, ...days.map((d) => d.kg));
-    const yDay = (v) => pad.t + h - ((v - minDay) / (maxDay - minDay)) * h;
+    // The per-day axis (left) spans every bar and zero, in round ticks; the running total has its own (right).
+    const dayTicks = niceTicks(Math.min(0, ...days.map((d) => d.kg)), Math.max(0, ...days.map((d) => d.kg)));
+    const lo = dayTicks[0];
+    const hi = Math.max(dayTicks[dayTicks.length - 1], lo + 1e-9);
+    const totalTicks = niceTicks(0, Math.max(...cumulative, 0));
+    const maxTotal = Math.max(totalTicks[totalTicks.length - 1], 1e-9);
+    const yDay = (v) => pad.t + h - ((v - lo) / (hi - lo)) * h;
     const yTotal = (v) => pad.t + h - (Math.max(v, 0) / maxTotal) * h;
     const step = w / days.length;
     const barWidth = Math.min(Math.max(step * 0.7, 1), 48);
@@ -673,29 +693,36 @@
       svg(
         "rect",
         {
-          class: "bar",
+          class: d.partial ? "bar partial" : "bar",
+          "data-day": d.day,
           x: (pad.l + (i + 0.5) * step - barWidth / 2).toFixed(1),
           y: Math.min(yDay(d.kg), yDay(0)).toFixed(1),
           width: barWidth.toFixed(1),
           height: Math.abs(yDay(0) - yDay(d.kg)).toFixed(1),
         },
-        svg("title", {}, `${d.day}: ${fmtKg(d.kg)} CO₂e avoided`),
+        svg("title", {}, `${d.day}${d.partial ? " (so far: the day is not over)" : ""}: ${fmtKg(d.kg)} CO₂e avoided`),
       ),
     );
     const line = cumulative.map((v, i) => `${(pad.l + (i + 0.5) * step).toFixed(1)},${yTotal(v).toFixed(1)}`).join(" ");
     const ticks = [];
     const every = Math.max(1, Math.ceil(days.length / 8));
     days.forEach((d, i) => {
-      if (i % every === 0) ticks.push(svg("text", { x: pad.l + (i + 0.5) * step, y: height - 8, "text-anchor": "middle" }, String(d.day).slice(5)));
+      if (i % every === 0 || (d.partial && i === days.length - 1)) {
+        const label = String(d.day).slice(5) + (d.partial ? " so far" : "");
+        ticks.push(svg("text", { x: pad.l + (i + 0.5) * step, y: height - 8, "text-anchor": "middle" }, label));
+      }
     });
+    const grid = dayTicks.map((v) => svg("line", { class: v === 0 ? "axis" : "grid", x1: pad.l, y1: yDay(v), x2: width - pad.r, y2: yDay(v) }));
+    const left = dayTicks.map((v) => svg("text", { class: "y-tick", x: pad.l - 6, y: yDay(v) + 4, "text-anchor": "end" }, fmtKg(v)));
+    const right = totalTicks.map((v) => svg("text", { class: "y-tick total-tick", x: width - pad.r + 6, y: yTotal(v) + 4 }, fmtKg(v)));
     chart.replaceChildren(
-      svg("line", { class: "axis", x1: pad.l, y1: yDay(0), x2: width - pad.r, y2: yDay(0) }),
+      ...grid,
       ...bars,
       svg("polyline", { class: "total", points: line }),
-      svg("text", { x: pad.l - 6, y: pad.t + 8, "text-anchor": "end" }, fmtKg(maxDay)),
-      svg("text", { x: pad.l - 6, y: pad.t + 22, "text-anchor": "end" }, "per day"),
-      svg("text", { x: width - pad.r + 6, y: pad.t + 8 }, fmtKg(maxTotal)),
-      svg("text", { x: width - pad.r + 6, y: pad.t + 22 }, "in total"),
+      ...left,
+      ...right,
+      svg("text", { x: pad.l - 6, y: height - 8, "text-anchor": "end" }, "per day"),
+      svg("text", { x: width - pad.r + 6, y: height - 8 }, "in total"),
       ...ticks,
     );
   }
