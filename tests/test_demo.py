@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
+
+from molo.postgres import EmbeddedPostgres
 
 
 @pytest.mark.parametrize("broker", ["auto", "amqtt"])
@@ -118,3 +121,40 @@ def test_demo_runs_the_whole_pipeline_on_embedded_defaults(tmp_path: Path, broke
     assert "connection refused" not in output.lower()
     assert ("in-process amqtt" in output) == (broker == "amqtt")
     assert "Traceback" not in output
+
+
+def _demo_for(var: Path, seconds: float) -> str:
+    """Run `molo demo` (2 boxes, fast) for ``seconds`` into ``var``; its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOLO_")}
+    args = ["demo", "--boxes", "2", "--port", "0", "--speed", "36000", "--duration", str(seconds), "--var", str(var)]
+    done = subprocess.run(
+        [sys.executable, "-m", "molo.cli", "--log-level", "WARNING", *args],
+        env=env, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_second_demo_starts_from_a_clean_database_and_stores_each_parcel_once(tmp_path: Path) -> None:
+    """The simulation always starts at its first day, so a second run into the same var/ must not keep
+    the first's data (every parcel would be stored again under a new session and the KPIs would count
+    it twice): it says it starts clean, keeps the broker passwords, and afterwards every parcel's
+    deposit is stored exactly once."""
+    var = tmp_path / "var"
+    first = _demo_for(var, 12)
+    assert "starting from a clean database" not in first
+    secrets = sorted(p.name for p in (var / "secrets").iterdir())
+    second = _demo_for(var, 12)
+    assert "starting from a clean database: removed the previous demo's data" in second, second
+    assert sorted(p.name for p in (var / "secrets").iterdir()) == secrets
+    pg = EmbeddedPostgres(var / "postgres").start()
+    try:
+        with psycopg.connect(pg.url("molo")) as conn:
+            deposits, twice = conn.execute(
+                "SELECT count(*), count(*) - count(DISTINCT payload->>'parcel_id') FROM events"
+                " WHERE type = 'parcel.deposited'"
+            ).fetchone() or (0, 0)
+    finally:
+        pg.stop()
+    assert deposits > 0
+    assert twice == 0
