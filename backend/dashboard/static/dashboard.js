@@ -643,14 +643,17 @@
     renderChart(state.kpi.groups || []);
   }
 
-  /** About ``count`` round tick values (1, 2 or 5 times a power of ten) covering [lo, hi]. */
+  /** About ``count`` round tick values (1, 2 or 5 times a power of ten) from at most ``lo`` to at
+   * least ``hi``: the first tick is at or below every value, the last at or above. */
   function niceTicks(lo, hi, count = 4) {
     const span = hi - lo || Math.abs(hi) || 1;
     const raw = span / count;
     const power = 10 ** Math.floor(Math.log10(raw));
     const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+    const first = Math.floor(lo / step);
+    const last = Math.max(Math.ceil(hi / step), first + 1);
     const ticks = [];
-    for (let v = Math.floor(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(Number(v.toPrecision(12)));
+    for (let i = first; i <= last; i += 1) ticks.push(Number((i * step).toPrecision(12)));
     return ticks;
   }
 
