@@ -366,6 +366,35 @@ def test_parcel_near_expiry_by_the_box_clock_and_collection_clears(
         box.stop()
 
 
+def test_times_are_the_boxes_clock_with_the_received_time_beside(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """A box whose clock reads 2026-01-01 (as in simulation) while the backend's reads today: its status
+    since and its alert's raised_ts are the box's time, the received times the backend's; after a Last
+    Will (which carries no time) the status is dated by the box's last message."""
+    now = [T0]
+    box = firmware(broker, credentials, "box-079", tmp_path, clock=lambda: now[0])
+    try:
+        wait_for(lambda: online(ops_api, "box-079"))
+        shown = listed(ops_api, "box-079")
+        assert shown["status_since"] == "2026-01-01T00:00:00Z"
+        assert shown["status_received_at"] is not None
+        assert shown["status_received_at"] > "2026-06"  # the backend's own clock: today, not the box's
+        now[0] = T0 + 5 * HOUR_MS
+        box.emit(DoorLeftOpen(compartment=3, open_s=200))
+        alert = wait_for(lambda: open_alert(ops_api, "box-079", "door_left_open"))
+        assert alert["raised_ts"] == "2026-01-01T05:00:00Z"
+        assert alert["raised_at"] > "2026-06"
+        box.kill()
+        wait_for(lambda: not online(ops_api, "box-079"))
+        gone = listed(ops_api, "box-079")
+        assert gone["status_reason"] == "connection_lost"
+        assert gone["status_since"] == gone["last_seen_at"] == "2026-01-01T05:00:00Z"  # last heard, box time
+        assert gone["status_received_at"] > "2026-06"
+    finally:
+        box.stop()
+
+
 # --------------------------------------------------------------------------- commands
 
 

@@ -16,7 +16,7 @@ Row = dict[str, Any]
 
 _BOX_SELECT = """
     SELECT coalesce(b.box_id, s.box_id) AS box_id, b.name, b.latitude, b.longitude, b.layout, b.firmware,
-           s.status_online, s.status_session, s.status_changed_at, s.status_reason,
+           s.status_online, s.status_session, s.status_ts, s.status_changed_at, s.status_reason,
            s.last_seq, s.last_seen_at, s.last_received_at,
            s.telemetry_ts, s.telemetry_seq, s.power, s.battery_pct, s.temperature_c, s.compartments, s.red_boxes,
            coalesce(s.maintenance, false) AS maintenance, s.maintenance_since

@@ -42,7 +42,15 @@ class BoxSummary(BaseModel):
     longitude: float | None
     online: bool
     status_reason: StatusReasonOut
-    status_since: datetime | None = Field(description="when the box went online or offline, as the backend saw it")
+    status_since: datetime | None = Field(
+        description="when the box went online or offline, by the box's clock (a Last Will or a silence: when the "
+        "box was last heard); docs/operations.md, Times"
+    )
+    status_received_at: datetime | None = Field(
+        None,
+        description="when the backend saw that change, by its own clock (differs from status_since in "
+        "simulation and when messages arrive late)",
+    )
     session: int
     last_seen_at: datetime | None = Field(description="newest device timestamp of any message")
     last_received_at: datetime | None

@@ -478,7 +478,7 @@
     );
     const facts = [
       ["status", `${STATUS_TEXT[status]}${merged.online ? "" : ` – ${REASON_TEXT[merged.status_reason] || merged.status_reason}`}`],
-      ["status since", `${fmtTime(merged.status_since)} (as received)`],
+      ["status since", `${fmtTime(merged.status_since)}${receivedNote(merged.status_since, merged.status_received_at)}`],
       ["last message", fmtTime(merged.last_seen_at)],
       ["parcel doors", occupancy.join(" · ") || "–"],
       ["temperature", d.temperature_c === null ? "–" : `${fmtNumber(d.temperature_c, 1)} °C`],
@@ -520,7 +520,17 @@
 
   const alertKind = (a) => a.kind ?? a.type ?? a.code ?? "alert";
   const alertMessage = (a) => a.message ?? a.detail ?? a.description ?? "";
-  const alertSince = (a) => a.raised_at ?? a.opened_at ?? a.since ?? a.created_at ?? null;
+  /** When it happened, by the box's clock (raised_ts); the backend's clock only if the box gave none. */
+  const alertSince = (a) => a.raised_ts ?? a.raised_at ?? a.opened_at ?? a.since ?? a.created_at ?? null;
+
+  /** " (received …)" when the backend saw it more than a minute from the box's time (simulation, late
+   * messages); every time on the page is the box's clock, this says when it arrived. */
+  function receivedNote(boxTime, receivedTime) {
+    const a = Date.parse(boxTime);
+    const b = Date.parse(receivedTime);
+    if (!boxTime || !receivedTime || Number.isNaN(a) || Number.isNaN(b) || Math.abs(a - b) < 60_000) return "";
+    return ` (received ${fmtTime(receivedTime)})`;
+  }
 
   function isOpen(a) {
     const st = String(a.state ?? a.status ?? "open").toLowerCase();
@@ -561,7 +571,13 @@
           el("td", {}, el("span", { class: "sev", "data-severity": a.severity || "warning" }, a.severity || "warning")),
           el("td", {}, a.box_id || "–"),
           el("td", {}, alertKind(a), alertMessage(a) ? el("div", { class: "hint" }, alertMessage(a)) : null),
-          el("td", {}, fmtTime(alertSince(a)), a.acknowledged_at ? el("div", { class: "hint" }, "acknowledged") : null),
+          el(
+            "td",
+            { class: "since" },
+            fmtTime(alertSince(a)),
+            receivedNote(a.raised_ts, a.raised_at) ? el("div", { class: "hint" }, receivedNote(a.raised_ts, a.raised_at).trim()) : null,
+            a.acknowledged_at ? el("div", { class: "hint" }, "acknowledged") : null,
+          ),
         ),
       );
     target.replaceChildren(
