@@ -235,6 +235,26 @@ def check_severity_colours(page: Any, demo: Demo, api: httpx.Client) -> None:
     title = page.locator(f'#plan .box[data-box-id="{watched}"] title').text_content() or ""
     assert "red box near limit" in title
 
+    # The operator's alert panel: by default the most severe first; filtered to info it lists only the
+    # info alerts; an info alert acknowledged from its row is acknowledged in the API too.
+    rows = page.locator("#alerts tr.alert-row")
+    severities = rows.evaluate_all("rs => rs.map(r => r.dataset.severity)")
+    rank = {"critical": 0, "warning": 1, "info": 2}
+    assert [rank[s] for s in severities] == sorted(rank[s] for s in severities), severities
+    page.select_option("#alert-severity", "info")
+    assert set(rows.evaluate_all("rs => rs.map(r => r.dataset.severity)")) == {"info"}
+    row = page.locator(f'#alerts tr.alert-row[data-box-id="{calm}"][data-severity="info"]')
+    alert_id = row.get_attribute("data-alert-id")
+    row.locator("button.ack").click()
+    page.wait_for_selector(f'#alerts tr.alert-row[data-alert-id="{alert_id}"] .acknowledged', timeout=8_000)
+    acked = api.get(f"/api/v1/alerts/{alert_id}").json()
+    assert acked["acknowledged_at"] is not None
+    assert acked["acknowledged_by"].startswith("dashboard test")
+    page.select_option("#alert-severity", "all")
+    page.select_option("#alert-sort", "box")
+    boxes_in_order = rows.evaluate_all("rs => rs.map(r => r.dataset.boxId)")
+    assert boxes_in_order == sorted(boxes_in_order)
+
 
 def check_kpi_chart(page: Any) -> None:
     """The chart has a scale on both sides (round ticks, zero among the per-day ones), every bar stays

@@ -125,8 +125,8 @@
     }
   }
 
-  async function api(path) {
-    const response = await fetch(API + path, { headers: headers({ Accept: "application/json" }), cache: "no-store" });
+  async function api(path, method = "GET") {
+    const response = await fetch(API + path, { method, headers: headers({ Accept: "application/json" }), cache: "no-store" });
     let body = null;
     try {
       body = await response.json();
@@ -551,6 +551,34 @@
     }
   }
 
+  const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
+  const newestFirst = (a, b) => String(alertSince(b)).localeCompare(String(alertSince(a)));
+  const ALERT_ORDER = {
+    severity: (a, b) => (SEVERITY_RANK[a.severity] ?? 1) - (SEVERITY_RANK[b.severity] ?? 1) || newestFirst(a, b),
+    since: newestFirst,
+    box: (a, b) => String(a.box_id).localeCompare(String(b.box_id)) || newestFirst(a, b),
+  };
+
+  const ackErrors = new Map(); // alert id -> why acknowledging it failed
+
+  /** Acknowledge an alert (operators): the API records who and when; the condition still clears it. */
+  async function acknowledge(alert, button) {
+    button.disabled = true;
+    try {
+      await api(`/alerts/${alert.id}/ack`, "POST");
+      alert.acknowledged_at = new Date().toISOString();
+      refreshSoon(200);
+    } catch (err) {
+      button.disabled = false;
+      ackErrors.set(alert.id, err.status === 403 ? "this key may not acknowledge (operators only)" : err.message);
+    }
+    renderAlerts();
+  }
+
+  function setupAlertControls() {
+    for (const id of ["alert-severity", "alert-sort"]) $(id).addEventListener("change", () => renderAlerts());
+  }
+
   function renderAlerts() {
     const target = $("alerts");
     $("alert-count").textContent = state.alerts ? `(${state.alerts.length})` : "";
@@ -562,12 +590,24 @@
       target.replaceChildren(el("p", { class: "hint" }, "No open alerts."));
       return;
     }
-    const rows = [...state.alerts]
-      .sort((a, b) => String(alertSince(b)).localeCompare(String(alertSince(a))))
+    const shown = $("alert-severity").value;
+    const chosen = state.alerts.filter((a) => shown === "all" || (a.severity || "warning") === shown);
+    if (!chosen.length) {
+      target.replaceChildren(el("p", { class: "hint" }, `No open ${shown} alerts.`));
+      return;
+    }
+    const rows = chosen
+      .sort(ALERT_ORDER[$("alert-sort").value] || ALERT_ORDER.severity)
       .map((a) =>
         el(
           "tr",
-          { class: "alert-row", "data-box-id": a.box_id, onclick: () => a.box_id && select(a.box_id) },
+          {
+            class: "alert-row",
+            "data-box-id": a.box_id,
+            "data-alert-id": a.id,
+            "data-severity": a.severity || "warning",
+            onclick: () => a.box_id && select(a.box_id),
+          },
           el("td", {}, el("span", { class: "sev", "data-severity": a.severity || "warning" }, a.severity || "warning")),
           el("td", {}, a.box_id || "–"),
           el("td", {}, alertKind(a), alertMessage(a) ? el("div", { class: "hint" }, alertMessage(a)) : null),
@@ -576,7 +616,17 @@
             { class: "since" },
             fmtTime(alertSince(a)),
             receivedNote(a.raised_ts, a.raised_at) ? el("div", { class: "hint" }, receivedNote(a.raised_ts, a.raised_at).trim()) : null,
-            a.acknowledged_at ? el("div", { class: "hint" }, "acknowledged") : null,
+            a.acknowledged_at
+              ? el("div", { class: "hint acknowledged" }, "acknowledged")
+              : el("button", {
+                  type: "button",
+                  class: "ack",
+                  onclick: (event) => {
+                    event.stopPropagation(); // not a click on the row (which opens the box)
+                    acknowledge(a, event.currentTarget);
+                  },
+                }, "acknowledge"),
+            ackErrors.has(a.id) ? el("div", { class: "hint ack-error" }, `not acknowledged: ${ackErrors.get(a.id)}`) : null,
           ),
         ),
       );
@@ -890,6 +940,7 @@
     state.key = readKey();
     $("forget-key").hidden = !state.key;
     setupKeyDialog();
+    setupAlertControls();
     await loadPlan();
     renderBoxes();
     openStream();
