@@ -178,14 +178,16 @@ def test_silent_box_gets_heartbeat_alert_and_clears_when_heard(
         close(client)
 
 
-def _telemetry(temperature_c: float, red_box_kg: float = 0.0) -> EventPayload:
+def _telemetry(temperature_c: float, red_box_kg: float = 0.0, occupied: int = 0) -> EventPayload:
     from contract.messages import CompartmentReading, PowerSource, RedBoxReading, Telemetry
 
     layout = default_layout()
     return Telemetry(
         power=PowerSource.MAINS,
         temperature_c=temperature_c,
-        compartments=[CompartmentReading(id=c.id, occupied=False) for c in layout.parcel_compartments],
+        compartments=[
+            CompartmentReading(id=c.id, occupied=i < occupied) for i, c in enumerate(layout.parcel_compartments)
+        ],
         red_boxes=[RedBoxReading(compartment=c.id, weight_kg=red_box_kg) for c in layout.red_boxes],
     )
 
@@ -393,6 +395,55 @@ def test_times_are_the_boxes_clock_with_the_received_time_beside(
         assert gone["status_received_at"] > "2026-06"
     finally:
         box.stop()
+
+
+def test_history_buckets_a_boxs_telemetry_by_its_clock(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """Five readings over three hours of the box's clock come back as three hourly buckets with the
+    doors occupied (mean, max), the fullest red box and the temperature (mean, min, max); a range
+    backwards, too many buckets and an unknown box get precise errors."""
+    now = [T0]
+    box = firmware(broker, credentials, "box-080", tmp_path, clock=lambda: now[0])
+    readings = [(0, 10.0, 0.5, 2), (30, 12.0, 0.7, 4), (60, 20.0, 1.0, 4), (90, 22.0, 1.2, 6), (150, -3.0, 0.1, 0)]
+    try:
+        wait_for(lambda: online(ops_api, "box-080"))
+        for minute, temperature, kg, occupied in readings:
+            now[0] = T0 + minute * 60_000
+            seq = box.emit(_telemetry(temperature, red_box_kg=kg, occupied=occupied))
+        wait_for(lambda: listed(ops_api, "box-080")["last_seq"] == seq)
+        got = ops_api.get(
+            "/api/v1/boxes/box-080/history",
+            params={"since": "2026-01-01T00:00:00Z", "until": "2026-01-01T03:00:00Z", "bucket": "1h"},
+        )
+        assert got.status_code == 200, got.text
+        items = got.json()["items"]
+        assert [b["start"] for b in items] == ["2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z", "2026-01-01T02:00:00Z"]
+        first, second, third = items
+        assert (first["readings"], first["occupied_mean"], first["occupied_max"]) == (2, 3.0, 4)
+        assert (first["temperature_mean_c"], first["temperature_min_c"], first["temperature_max_c"]) == (
+            11.0,
+            10.0,
+            12.0,
+        )
+        assert first["red_box_max_kg"] == pytest.approx(0.7)
+        assert (second["readings"], second["occupied_mean"], second["temperature_max_c"]) == (2, 5.0, 22.0)
+        assert second["red_box_max_kg"] == pytest.approx(1.2)
+        assert (third["readings"], third["occupied_max"], third["temperature_min_c"]) == (1, 0, -3.0)
+    finally:
+        box.stop()
+    base = {"since": "2026-01-01T03:00:00Z", "until": "2026-01-01T00:00:00Z"}
+    backwards = ops_api.get("/api/v1/boxes/box-080/history", params=base)
+    assert backwards.status_code == 400
+    assert backwards.json()["error"]["code"] == "invalid_range"
+    many = ops_api.get(
+        "/api/v1/boxes/box-080/history", params={"since": "2025-01-01", "until": "2026-01-01", "bucket": "5m"}
+    )
+    assert many.status_code == 400
+    assert many.json()["error"]["details"] == {"max_buckets": 2000}
+    missing = ops_api.get("/api/v1/boxes/box-999/history", params={"since": "2026-01-01", "until": "2026-01-02"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "box_not_found"
 
 
 # --------------------------------------------------------------------------- commands

@@ -17,7 +17,7 @@ from backend.api import repository, service
 from backend.api.auth import ViewerDep
 from backend.api.deps import ConnDep, SettingsDep
 from backend.api.errors import ApiError
-from backend.api.schemas import BoxDetail, BoxSummary, EventOut, EventPage
+from backend.api.schemas import BoxDetail, BoxSummary, EventOut, EventPage, HistoryBucket, HistoryPage
 from contract.messages import EVENT_TYPES
 from contract.topics import BOX_ID_PATTERN
 
@@ -121,3 +121,42 @@ async def box_events(
     items = [EventOut(**r) for r in rows]
     next_cursor = _encode_cursor(rows[-1]["ts"], rows[-1]["seq"]) if more else None
     return EventPage(items=items, next_cursor=next_cursor)
+
+
+#: Bucket widths the history accepts, and the most buckets one answer may hold.
+BUCKETS = {"5m": timedelta(minutes=5), "15m": timedelta(minutes=15), "1h": timedelta(hours=1),
+           "6h": timedelta(hours=6), "1d": timedelta(days=1)}  # fmt: skip
+MAX_BUCKETS = 2000
+
+
+@router.get(
+    "/{box_id}/history",
+    response_model=HistoryPage,
+    summary="A box's occupancy, red-box fill and temperature over a time range, in time buckets",
+    responses={**_NOT_FOUND, 400: {"description": "`invalid_range` (also: more than 2,000 buckets)"}},
+)
+async def box_history(
+    box_id: BoxIdPath,
+    conn: ConnDep,
+    viewer: ViewerDep,
+    since: Annotated[datetime, Query(description="inclusive, the box's clock (UTC if no offset)")],
+    until: Annotated[datetime, Query(description="exclusive, the box's clock (UTC if no offset)")],
+    bucket: Annotated[Literal["5m", "15m", "1h", "6h", "1d"], Query(description="bucket width")] = "1h",
+) -> HistoryPage:
+    """Telemetry of the box aggregated per bucket (by the box's clock, buckets aligned to ``since``):
+    doors occupied (mean and max), the fullest red box's weight (max), temperature (mean, min, max) and
+    the readings behind each bucket. Buckets without a reading are left out."""
+    start = since if since.tzinfo else since.replace(tzinfo=UTC)  # naive times are UTC
+    end = until if until.tzinfo else until.replace(tzinfo=UTC)
+    if start >= end:
+        raise ApiError(400, "invalid_range", "since must be before until")
+    width = BUCKETS[bucket]
+    if (end - start) / width > MAX_BUCKETS:
+        raise ApiError(
+            400, "invalid_range", f"{(end - start) / width:,.0f} buckets of {bucket}: at most {MAX_BUCKETS:,}; "
+            "choose a wider bucket or a shorter range", details={"max_buckets": MAX_BUCKETS},
+        )  # fmt: skip
+    if await repository.get_box(conn, box_id) is None:
+        raise ApiError(404, "box_not_found", f"no box {box_id!r}")
+    rows = await repository.box_history(conn, box_id, since=start, until=end, bucket=width)
+    return HistoryPage(box_id=box_id, since=start, until=end, bucket=bucket, items=[HistoryBucket(**r) for r in rows])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -208,5 +208,27 @@ async def list_commands(conn: AsyncConnection[Any], box_id: str, limit: int) -> 
         await cur.execute(
             f"SELECT {COMMAND_COLUMNS} FROM commands WHERE box_id = %s ORDER BY created_at DESC LIMIT %s",
             (box_id, limit),
+        )
+        return await cur.fetchall()
+
+
+async def box_history(
+    conn: AsyncConnection[Any], box_id: str, *, since: datetime, until: datetime, bucket: timedelta
+) -> list[Row]:
+    """A box's telemetry in ``bucket``-wide buckets from ``since`` (date_bin: the same query on the
+    plain partitions and on the TimescaleDB hypertable, where it reads only the range's chunks)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """SELECT date_bin(%(bucket)s, ts, %(since)s) AS start, count(*) AS readings,
+                      avg(occupied)::float8 AS occupied_mean, max(occupied)::int AS occupied_max,
+                      max(red.kg)::float8 AS red_box_max_kg,
+                      avg(temperature_c)::float8 AS temperature_mean_c, min(temperature_c)::float8 AS temperature_min_c,
+                      max(temperature_c)::float8 AS temperature_max_c
+               FROM telemetry t
+               LEFT JOIN LATERAL (SELECT max((r->>'weight_kg')::float8) AS kg
+                                  FROM jsonb_array_elements(t.red_boxes) r) red ON true
+               WHERE box_id = %(box)s AND ts >= %(since)s AND ts < %(until)s
+               GROUP BY 1 ORDER BY 1""",
+            {"box": box_id, "since": since, "until": until, "bucket": bucket},
         )
         return await cur.fetchall()

@@ -179,3 +179,24 @@ class Readiness(BaseModel):
     status: Literal["ready"]
     schema_version: int
     flavour: str
+
+
+class HistoryBucket(BaseModel):
+    """One time bucket of a box's telemetry (``GET /api/v1/boxes/{id}/history``)."""
+
+    start: datetime = Field(description="the bucket's start, by the box's clock")
+    readings: int = Field(description="telemetry readings in the bucket")
+    occupied_mean: float = Field(description="parcel doors occupied, mean over the readings")
+    occupied_max: int
+    red_box_max_kg: float | None = Field(description="the fullest red box's weight, the highest reading")
+    temperature_mean_c: float
+    temperature_min_c: float
+    temperature_max_c: float
+
+
+class HistoryPage(BaseModel):
+    box_id: str
+    since: datetime
+    until: datetime
+    bucket: str
+    items: list[HistoryBucket]
