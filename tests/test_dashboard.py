@@ -256,6 +256,22 @@ def check_severity_colours(page: Any, demo: Demo, api: httpx.Client) -> None:
     assert boxes_in_order == sorted(boxes_in_order)
 
 
+def check_history(page: Any, api: httpx.Client, box_id: str) -> None:
+    """The detail's history over the last 24 h of the box's clock: a line per series, drawn from the
+    history endpoint's buckets (as many points as buckets with a reading)."""
+    with page.expect_response(lambda r: "/history?" in r.url) as answer:
+        page.locator('#detail button.history-range[data-range="24 h"]').click()
+    items = answer.value.json()["items"]
+    assert answer.value.status == 200
+    assert items, "the box has telemetry every 30 simulated minutes"
+    line = page.locator('#history svg.series[data-series="temperature_mean_c"] polyline')
+    line.wait_for(state="attached", timeout=10_000)  # a flat line (the stub's constant 8 °C) has no height
+    points = (line.get_attribute("points") or "").split()
+    assert len(points) == len(items)
+    assert "temperature:" in page.locator("#history").inner_text()
+    assert page.locator('#detail button.history-range[data-range="24 h"]').get_attribute("aria-pressed") == "true"
+
+
 def check_kpi_chart(page: Any) -> None:
     """The chart has a scale on both sides (round ticks, zero among the per-day ones), every bar stays
     inside the plot, and the boxes' current day, not over yet, is drawn apart and labelled "so far"."""
@@ -320,6 +336,7 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             page.locator("#detail .compartment").nth(expected - 1).wait_for(timeout=10_000)
             assert page.locator("#detail .compartment").count() == expected
             assert box_id in page.locator("#detail").inner_text()
+            check_history(page, api, box_id)
 
             # KPIs, once the first activity is stored: the totals and a chart bar per day (or, on a
             # server without the KPI endpoint, the plain "no KPI data").

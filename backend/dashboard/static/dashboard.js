@@ -395,6 +395,7 @@
   // ------------------------------------------------------------------ box detail
 
   function select(boxId) {
+    if (state.selected !== boxId) state.history = null;
     state.selected = boxId;
     state.detail = null;
     renderBoxes();
@@ -512,8 +513,79 @@
         : el("p", { class: "hint" }, "No layout announced yet."),
       alerts.length ? el("h3", {}, `Open alerts (${alerts.length})`) : null,
       alerts.length ? el("ul", {}, alerts.map((a) => el("li", {}, `${alertKind(a)}: ${alertMessage(a)}`))) : null,
+      renderHistory(boxId, merged.last_seen_at),
       ]),
     );
+  }
+
+  // ------------------------------------------------------------------ a box's history
+
+  /** Ranges the history offers, back from the box's newest message (its clock), and their buckets. */
+  const HISTORY_RANGES = { "24 h": [24, "15m"], "7 days": [24 * 7, "1h"], "30 days": [24 * 30, "6h"] };
+  const HISTORY_SERIES = [
+    ["occupied_mean", "doors occupied", (v) => fmtNumber(v, 1)],
+    ["red_box_max_kg", "fullest red box", (v) => `${fmtNumber(v, 2)} kg`],
+    ["temperature_mean_c", "temperature", (v) => `${fmtNumber(v, 1)} °C`],
+  ];
+
+  async function loadHistory(boxId, lastSeen, range) {
+    const [hours, bucket] = HISTORY_RANGES[range];
+    const until = new Date(Date.parse(lastSeen) + 60_000);
+    const since = new Date(until.getTime() - hours * 3_600_000);
+    state.history = { boxId, range, loading: true };
+    renderDetail();
+    try {
+      const query = new URLSearchParams({ since: since.toISOString(), until: until.toISOString(), bucket });
+      const body = await api(`/boxes/${encodeURIComponent(boxId)}/history?${query}`);
+      if (state.history?.boxId === boxId) state.history = { boxId, range, items: body.items || [] };
+    } catch (err) {
+      if (state.history?.boxId === boxId) state.history = { boxId, range, error: err.message };
+    }
+    renderDetail();
+  }
+
+  function sparkline(key, label, format, items) {
+    const points = items.filter((b) => b[key] !== null && b[key] !== undefined);
+    const width = 360;
+    const height = 48;
+    const values = points.map((b) => b[key]);
+    const lo = Math.min(...values);
+    const hi = Math.max(...values);
+    const t0 = Date.parse(items[0].start);
+    const t1 = Math.max(Date.parse(items[items.length - 1].start), t0 + 1);
+    const x = (b) => 4 + ((Date.parse(b.start) - t0) / (t1 - t0)) * (width - 8);
+    const y = (v) => height - 4 - (hi > lo ? ((v - lo) / (hi - lo)) * (height - 8) : (height - 8) / 2);
+    return el(
+      "div",
+      { class: "history-series" },
+      el("div", { class: "hint" }, points.length ? `${label}: ${format(lo)} – ${format(hi)}` : `${label}: no readings`),
+      points.length
+        ? svg(
+            "svg",
+            { class: "series", "data-series": key, viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none" },
+            svg("polyline", { points: points.map((b) => `${x(b).toFixed(1)},${y(b[key]).toFixed(1)}`).join(" ") }),
+          )
+        : null,
+    );
+  }
+
+  /** The history section of a box's detail: range buttons, then a line per series, by the box's clock. */
+  function renderHistory(boxId, lastSeen) {
+    const h = state.history?.boxId === boxId ? state.history : null;
+    const buttons = Object.keys(HISTORY_RANGES).map((range) =>
+      el(
+        "button",
+        { type: "button", class: "history-range", "data-range": range, "aria-pressed": String(h?.range === range),
+          onclick: () => lastSeen && loadHistory(boxId, lastSeen, range) },
+        range,
+      ),
+    );
+    let body = el("p", { class: "hint" }, lastSeen ? "Choose a range (by the box's clock)." : "No messages from this box yet.");
+    if (h?.loading) body = el("p", { class: "hint" }, "loading…");
+    else if (h?.error) body = el("p", { class: "hint" }, `History unavailable: ${h.error}`);
+    else if (h?.items && !h.items.length) body = el("p", { class: "hint" }, "No telemetry in this range.");
+    else if (h?.items) body = el("div", { id: "history-series" }, HISTORY_SERIES.map(([k, l, f]) => sparkline(k, l, f, h.items)));
+    return el("div", { id: "history" }, el("h3", {}, "History"), el("div", { class: "history-ranges" }, buttons), body);
   }
 
   // ------------------------------------------------------------------ alerts
