@@ -102,7 +102,7 @@ def demo(pg_admin_url: str, credentials: Credentials, tmp_path_factory: pytest.T
     worker = build_worker(settings_for(url, broker, credentials))
     worker.start()
     assert worker.mqtt.subscribed.wait(10), worker.mqtt.last_error
-    server = ApiServer(create_app(Settings(database_url=url))).start()
+    server = ApiServer(create_app(settings_for(url, broker, credentials))).start()  # with a broker: commands
     stop = threading.Event()
     victim = next(b for b in network.boxes if b.id == VICTIM)
     publish_status(broker, credentials, Status(v=SCHEMA_VERSION, box_id=VICTIM, online=True, session=1,
@@ -272,6 +272,26 @@ def check_history(page: Any, api: httpx.Client, box_id: str) -> None:
     assert page.locator('#detail button.history-range[data-range="24 h"]').get_attribute("aria-pressed") == "true"
 
 
+def check_commands(page: Any, api: httpx.Client, box_id: str) -> None:
+    """From the open box's detail, an operator sends a ping and follows it to the box's answer; a
+    command the API refuses shows the API's code on the page and is not sent."""
+    page.locator("#command-form").wait_for(timeout=10_000)
+    page.select_option("#command-action", "ping")
+    page.click("#command-form button[type=submit]")
+    page.wait_for_selector("#command-message[data-kind=ok]", timeout=10_000)
+    done = page.locator('#commands li[data-status="succeeded"]').first
+    done.wait_for(timeout=30_000)
+    command_id = done.get_attribute("data-command-id")
+    assert api.get(f"/api/v1/commands/{command_id}").json()["status"] == "succeeded"
+    assert "ping" in done.inner_text()
+    page.select_option("#command-action", "open_compartment")
+    page.fill("#command-compartment", "")  # no door given: the API refuses (the browser checks only 1..64)
+    page.click("#command-form button[type=submit]")
+    page.wait_for_selector("#command-message[data-kind=error]", timeout=10_000)
+    assert "not sent: invalid_request" in page.locator("#command-message").inner_text()
+    assert [c["action"] for c in api.get(f"/api/v1/boxes/{box_id}/commands").json()] == ["ping"]
+
+
 def check_kpi_chart(page: Any) -> None:
     """The chart has a scale on both sides (round ticks, zero among the per-day ones), every bar stays
     inside the plot, and the boxes' current day, not over yet, is drawn apart and labelled "so far"."""
@@ -337,6 +357,7 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
             assert page.locator("#detail .compartment").count() == expected
             assert box_id in page.locator("#detail").inner_text()
             check_history(page, api, box_id)
+            check_commands(page, api, box_id)
 
             # KPIs, once the first activity is stored: the totals and a chart bar per day (or, on a
             # server without the KPI endpoint, the plain "no KPI data").

@@ -125,8 +125,13 @@
     }
   }
 
-  async function api(path, method = "GET") {
-    const response = await fetch(API + path, { method, headers: headers({ Accept: "application/json" }), cache: "no-store" });
+  async function api(path, method = "GET", payload = undefined) {
+    const request = { method, headers: headers({ Accept: "application/json" }), cache: "no-store" };
+    if (payload !== undefined) {
+      request.headers["Content-Type"] = "application/json";
+      request.body = JSON.stringify(payload);
+    }
+    const response = await fetch(API + path, request);
     let body = null;
     try {
       body = await response.json();
@@ -395,7 +400,12 @@
   // ------------------------------------------------------------------ box detail
 
   function select(boxId) {
-    if (state.selected !== boxId) state.history = null;
+    if (state.selected !== boxId) {
+      state.history = null;
+      state.commands = null;
+      $("command-message").textContent = "";
+      loadCommands(boxId);
+    }
     state.selected = boxId;
     state.detail = null;
     renderBoxes();
@@ -515,6 +525,93 @@
       alerts.length ? el("ul", {}, alerts.map((a) => el("li", {}, `${alertKind(a)}: ${alertMessage(a)}`))) : null,
       renderHistory(boxId, merged.last_seen_at),
       ]),
+    );
+  }
+
+  // ------------------------------------------------------------------ commands to the selected box
+
+  /** Which fields each command takes (the API's CommandIn). */
+  const COMMAND_FIELDS = {
+    ping: [],
+    open_compartment: ["compartment"],
+    set_compartment_service: ["compartment", "enabled"],
+    set_maintenance: ["enabled"],
+  };
+  const FINAL = new Set(["succeeded", "failed", "rejected", "timed_out"]);
+
+  function setupCommandForm() {
+    const form = $("command-form");
+    const showFields = () => {
+      const fields = COMMAND_FIELDS[$("command-action").value];
+      $("command-compartment").hidden = !fields.includes("compartment");
+      $("command-enabled").hidden = !fields.includes("enabled");
+    };
+    $("command-action").addEventListener("change", showFields);
+    showFields();
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const boxId = state.selected;
+      const action = $("command-action").value;
+      const body = { action };
+      if (COMMAND_FIELDS[action].includes("compartment")) body.compartment = Number($("command-compartment").value);
+      if (COMMAND_FIELDS[action].includes("enabled")) body.enabled = $("command-enabled").value === "true";
+      const message = $("command-message");
+      try {
+        const sent = await api(`/boxes/${encodeURIComponent(boxId)}/commands`, "POST", body);
+        message.textContent = `sent ${action} (${sent.status})`;
+        message.dataset.kind = "ok";
+        followCommand(boxId, sent.command_id);
+      } catch (err) {
+        message.textContent = `not sent: ${err.code ? `${err.code}: ` : ""}${err.message}`;
+        message.dataset.kind = "error";
+      }
+      loadCommands(boxId);
+    });
+  }
+
+  /** Poll one command until it reaches a final state (or a minute passes), showing its progress. */
+  async function followCommand(boxId, commandId) {
+    const until = Date.now() + 60_000;
+    while (Date.now() < until && state.selected === boxId) {
+      try {
+        const command = await api(`/commands/${commandId}`);
+        await loadCommands(boxId);
+        if (FINAL.has(command.status)) {
+          refreshSoon(200); // the box's state may have changed (maintenance, a door)
+          return;
+        }
+      } catch {
+        return;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 700));
+    }
+  }
+
+  async function loadCommands(boxId) {
+    try {
+      const list = await api(`/boxes/${encodeURIComponent(boxId)}/commands?limit=5`);
+      if (state.selected === boxId) state.commands = list;
+    } catch {
+      if (state.selected === boxId) state.commands = null;
+    }
+    renderCommands();
+  }
+
+  function renderCommands() {
+    const form = $("command-form");
+    form.hidden = !state.selected;
+    const list = state.commands || [];
+    $("commands").replaceChildren(
+      ...list.map((c) =>
+        el(
+          "li",
+          { "data-command-id": c.command_id, "data-status": c.status },
+          `${c.action}${c.compartment ? ` #${c.compartment}` : ""}${c.enabled === null || c.enabled === undefined ? "" : c.enabled ? " on" : " off"}: `,
+          el("span", { class: "status", "data-status": c.status }, c.status.replaceAll("_", " ")),
+          c.detail ? ` (${c.detail})` : "",
+          ` · ${fmtTime(c.created_at)}`,
+        ),
+      ),
     );
   }
 
@@ -1013,6 +1110,7 @@
     $("forget-key").hidden = !state.key;
     setupKeyDialog();
     setupAlertControls();
+    setupCommandForm();
     await loadPlan();
     renderBoxes();
     openStream();
