@@ -543,8 +543,9 @@ def test_experiments_page_submits_a_job_shows_its_progress_and_opens_its_report(
             assert experiment_id is not None
             assert "page-study" in row.inner_text()
             deadline = time.monotonic() + 240
-            while row.get_attribute("data-status") != "succeeded":
-                assert row.get_attribute("data-status") in {"queued", "running"}, row.inner_text()
+            # One reading of the status per turn: read twice, the job could finish in between.
+            while (status := row.get_attribute("data-status")) != "succeeded":
+                assert status in {"queued", "running"}, row.inner_text()
                 progress_seen.add(row.locator(".progress-text").inner_text())
                 assert time.monotonic() < deadline, f"not done: {row.inner_text()}"
                 time.sleep(0.2)
