@@ -274,8 +274,8 @@ def run_demo(
 
 
 def _stopped_line(results: list[LiveResult], outboxes: Path, seconds: float) -> str:
-    """What the demo says at the end: whether every box message reached the database, or how many
-    wait in the boxes' outboxes (on disk, sent at the next start)."""
+    """What the demo says at the end: whether every box message reached the database, or how many were
+    left in the boxes' outboxes and how many never reached a box."""
     if not results:
         return f"stopped in {seconds:.1f} s, but the simulator did not finish: see the log above"
     left, behind = results[0].left_in_outboxes, results[0].not_handed

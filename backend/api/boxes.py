@@ -81,10 +81,13 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     return ts, seq
 
 
+def _utc(value: datetime) -> datetime:
+    """Naive times are UTC, like every device timestamp."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)  # naive times are UTC, like every device timestamp
-    return value
+    return None if value is None else _utc(value)
 
 
 @router.get(
@@ -146,8 +149,7 @@ async def box_history(
     """Telemetry of the box aggregated per bucket (by the box's clock, buckets aligned to ``since``):
     doors occupied (mean and max), the fullest red box's weight (max), temperature (mean, min, max) and
     the readings behind each bucket. Buckets without a reading are left out."""
-    start = since if since.tzinfo else since.replace(tzinfo=UTC)  # naive times are UTC
-    end = until if until.tzinfo else until.replace(tzinfo=UTC)
+    start, end = _utc(since), _utc(until)
     if start >= end:
         raise ApiError(400, "invalid_range", "since must be before until")
     width = BUCKETS[bucket]

@@ -31,7 +31,7 @@ _REASONS = set(get_args(StatusReasonOut))
 
 
 def online_state(row: Row, now: datetime, timeout: timedelta) -> tuple[bool, StatusReasonOut, datetime | None]:
-    """(online, reason, since) for a box row; ``since`` is the backend's clock (see :func:`status_times`)."""
+    """(online, reason, since) for a box row; ``since`` is by the backend's clock (the box's: :func:`box_since`)."""
     if row.get("status_session") is None:
         return False, "never_seen", None
     stored = row.get("status_reason")
@@ -45,19 +45,17 @@ def online_state(row: Row, now: datetime, timeout: timedelta) -> tuple[bool, Sta
     return True, reason, since
 
 
-def status_times(
-    row: Row, reason: StatusReasonOut, received: datetime | None
-) -> tuple[datetime | None, datetime | None]:
-    """(since by the box's clock, since as received) of a box's current status (docs/operations.md, "Times").
+def box_since(row: Row, reason: StatusReasonOut) -> datetime | None:
+    """Since when a box's current status holds, by the box's clock (docs/operations.md, "Times").
 
     A birth or a shutdown carries the box's time; a Last Will carries none (it is written when the box
     connects and published whenever the link dies), nor does a silence the backend noticed, so those
     are dated by the box's last message (when it was last heard, by its own clock)."""
     if reason == "never_seen":
-        return None, None
+        return None
     if reason in {"connection_lost", "heartbeat_timeout"}:
-        return row.get("last_seen_at") or row.get("status_ts"), received
-    return row.get("status_ts") or row.get("last_seen_at"), received
+        return row.get("last_seen_at") or row.get("status_ts")
+    return row.get("status_ts") or row.get("last_seen_at")
 
 
 def _layout(row: Row) -> BoxLayout | None:
@@ -88,7 +86,6 @@ def summarize(
     """The list view of a box; ``fills`` (red-box contents since collection) and ``open_alerts``
     (kind and severity of each open alert) come from the operations tables."""
     online, reason, received = online_state(row, now, timeout)
-    since, received = status_times(row, reason, received)
     layout = _layout(row)
     readings, weights = _readings(row)
     occupancy: dict[SizeClass, SizeOccupancy] = {}
@@ -129,7 +126,7 @@ def summarize(
         longitude=row.get("longitude"),
         online=online,
         status_reason=reason,
-        status_since=since,
+        status_since=box_since(row, reason),
         status_received_at=received,
         session=int(row.get("status_session") or 0),
         last_seen_at=row.get("last_seen_at"),
