@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +39,22 @@ from accounting.geo import Distances, Geography, Point
 
 Scenario = Literal["baseline", "project"]
 CATEGORIES: tuple[str, ...] = ("hazardous_waste", "parcel_delivery", "parcel_sending")
-GROUPS: tuple[str, ...] = ("category", "box", "carrier", "day", "week", "month")
-METRICS: tuple[str, ...] = ("trips", "vkm", "kg_co2e_wtw", "kg_co2e_ttw")
+#: What results can be grouped by. Groups partition the totals; grouped by ``mode``, the groups also
+#: hold the walking and cycling rows, which no total counts.
+GROUPS: tuple[str, ...] = ("category", "mode", "box", "carrier", "day", "week", "month")
+#: The figures of every result: vehicle trips, vehicle stops (a van's at a box or a door, a truck's at a
+#: box), vehicle-km and kg CO2e. ``walk_cycle``'s trips and km are a person's, and it has no stops.
+METRICS: tuple[str, ...] = ("trips", "stops", "vkm", "kg_co2e_wtw", "kg_co2e_ttw")
+_N = len(METRICS)
+#: Who travels how (``modes`` of a result): the carriers' vans, the waste company's trucks, residents
+#: by car, residents on foot, by bike or by public transport (no vehicle trip of their own).
+MODES: dict[str, dict[str, Any]] = {
+    "van": {"actor": "carriers", "motorised": True},
+    "truck": {"actor": "waste company", "motorised": True},
+    "car": {"actor": "residents", "motorised": True},
+    "walk_cycle": {"actor": "residents", "motorised": False},
+}
+MOTORISED: frozenset[str] = frozenset(m for m, d in MODES.items() if d["motorised"])
 WASTE, DELIVERY, SENDING = CATEGORIES
 #: Activity counts every result carries beside its figures.
 ACTIVITY: tuple[str, ...] = (
@@ -49,16 +64,17 @@ ACTIVITY: tuple[str, ...] = (
 
 
 class Line(NamedTuple):
-    """Trips and vehicle-km of one vehicle category, for one category, box, carrier and day."""
+    """Trips, stops and km of one mode (see :data:`MODES`), for one category, box, carrier and day."""
 
     scenario: Scenario
     category: str
     box_id: str | None
     carrier: str | None
     day: date
-    vehicle: str  # "van" (the carriers' fleet mix), "truck", "car"
+    vehicle: str  # a key of MODES: "van" (the carriers' fleet mix), "truck", "car", "walk_cycle"
     trips: float
-    vkm: float
+    stops: float
+    vkm: float  # for walk_cycle: person-km
 
 
 def _line(*fields: Any) -> Line:
@@ -177,9 +193,22 @@ def _vans(days: list[BoxDay], dist: Distances, method: Method, lines: list[Line]
                     shares = _split(km, [pt.load_km for pt in parts])
                 else:
                     shares = _marginal(depot, trip, parts, km, dist)
-                for pt, vkm in zip(parts, shares, strict=True):
-                    lines.append(_line("project", pt.category, pt.box_id, carrier, day, "van", vkm / km, vkm))
+                for pt, vkm, stop in zip(parts, shares, _stop_shares(parts, shares), strict=True):
+                    lines.append(_line("project", pt.category, pt.box_id, carrier, day, "van", vkm / km, stop, vkm))
             _baseline_trip(depot, trip, stops, parts, carrier, day, dist, method, lines)
+
+
+def _stop_shares(parts: list[Part], shares: Sequence[float]) -> list[float]:
+    """One stop per box, split over what the van did there like the trip's km (equally if those are
+    all zero): under ``marginal``, waste at a stop the van made for parcels anyway costs no stop."""
+    per_box: dict[str, list[int]] = defaultdict(list)
+    for i, pt in enumerate(parts):
+        per_box[pt.box_id].append(i)
+    out = [0.0] * len(parts)
+    for idx in per_box.values():
+        for i, s in zip(idx, _split(1.0, [shares[i] for i in idx]), strict=True):
+            out[i] = s
+    return out
 
 
 def _marginal(depot: Point, trip: list[str], parts: list[Part], km: float, dist: Distances) -> list[float]:
@@ -234,10 +263,17 @@ def _baseline_trip(
             v + (stops[pt.box_id].parcels_delivered * per_parcel if pt.category == DELIVERY else 0.0)
             for v, pt in zip(vkms, parcel_parts, strict=True)
         ]
+        # A stop at each door (and again for each redelivery); sent parcels are taken at a shop.
+        door_stops = 1 + p.failed_first_attempt_share * p.failed_redelivery_share
+        stops_at = [
+            stops[pt.box_id].parcels_delivered * door_stops if pt.category == DELIVERY else 1.0 for pt in parcel_parts
+        ]
+    else:  # the parcel shop stands where the box stood: one stop, as at the box
+        stops_at = _stop_shares(parcel_parts, vkms)
     total = sum(vkms)
-    for pt, vkm in zip(parcel_parts, vkms, strict=True):
+    for pt, vkm, stop in zip(parcel_parts, vkms, stops_at, strict=True):
         trips = vkm / total if total > 0 else 0.0
-        lines.append(_line("baseline", pt.category, pt.box_id, carrier, day, "van", trips, vkm))
+        lines.append(_line("baseline", pt.category, pt.box_id, carrier, day, "van", trips, stop, vkm))
 
 
 # ---------------------------------------------------------------------------------------- waste rounds
@@ -264,46 +300,47 @@ def _waste_rounds(
         loads = [boxes[b] * dist.from_origin(site, b) for b in order]
         for box, vkm in zip(order, _split(km, loads), strict=True):
             trips = vkm / km if km > 0 else 0.0
-            lines.append(_line(scenario, WASTE, box, operator, day, "truck", trips * weight, vkm * weight))
+            lines.append(_line(scenario, WASTE, box, operator, day, "truck", trips * weight, weight, vkm * weight))
 
 
 # ---------------------------------------------------------------------------------------- residents
 
 
 def _residents(days: list[BoxDay], dist: Distances, method: Method, lines: list[Line]) -> None:
-    """Residents' car trips: to the box (project); to a recycling station and a parcel shop (baseline).
-    Trips are expected car trips (count x car share), so they need not be whole numbers. Residents
-    drive them, so their carrier is None: a carrier's figures are its own vehicles' (and a pickup
-    event names no carrier anyway)."""
+    """Residents' trips: to the box (project); to a recycling station and a parcel shop (baseline).
+    Each is split by mode: a share by car, the rest on foot, by bike or by public transport
+    (``walk_cycle``). Trips are expected values (count x share), so they need not be whole numbers.
+    Residents make them, so their carrier is None: a carrier's figures are its own vehicles' (and a
+    pickup event names no carrier anyway)."""
     r, p, b = method.residents, method.parcels, method.baseline
     resident = {"resident_trips": 1.0, "dedicated_round": 0.0, "mixed": b.waste_resident_share}[b.waste]
     home = b.parcels == "home_delivery"
     failed_to_shop = p.failed_first_attempt_share * (1 - p.failed_redelivery_share)
-    box_share, box_km, shop_share, shop_km = r.box_car_share, r.box_trip_km, r.shop_car_share, r.shop_trip_km
-    recycling = r.recycling_trips_per_deposit * r.recycling_car_share * resident
+    recycling = r.recycling_trips_per_deposit * resident
     add = lines.append
+
+    def trips(scenario: Scenario, category: str, a: BoxDay, n: float, car_share: float, km: float) -> None:
+        car, other = n * car_share, n * (1 - car_share)
+        add(_line(scenario, category, a.box_id, None, a.day, "car", car, 0.0, car * km))
+        if other:
+            add(_line(scenario, category, a.box_id, None, a.day, "walk_cycle", other, 0.0, other * km))
+
     for a in days:
-        day, box = a.day, a.box_id
         if a.collected:
-            trips = a.collected * box_share
-            add(_line("project", DELIVERY, box, None, day, "car", trips, trips * box_km))
+            trips("project", DELIVERY, a, a.collected, r.box_car_share, r.box_trip_km)
         if a.dropped_off:
-            trips = a.dropped_off * box_share
-            add(_line("project", SENDING, box, None, day, "car", trips, trips * box_km))
-            trips = a.dropped_off * shop_share
-            add(_line("baseline", SENDING, box, None, day, "car", trips, trips * shop_km))
+            trips("project", SENDING, a, a.dropped_off, r.box_car_share, r.box_trip_km)
+            trips("baseline", SENDING, a, a.dropped_off, r.shop_car_share, r.shop_trip_km)
         if a.waste_deposits:
-            trips = a.waste_deposits * box_share
-            add(_line("project", WASTE, box, None, day, "car", trips, trips * box_km))
+            trips("project", WASTE, a, a.waste_deposits, r.box_car_share, r.box_trip_km)
             if recycling > 0:
-                trips = a.waste_deposits * recycling
-                add(_line("baseline", WASTE, box, None, day, "car", trips, trips * 2 * dist.to_station_km(box)))
+                km = 2 * dist.to_station_km(a.box_id)
+                trips("baseline", WASTE, a, a.waste_deposits * recycling, r.recycling_car_share, km)
         # Home delivery: the failed first attempts not delivered again are fetched from a shop.
         # Parcel shop: every parcel a resident fetched (from the box, so from the shop instead).
         fetched = (a.deposited_a + a.deposited_b + a.deposited_c) * failed_to_shop if home else a.collected
         if fetched:
-            trips = fetched * shop_share
-            add(_line("baseline", DELIVERY, box, None, day, "car", trips, trips * shop_km))
+            trips("baseline", DELIVERY, a, fetched, r.shop_car_share, r.shop_trip_km)
     _waste_rounds(days, dist, method, lines, scenario="baseline", weight=1.0 - resident)
 
 
@@ -350,6 +387,7 @@ def describe(method: Method) -> dict[str, Any]:
         "name": method.name,
         "standard": "ISO 14083:2023 / GLEC Framework v3, activity-based",
         "headline": "kg_co2e_wtw",
+        "trips": "motorised vehicle trips: carriers' vans, the waste company's trucks, residents' cars",
         "allocation": method.allocation,
         "waste_baseline": method.baseline.waste,
         "parcel_baseline": method.baseline.parcels,
@@ -358,11 +396,15 @@ def describe(method: Method) -> dict[str, Any]:
     }
 
 
-Cell = list[float]  # baseline trips, vkm, wtw, ttw, then project trips, vkm, wtw, ttw
+Cell = list[float]  # the baseline's METRICS, then the project's
+
+
+def _cell() -> Cell:
+    return [0.0] * (2 * _N)
 
 
 def _finish(cell: Cell) -> dict[str, dict[str, float]]:
-    base, proj = cell[:4], cell[4:]
+    base, proj = cell[:_N], cell[_N:]
     return {
         "baseline": {m: _round(v) for m, v in zip(METRICS, base, strict=True)},
         "project": {m: _round(v) for m, v in zip(METRICS, proj, strict=True)},
@@ -375,23 +417,24 @@ GroupKey = tuple[str | None, ...]
 
 @dataclass
 class Tally:
-    """Summed figures of an assessment (totals, per category, vehicle and group, and activity).
+    """Summed figures of an assessment (totals, per category, mode and group, and activity).
+    Totals, categories and groups count motorised modes only; ``modes`` has every mode.
     Tallies of different days add up to the tally of all of them."""
 
-    totals: Cell = field(default_factory=lambda: [0.0] * 8)
-    categories: dict[str, Cell] = field(default_factory=lambda: {c: [0.0] * 8 for c in CATEGORIES})
-    vehicles: dict[str, Cell] = field(default_factory=dict)
+    totals: Cell = field(default_factory=_cell)
+    categories: dict[str, Cell] = field(default_factory=lambda: {c: _cell() for c in CATEGORIES})
+    modes: dict[str, Cell] = field(default_factory=dict)
     groups: dict[GroupKey, Cell] = field(default_factory=dict)
     activity: dict[str, float] = field(default_factory=lambda: dict.fromkeys(ACTIVITY, 0.0))
 
     def add(self, other: Tally) -> None:
         """Add ``other``'s figures to these."""
         _add(self.totals, other.totals)
-        for mine, theirs in ((self.categories, other.categories), (self.vehicles, other.vehicles)):
+        for mine, theirs in ((self.categories, other.categories), (self.modes, other.modes)):
             for k, cell in theirs.items():
-                _add(mine.setdefault(k, [0.0] * 8), cell)
+                _add(mine.setdefault(k, _cell()), cell)
         for gk, cell in other.groups.items():
-            _add(self.groups.setdefault(gk, [0.0] * 8), cell)
+            _add(self.groups.setdefault(gk, _cell()), cell)
         for k, v in other.activity.items():
             self.activity[k] = self.activity.get(k, 0.0) + v
 
@@ -408,10 +451,11 @@ def _check_groups(group_by: Sequence[str]) -> None:
 
 
 def tally(assessment: Assessment, group_by: Sequence[str] = ()) -> Tally:
-    """Sum an assessment's lines: trips, vkm and kg CO2e (WTW and TTW) per scenario.
+    """Sum an assessment's lines: trips, stops, vkm and kg CO2e (WTW and TTW) per scenario.
 
-    Lines are first summed per (scenario, category, vehicle, group) as trips and vkm; kg CO2e is vkm
-    times the vehicle's intensity, so it is applied once per sum instead of once per line."""
+    Lines are first summed per (scenario, category, mode, group) as trips, stops and vkm; kg CO2e is
+    vkm times the vehicle's intensity, so it is applied once per sum instead of once per line. Totals,
+    categories and groups sum the motorised modes; walking and cycling are in ``modes`` alone."""
     _check_groups(group_by)
     method = assessment.method
     periods: dict[tuple[date, str], str] = {}
@@ -424,6 +468,7 @@ def tally(assessment: Assessment, group_by: Sequence[str] = ()) -> Tally:
 
     pickers: dict[str, Callable[[Line], str | None]] = {
         "category": lambda ln: ln.category,
+        "mode": lambda ln: ln.vehicle,
         "box": lambda ln: ln.box_id,
         "carrier": lambda ln: ln.carrier,
         "day": lambda ln: label(ln.day, "day"),
@@ -431,47 +476,56 @@ def tally(assessment: Assessment, group_by: Sequence[str] = ()) -> Tally:
         "month": lambda ln: label(ln.day, "month"),
     }
     picks = [pickers[g] for g in group_by]
+    by_mode = "mode" in group_by
     sums: dict[tuple[Any, ...], list[float]] = {}
     for ln in assessment.lines:
         key = (ln.scenario, ln.category, ln.vehicle, *(pick(ln) for pick in picks))
         cell = sums.get(key)
         if cell is None:
-            cell = sums[key] = [0.0, 0.0]
+            cell = sums[key] = [0.0, 0.0, 0.0]
         cell[0] += ln.trips
-        cell[1] += ln.vkm
+        cell[1] += ln.stops
+        cell[2] += ln.vkm
     t = Tally(activity=dict(assessment.activity))
-    intensity = {v: method.intensity(v) for v in {k[2] for k in sums}}
-    for v in intensity:
-        t.vehicles[v] = [0.0] * 8
-    for (scenario, category, vehicle, *group), (trips, vkm) in sums.items():
-        wtw, ttw = intensity[vehicle]
-        o = 0 if scenario == "baseline" else 4
-        cells = [t.totals, t.categories[category], t.vehicles[vehicle]]
-        if group_by:
+    modes = {k[2] for k in sums}
+    intensity = {v: method.intensity(v) if v in MOTORISED else (0.0, 0.0) for v in modes}
+    for v in sorted(modes, key=list(MODES).index):
+        t.modes[v] = _cell()
+    for (scenario, category, mode, *group), (trips, stops, vkm) in sums.items():
+        wtw, ttw = intensity[mode]
+        o = 0 if scenario == "baseline" else _N
+        cells = [t.modes[mode]]
+        if mode in MOTORISED:
+            cells += [t.totals, t.categories[category]]
+        if group_by and (mode in MOTORISED or by_mode):
             gk = tuple(group)
             cell = t.groups.get(gk)
             if cell is None:
-                cell = t.groups[gk] = [0.0] * 8
+                cell = t.groups[gk] = _cell()
             cells.append(cell)
         for c in cells:
             c[o] += trips
-            c[o + 1] += vkm
-            c[o + 2] += vkm * wtw
-            c[o + 3] += vkm * ttw
+            c[o + 1] += stops
+            c[o + 2] += vkm
+            c[o + 3] += vkm * wtw
+            c[o + 4] += vkm * ttw
     return t
 
 
 def report(t: Tally, method: Method, group_by: Sequence[str] = ()) -> dict[str, Any]:
-    """A tally as a result: totals, per category, per vehicle and per group, each with baseline,
-    project and avoided figures (rounded to 6 decimals), with the method and every assumption."""
+    """A tally as a result: the headline, totals, per category, per mode and per group, each with
+    baseline, project and avoided figures (rounded to 6 decimals), with the method and every
+    assumption."""
     _check_groups(group_by)
+    totals = _finish(t.totals)
     return {
         "method": describe(method),
         "assumptions": method.model_dump(mode="json"),
         "activity": {k: _round(v) for k, v in t.activity.items()},
-        "totals": _finish(t.totals),
+        "headline": headline(totals),
+        "totals": totals,
         "categories": {c: _finish(v) for c, v in t.categories.items()},
-        "vehicles": {v: _finish(cell) for v, cell in sorted(t.vehicles.items())},
+        "modes": {m: {**MODES[m], **_finish(cell)} for m in MODES if (cell := t.modes.get(m)) is not None},
         "group_by": list(group_by),
         "groups": [
             {"key": dict(zip(group_by, key, strict=True)), **_finish(cell)}
@@ -480,9 +534,23 @@ def report(t: Tally, method: Method, group_by: Sequence[str] = ()) -> dict[str, 
     }
 
 
+def headline(totals: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The figures a result leads with: motorised vehicle trips avoided as a whole number (residents'
+    expected car trips make the sum fractional; rounded half away from zero), vehicle-km and kg CO2e
+    WTW avoided."""
+    avoided = totals["avoided"]
+    trips = avoided["trips"]
+    return {
+        "motorised_trips_avoided": int(math.copysign(math.floor(abs(trips) + 0.5), trips)),
+        "vkm_avoided": avoided["vkm"],
+        "kg_co2e_wtw_avoided": avoided["kg_co2e_wtw"],
+    }
+
+
 def summarize(assessment: Assessment, group_by: Sequence[str] = ()) -> dict[str, Any]:
-    """Totals, per category, per vehicle and per group (any of ``GROUPS``), each with baseline,
-    project and avoided trips, vkm and kg CO2e (WTW and TTW), plus the method and assumptions."""
+    """The headline, totals, per category, per mode and per group (any of ``GROUPS``), each with
+    baseline, project and avoided trips, stops, vkm and kg CO2e (WTW and TTW), plus the method and
+    assumptions."""
     return report(tally(assessment, group_by), assessment.method, group_by)
 
 

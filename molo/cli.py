@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from accounting.method import GROUPS
 from molo import experiments_cli, logs
 
 #: Help of --no-progress (simulate, impact): the bar is on a terminal only, after two seconds.
@@ -471,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--waste-baseline", choices=["resident_trips", "dedicated_round", "mixed"], default=None)
     p.add_argument("--parcel-baseline", choices=["home_delivery", "parcel_shop"], default=None)
     p.add_argument("--van-electric-share", type=float, default=None, help="electric share of van-km, 0..1")
-    p.add_argument("--group-by", action="append", choices=["box", "carrier", "category", "day", "week", "month"])
+    p.add_argument("--group-by", action="append", choices=GROUPS,
+                   help="rows of impact.csv (repeatable; default box; mode adds walking and cycling rows)")  # fmt: skip
     p.add_argument("--no-counterfactual", action="store_true", help="skip the common-random-numbers run")
     p.add_argument("--sensitivity", action="store_true", help="avoided CO2 across baselines and e-van shares")
     p.add_argument(

@@ -48,7 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accounting import Method, apply_overrides, assess, summarize
-from accounting.method import CATEGORIES, METRICS
+from accounting.method import CATEGORIES, METRICS, MODES
 from accounting.overrides import set_dotted
 from contract.domain import Compartment, CompartmentKind, SizeClass
 from network import Network, build_layout, geography_of
@@ -413,12 +413,15 @@ def _numeric_leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
 def metric_names(scenario: Scenario, network: Network) -> dict[str, list[str]]:
     """The names each ``[metrics]`` list accepts (besides ``a/b`` ratios of them): the run summary's
     numeric fields, read from a one-hour run of ``scenario`` (its shape does not depend on the
-    horizon), and the method's totals and per-category figures (``per_box`` takes the totals)."""
+    horizon), and the method's totals, per-category and per-mode figures and its headline (``per_box``
+    takes the totals)."""
     probe = scenario.model_copy(update={"simulation": scenario.simulation.model_copy(update={"days": 1 / 24})})
     seen = _numeric_leaves(run_batch(probe, network=network).summary)
     summary = sorted({*seen, *(f"events.{kind}" for kind in EVENT_KINDS)})
     totals = [f"{s}.{m}" for s in IMPACT_SCENARIOS for m in METRICS]
-    impact = [*totals, *(f"{c}.{t}" for c in CATEGORIES for t in totals)]
+    headline = [f"headline.{k}" for k in ("motorised_trips_avoided", "vkm_avoided", "kg_co2e_wtw_avoided")]
+    modes = [f"modes.{mode}.{t}" for mode in MODES for t in totals]
+    impact = [*totals, *(f"{c}.{t}" for c in CATEGORIES for t in totals), *headline, *modes]
     return {"summary": summary, "impact": impact, "per_box": totals}
 
 
@@ -620,7 +623,9 @@ def run_replication(job: Job) -> dict[str, Any]:
         method = apply_overrides(method_for(scenario), list(job.method))
         geo = geography_of(job.network)
         impact = summarize(assess(sink.inner.counter.rows(), geo, method), ("box",) if job.metrics.per_box else ())
-        tree = {**impact["totals"], **impact["categories"]}
+        zero = {s: dict.fromkeys(METRICS, 0.0) for s in IMPACT_SCENARIOS}  # a mode nobody used
+        modes = {mode: impact["modes"].get(mode, zero) for mode in MODES}
+        tree = {**impact["totals"], **impact["categories"], "headline": impact["headline"], "modes": modes}
         for name in job.metrics.impact:
             values[name] = _metric(tree, name)
         for name in job.metrics.per_box:

@@ -194,6 +194,33 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.1f}"
 
 
+def _headline_text(h: dict[str, Any]) -> str:
+    trips = h["motorised_trips_avoided"]
+    more = f" (that is {-trips:,} more than without the boxes)" if trips < 0 else ""
+    return (
+        f"Motorised vehicle trips avoided: {trips:,}{more}; vehicle-km avoided {_fmt(h['vkm_avoided'])}; "
+        f"kg CO2e avoided {_fmt(h['kg_co2e_wtw_avoided'])}"
+    )
+
+
+def _modes_text(modes: dict[str, Any]) -> list[str]:
+    """Trips by actor and mode: baseline, with the boxes, avoided (km are person-km on foot or bike)."""
+    out = [
+        f"{'by actor and mode':<30} {'baseline trips':>14} {'project trips':>14} {'avoided trips':>14} "
+        f"{'avoided stops':>14} {'avoided km':>12}"
+    ]
+    names = {"van": "carriers' vans", "truck": "waste company's trucks", "car": "residents by car",
+             "walk_cycle": "residents on foot/bike/bus"}  # fmt: skip
+    for mode, cell in modes.items():
+        b, p, a = cell["baseline"], cell["project"], cell["avoided"]
+        stops = _fmt(a["stops"]) if mode in ("van", "truck") else "-"
+        out.append(
+            f"{names.get(mode, mode):<30} {_fmt(b['trips']):>14} {_fmt(p['trips']):>14} {_fmt(a['trips']):>14} "
+            f"{stops:>14} {_fmt(a['vkm']):>12}"
+        )
+    return out
+
+
 def report_text(result: dict[str, Any]) -> str:
     """A short human-readable report of :func:`run_impact`'s result (the JSON has everything)."""
     m, s = result["method"], result["scenario"]
@@ -202,6 +229,8 @@ def report_text(result: dict[str, Any]) -> str:
         f"method {m['name']}: allocation {m['allocation']}, waste baseline {m['waste_baseline']}, "
         f"parcel baseline {m['parcel_baseline']}, electric van share {m['van_electric_share']:g}; "
         "kg CO2e well-to-wheel (tank-to-wheel in brackets)",
+        "",
+        _headline_text(result["headline"]),
         "",
         f"{'category':<17} {'baseline kg':>12} {'project kg':>12} {'avoided kg':>18} {'avoided trips':>14} "
         f"{'avoided vkm':>12}",
@@ -213,6 +242,7 @@ def report_text(result: dict[str, Any]) -> str:
             f"{name:<17} {_fmt(b['kg_co2e_wtw']):>12} {_fmt(p['kg_co2e_wtw']):>12} "
             f"{_fmt(a['kg_co2e_wtw']):>9} ({_fmt(a['kg_co2e_ttw']):>6}) {_fmt(a['trips']):>14} {_fmt(a['vkm']):>12}"
         )
+    lines += ["", *_modes_text(result["modes"])]
     cf = result.get("simulated_counterfactual")
     if cf:
         lines += [

@@ -92,16 +92,23 @@ def test_marginal_allocation_charges_waste_only_its_detour() -> None:
 
 
 def test_baseline_trip_to_the_recycling_station() -> None:
-    """Two red-box deposits at x, station 3U away: 2 x 0.6 car trips, each 2 x 3U km by car; with
-    the hub the residents walk or drive 1 km to the box with 26% by car."""
+    """Two red-box deposits at x, station 3U away: 2 x 0.6 car trips, each 2 x 3U km by car, and
+    2 x 0.4 on foot, by bike or bus; with the hub the residents walk or drive 1 km to the box with 26%
+    by car. Only the car trips are vehicle trips; the others have no CO2."""
     days = [BoxDay(DAY, "x", None, waste_deposits=2, waste_deposit_kg=1.2)]
     base = lines(days, method(), "baseline")
-    assert [(ln.vehicle, ln.category) for ln in base] == [("car", "hazardous_waste")]
-    assert base[0].trips == pytest.approx(1.2)
-    assert base[0].vkm == pytest.approx(1.2 * 6 * U)
+    assert [(ln.vehicle, ln.category) for ln in base] == [("car", "hazardous_waste"), ("walk_cycle", "hazardous_waste")]
+    assert (base[0].trips, base[1].trips) == pytest.approx((1.2, 0.8))
+    assert (base[0].vkm, base[1].vkm) == pytest.approx((1.2 * 6 * U, 0.8 * 6 * U))
+    assert base[0].stops == base[1].stops == 0.0
     project = lines(days, method(), "project")
-    assert project[0].trips == pytest.approx(0.52)
+    assert (project[0].trips, project[1].trips) == pytest.approx((0.52, 1.48))
     assert project[0].vkm == pytest.approx(0.52)
+    modes = summarize(assess(days, GEO, method()))["modes"]
+    assert modes["walk_cycle"]["avoided"]["trips"] == pytest.approx(0.8 - 1.48)
+    assert modes["walk_cycle"]["project"]["kg_co2e_wtw"] == 0.0
+    assert modes["walk_cycle"]["motorised"] is False
+    assert modes["car"]["actor"] == "residents"
     s = summarize(assess(days, GEO, method()))
     assert s["categories"]["hazardous_waste"]["avoided"]["kg_co2e_wtw"] == pytest.approx(
         (1.2 * 6 * U - 0.52) * CAR_WTW, rel=1e-6
@@ -125,7 +132,7 @@ def test_dedicated_round_baseline_is_one_truck_round_a_day() -> None:
     mixed = lines(days, method("baseline.waste='mixed'", "baseline.waste_resident_share=0.25"), "baseline", "truck")
     assert vkm(mixed) == pytest.approx(0.75 * 4 * U)
     s = summarize(assess(days, GEO, method("baseline.waste='dedicated_round'")))
-    assert s["vehicles"]["truck"]["baseline"]["kg_co2e_wtw"] == pytest.approx(4 * U * TRUCK_WTW, rel=1e-6)
+    assert s["modes"]["truck"]["baseline"]["kg_co2e_wtw"] == pytest.approx(4 * U * TRUCK_WTW, rel=1e-6)
 
 
 def test_the_waste_companys_own_collection_is_a_project_truck_round() -> None:
@@ -152,6 +159,62 @@ def test_home_delivery_baseline_adds_door_stops_and_failed_attempts() -> None:
     assert vkm([ln for ln in shop if ln.vehicle == "car"]) == pytest.approx(10 * 0.46 * 3.0)
     pickups = [ln for ln in lines(days, method(), "project") if ln.vehicle == "car"]
     assert vkm(pickups) == pytest.approx(10 * 0.26 * 1.0)
+
+
+def test_vans_stop_once_at_a_box_and_at_every_door_without_it() -> None:
+    """x: 10 parcels delivered and 2 sent parcels taken; y: a red box only. With the hub the van
+    stops twice (x's stop split between delivery and sending like its km, y's all waste's). Home
+    delivery: a stop at each of the 10 doors plus redeliveries (10 x 1.0275) and one at the shop for
+    the sent parcels; parcel shop: one stop at x, as at the box. The waste company's round stops
+    once per box. Residents' trips make no stops."""
+    days = [
+        BoxDay(DAY, "x", "gls", deposited_a=10, picked_up=2),
+        BoxDay(DAY, "y", "gls", waste_collections=1, waste_collected_kg=3.0),
+        BoxDay(DAY, "x", None, collected=10, dropped_off=2),
+    ]
+    project = lines(days, method(), "project", "van")
+    assert sum(ln.stops for ln in project) == pytest.approx(2.0)
+    x = [ln for ln in project if ln.box_id == "x"]
+    assert [ln.category for ln in x] == ["parcel_delivery", "parcel_sending"]
+    assert x[0].stops == pytest.approx(10 / 15)
+    assert x[1].stops == pytest.approx(5 / 15)
+    assert [ln.stops for ln in project if ln.box_id == "y"] == [1.0]
+    home = lines(days, method(), "baseline", "van")
+    assert {ln.category: ln.stops for ln in home} == pytest.approx({"parcel_delivery": 10.275, "parcel_sending": 1.0})
+    shop = lines(days, method("baseline.parcels='parcel_shop'"), "baseline", "van")
+    assert sum(ln.stops for ln in shop) == pytest.approx(1.0)
+    trucks = lines(days, method("baseline.waste='dedicated_round'"), "baseline", "truck")
+    assert [ln.stops for ln in trucks] == [1.0]
+    assert all(ln.stops == 0 for ln in assess(days, GEO, method()).lines if ln.vehicle in ("car", "walk_cycle"))
+    s = summarize(assess(days, GEO, method()))
+    assert s["modes"]["van"]["avoided"]["stops"] == pytest.approx(11.275 - 2.0)
+    assert s["totals"]["avoided"]["stops"] == pytest.approx(11.275 - 2.0)
+
+
+def test_the_headline_is_motorised_trips_as_a_whole_number_with_every_mode_beside_it() -> None:
+    """Totals count vans, trucks and residents' cars; walking and cycling are a mode of their own that
+    no total counts. The headline rounds the motorised trips avoided to a whole number. Grouped by
+    mode, the motorised groups partition the totals and walk_cycle is a row of its own, in the CSV
+    too."""
+    days = [
+        BoxDay(DAY, "x", "gls", deposited_a=10, picked_up=2),
+        BoxDay(DAY, "x", None, collected=10, dropped_off=2, waste_deposits=3, waste_deposit_kg=1.5),
+    ]
+    s = summarize(assess(days, GEO, method()), ["mode"])
+    assert list(s["modes"]) == ["van", "car", "walk_cycle"]
+    motorised = sum(s["modes"][m]["avoided"]["trips"] for m in ("van", "car"))
+    assert s["totals"]["avoided"]["trips"] == pytest.approx(motorised)
+    walk = s["modes"]["walk_cycle"]["project"]["trips"]
+    assert walk == pytest.approx((10 + 2 + 3) * 0.74)
+    assert s["headline"]["motorised_trips_avoided"] == round(motorised)
+    assert isinstance(s["headline"]["motorised_trips_avoided"], int)
+    assert s["headline"]["kg_co2e_wtw_avoided"] == s["totals"]["avoided"]["kg_co2e_wtw"]
+    rows = {g["key"]["mode"]: g for g in s["groups"]}
+    assert set(rows) == {"van", "car", "walk_cycle"}
+    assert rows["walk_cycle"]["project"]["trips"] == pytest.approx(walk)
+    assert rows["van"]["avoided"]["vkm"] + rows["car"]["avoided"]["vkm"] == pytest.approx(s["totals"]["avoided"]["vkm"])
+    assert to_csv(s).splitlines()[0].startswith("mode,baseline_trips,baseline_stops,baseline_vkm,")
+    assert to_csv(s).count("\nwalk_cycle,") == 1
 
 
 def test_sending_compares_shop_trips_with_box_trips() -> None:

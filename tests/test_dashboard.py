@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -292,6 +293,19 @@ def check_commands(page: Any, api: httpx.Client, box_id: str) -> None:
     assert [c["action"] for c in api.get(f"/api/v1/boxes/{box_id}/commands").json()] == ["ping"]
 
 
+def check_kpi_headline(page: Any, kpis: dict[str, Any]) -> None:
+    """The largest number is the whole number of motorised vehicle trips avoided (no decimals), with
+    a table by actor and mode beside it holding at least the modes of an earlier answer (modes only
+    appear as activity accumulates), walking and cycling among them once residents fetched parcels."""
+    value = page.locator("#kpi-trips .value").inner_text()
+    assert re.fullmatch(r"-?\d{1,3}(,\d{3})*", value), value
+    assert "motorised vehicle trips avoided" in page.locator("#kpi-trips").inner_text()
+    shown = set(page.locator("#kpi-modes tbody tr").evaluate_all("rows => rows.map(r => r.dataset.mode)"))
+    assert set(kpis["modes"]) <= shown <= {"van", "truck", "car", "walk_cycle"}
+    if kpis["activity"]["parcels_collected"]:
+        assert "walk_cycle" in shown
+
+
 def check_kpi_chart(page: Any) -> None:
     """The chart has a scale on both sides (round ticks, zero among the per-day ones), every bar stays
     inside the plot, and the boxes' current day, not over yet, is drawn apart and labelled "so far"."""
@@ -376,6 +390,7 @@ def check_in_browser(demo: Demo, api: httpx.Client, credentials: Credentials) ->
                 page.locator("#kpi-chart rect.bar").first.wait_for(timeout=20_000)  # visible
                 assert kpis.json()["groups"][0]["key"]["day"] in page.locator("#kpi-chart").inner_html()
                 check_kpi_chart(page)
+                check_kpi_headline(page, kpis.json())
             has_alerts = api.get("/api/v1/alerts").status_code != 404
             page.locator("#alerts table, #alerts p").first.wait_for(timeout=10_000)
             assert "Alerts unavailable" not in page.locator("#alerts").inner_text()

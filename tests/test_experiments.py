@@ -188,6 +188,23 @@ def test_event_counts_are_metrics_and_an_event_that_never_happened_counts_zero(t
     assert set(recorded) <= set(EVENT_KINDS)
 
 
+def test_the_headline_and_trips_by_mode_are_metrics(tmp_path: Path) -> None:
+    """An experiment collects the method's headline and any mode's figures: the headline is the
+    whole number of the motorised trips avoided, which are the vans', trucks' and cars' together;
+    walking and cycling count apart, and a mode nobody used (no red box went by truck) is 0."""
+    names = ["headline.motorised_trips_avoided", "avoided.trips", "modes.van.avoided.trips",
+             "modes.car.avoided.trips", "modes.truck.avoided.trips", "modes.walk_cycle.project.trips"]  # fmt: skip
+    text = SMALL.format(n=1).replace('impact = ["avoided.kg_co2e_wtw"]', f"impact = {json.dumps(names)}")
+    out = tmp_path / "out"
+    run_experiment(load_experiment(write(tmp_path, text)), out, workers=1)
+    m = json.loads(next((out / "runs").glob("base/*.json")).read_text())["metrics"]
+    assert m["headline.motorised_trips_avoided"] == round(m["avoided.trips"])
+    parts = m["modes.van.avoided.trips"] + m["modes.car.avoided.trips"] + m["modes.truck.avoided.trips"]
+    assert m["avoided.trips"] == pytest.approx(parts, abs=1e-5)
+    assert m["modes.walk_cycle.project.trips"] > 0
+    assert m["modes.truck.avoided.trips"] == 0.0
+
+
 def test_missing_experiment_file_is_one_line(tmp_path: Path) -> None:
     """A file that does not exist: exit 2 and one line, no traceback."""
     done = subprocess.run(

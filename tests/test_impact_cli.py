@@ -32,6 +32,23 @@ def test_impact_writes_the_same_figures_as_run_impact(tmp_path: Path, capsys: py
     assert sorted(r["box"] for r in rows) == sorted(g["key"]["box"] for g in expected["groups"])
     assert {r["van_electric_share"] for r in rows} == {"0.5"}
     assert json.loads((out / "params.json").read_text())["simulation"]["days"] == 7
+    # The report leads with the JSON's headline and lists trips by actor and mode.
+    trips = written["headline"]["motorised_trips_avoided"]
+    assert f"Motorised vehicle trips avoided: {trips:,}" in report
+    assert written["headline"] == expected["headline"]
+    for label in ("carriers' vans", "residents by car", "residents on foot/bike/bus"):
+        assert label in report
+
+
+def test_impact_csv_can_have_a_row_per_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--group-by mode`` writes a row per mode, walking and cycling included, with their stops."""
+    out = tmp_path / "run"
+    assert main(["impact", "--days", "3", "--set", "network.boxes=3", "--group-by", "mode",
+                 "--no-counterfactual", "--out", str(out)]) == 0  # fmt: skip
+    rows = {r["mode"]: r for r in csv.DictReader((out / "impact.csv").read_text().splitlines())}
+    assert {"van", "car", "walk_cycle"} <= set(rows) <= {"van", "truck", "car", "walk_cycle"}
+    assert float(rows["van"]["baseline_stops"]) > float(rows["van"]["project_stops"]) > 0
+    assert float(rows["walk_cycle"]["project_kg_co2e_wtw"]) == 0.0
 
 
 def test_sensitivity_prints_a_table_per_choice(capsys: pytest.CaptureFixture[str]) -> None:

@@ -148,7 +148,7 @@ def test_kpis_equal_the_method_applied_to_the_same_events(api: httpx.Client, see
     assert got.status_code == 200, got.text
     body = got.json()
     want = expected(seeded, Method(), ["box", "day"])
-    for part in ("totals", "categories", "vehicles", "groups", "activity", "method", "assumptions"):
+    for part in ("totals", "categories", "modes", "groups", "headline", "activity", "method", "assumptions"):
         assert_close(body[part], want[part])
     assert body["excluded"] == {"boxes_without_position": ["kpi-003"], "carriers_without_depot": []}
     assert body["period"] == {"since": "2026-04-06", "until": "2026-04-09"}
@@ -156,7 +156,7 @@ def test_kpis_equal_the_method_applied_to_the_same_events(api: httpx.Client, see
     assert body["activity"]["red_boxes_by_vans"] == 1
     assert body["activity"]["red_boxes_by_operator"] == 1
     # kpi-002's red box fetched by the waste company's own truck is a project truck round.
-    assert body["vehicles"]["truck"]["project"]["vkm"] > 0
+    assert body["modes"]["truck"]["project"]["vkm"] > 0
 
 
 def test_a_box_filter_keeps_that_boxs_share_of_the_shared_rounds(api: httpx.Client, seeded: list[Event]) -> None:
@@ -168,7 +168,7 @@ def test_a_box_filter_keeps_that_boxs_share_of_the_shared_rounds(api: httpx.Clie
     alone = api.get("/api/v1/kpis", params={**MINE, "box": ["kpi-001"]}).json()
     assert_close({s: alone["totals"][s] for s in ("baseline", "project", "avoided")},
                  {s: row[s] for s in ("baseline", "project", "avoided")})  # fmt: skip
-    assert alone["vehicles"]["van"]["project"]["vkm"] < whole["vehicles"]["van"]["project"]["vkm"]
+    assert alone["modes"]["van"]["project"]["vkm"] < whole["modes"]["van"]["project"]["vkm"]
     assert alone["activity"]["parcels_delivered"] == 9
 
 
@@ -182,12 +182,12 @@ def test_overrides_change_the_result_and_are_stated(api: httpx.Client, seeded: l
         Method(), ["van_electric_share=1.0", "baseline.waste='dedicated_round'", "residents.box_car_share=0.1"]
     )
     assert_close(body["totals"], expected(seeded, method, [])["totals"])
-    van = body["vehicles"]["van"]["project"]
+    van = body["modes"]["van"]["project"]
     assert van["kg_co2e_wtw"] == pytest.approx(van["vkm"] * 0.24 * 0.096, rel=1e-5)
     assert van["kg_co2e_ttw"] == 0.0
     assert body["method"]["waste_baseline"] == "dedicated_round"
     assert body["assumptions"]["residents"]["box_car_share"] == 0.1
-    assert body["vehicles"]["truck"]["baseline"]["vkm"] > 0
+    assert body["modes"]["truck"]["baseline"]["vkm"] > 0
 
 
 def test_csv_export_has_the_json_figures(api: httpx.Client, seeded: list[Event]) -> None:
@@ -296,7 +296,7 @@ def test_live_run_gives_the_simulators_figures(
         return body if body["activity"] == report["activity"] else None
 
     body = wait_for(caught_up, timeout=30)
-    for part in ("totals", "categories", "vehicles", "groups", "method"):
+    for part in ("totals", "categories", "modes", "groups", "headline", "method"):
         assert_close(body[part], report[part])
     assert date.fromisoformat(body["groups"][0]["key"]["day"]) >= start
 
@@ -338,5 +338,6 @@ def test_no_events_yet_is_an_empty_result_not_an_error(api: httpx.Client) -> Non
     body = api.get("/api/v1/kpis", params={"box": ["kpi-099"]}).json()
     today = datetime.now(UTC).date()
     assert body["period"] == {"since": today.isoformat(), "until": (today + timedelta(days=1)).isoformat()}
-    assert body["totals"]["avoided"] == {"trips": 0.0, "vkm": 0.0, "kg_co2e_wtw": 0.0, "kg_co2e_ttw": 0.0}
+    assert body["totals"]["avoided"] == {"trips": 0.0, "stops": 0.0, "vkm": 0.0, "kg_co2e_wtw": 0.0, "kg_co2e_ttw": 0.0}
+    assert body["headline"] == {"motorised_trips_avoided": 0, "vkm_avoided": 0.0, "kg_co2e_wtw_avoided": 0.0}
     assert body["activity"]["parcels_delivered"] == 0

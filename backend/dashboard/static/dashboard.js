@@ -850,19 +850,27 @@
     const avoided = totals.avoided || {};
     const baseline = totals.baseline || {};
     const project = totals.project || {};
+    // The headline is the API's whole number of motorised vehicle trips (vans, trucks, residents'
+    // cars); walking and cycling are in the table by actor and mode beside it.
+    const trips = state.kpi.headline?.motorised_trips_avoided ?? Math.round(avoided.trips);
+    const tripsNote =
+      trips < 0
+        ? `${fmtNumber(-trips)} more than without the boxes (baseline ${fmtNumber(baseline.trips)}, with the boxes ${fmtNumber(project.trips)})`
+        : `baseline ${fmtNumber(baseline.trips)}, with the boxes ${fmtNumber(project.trips)}`;
     const items = [
-      [fmtNumber(avoided.trips, 1), "trips avoided", `baseline ${fmtNumber(baseline.trips, 1)}, with the boxes ${fmtNumber(project.trips, 1)}`],
-      [fmtKg(avoided.kg_co2e_wtw), "CO₂e avoided (well-to-wheel)", `tank-to-wheel ${fmtKg(avoided.kg_co2e_ttw)}`],
-      [`${fmtNumber(avoided.vkm, 1)} km`, "vehicle-km avoided", `baseline ${fmtNumber(baseline.vkm, 1)} km`],
+      [fmtNumber(trips), "motorised vehicle trips avoided", tripsNote, "kpi-trips"],
+      [fmtKg(avoided.kg_co2e_wtw), "CO₂e avoided (well-to-wheel)", `tank-to-wheel ${fmtKg(avoided.kg_co2e_ttw)}`, "kpi-co2"],
+      [`${fmtNumber(avoided.vkm)} km`, "vehicle-km avoided", `baseline ${fmtNumber(baseline.vkm)} km`, "kpi-vkm"],
     ];
     target.replaceChildren(
       el(
         "div",
         { class: "kpi-totals" },
-        items.map(([value, what, note]) =>
-          el("div", { class: "kpi" }, el("div", { class: "value" }, value), el("div", { class: "what" }, what), el("div", { class: "what" }, note)),
+        items.map(([value, what, note, id]) =>
+          el("div", { class: "kpi", id }, el("div", { class: "value" }, value), el("div", { class: "what" }, what), el("div", { class: "what" }, note)),
         ),
       ),
+      modesTable(state.kpi.modes || {}),
     );
     const method = state.kpi.method;
     const period = state.kpi.period;
@@ -876,6 +884,49 @@
       .filter(Boolean)
       .join("; ");
     renderChart(state.kpi.groups || []);
+  }
+
+  const MODE_NAMES = {
+    van: ["carriers", "van"],
+    truck: ["waste company", "truck"],
+    car: ["residents", "car"],
+    walk_cycle: ["residents", "on foot, bike or bus"],
+  };
+
+  /** Trips by actor and mode, without and with the boxes; stops for the vehicles that make them. */
+  function modesTable(modes) {
+    const rows = Object.entries(modes).map(([mode, m]) => {
+      const [actor, how] = MODE_NAMES[mode] || [m.actor || "", mode];
+      const stops = mode === "van" || mode === "truck";
+      return el(
+        "tr",
+        { "data-mode": mode },
+        el("td", {}, actor),
+        el("td", {}, how),
+        el("td", { class: "num" }, fmtNumber(m.baseline?.trips)),
+        el("td", { class: "num" }, fmtNumber(m.project?.trips)),
+        el("td", { class: "num" }, fmtNumber(m.avoided?.trips)),
+        el("td", { class: "num" }, stops ? fmtNumber(m.avoided?.stops) : "–"),
+        el("td", { class: "num" }, fmtNumber(m.avoided?.vkm)),
+      );
+    });
+    return el(
+      "table",
+      { class: "kpi-modes", id: "kpi-modes" },
+      el("caption", {}, "Trips by actor and mode (km on foot or by bike are a person's; only vehicles emit CO₂)"),
+      el(
+        "thead",
+        {},
+        el(
+          "tr",
+          {},
+          ["who", "how", "trips without boxes", "with boxes", "trips avoided", "stops avoided", "km avoided"].map((h) =>
+            el("th", {}, h),
+          ),
+        ),
+      ),
+      el("tbody", {}, rows),
+    );
   }
 
   /** About ``count`` round tick values (1, 2 or 5 times a power of ten) from at most ``lo`` to at
