@@ -19,13 +19,14 @@ import logging
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from contract.topics import BOX_ID_PATTERN, is_valid_box_id
 from firmware_stub.box import BoxFirmware
@@ -38,11 +39,15 @@ PASSWORD_ENV = "MOLO_BOX_PASSWORD"  # noqa: S105 - the variable's name, not a pa
 _log = logging.getLogger("firmware_stub.cli")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m firmware_stub",
-        description="Run the reference firmware of one MoLo Hubs box against an MQTT broker.",
-    )
+class _Parser(argparse.ArgumentParser):
+    """One-line errors on stderr and exit code 2, like every ``molo`` command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(prog: str = "python -m firmware_stub") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Run the reference firmware of one MoLo Hubs box against an MQTT broker.")
     parser.add_argument("--box-id", required=True, help=f"the box id and MQTT username ({BOX_ID_PATTERN})")
     parser.add_argument(
         "--credentials",
@@ -144,9 +149,9 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m firmware_stub") -> int:
     """Run one box until SIGINT/SIGTERM; returns the process exit code."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not is_valid_box_id(args.box_id):
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         password = load_password(args.box_id, args.credentials)
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
 
     rng = random.Random(args.seed)

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from accounting.method import GROUPS
 from molo import experiments_cli, logs
+from molo.cli_errors import Parser, at_least_zero, database_url, explain, fail, port, positive
 
 #: Help of --no-progress (simulate, impact): the bar is on a terminal only, after two seconds.
 NO_PROGRESS_HELP = "no progress bar (it shows on a terminal, once a simulation has run two seconds)"
+DATABASE_URL_HELP = "PostgreSQL URL, postgresql://user@host:port/dbname (default MOLO_DATABASE_URL)"
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -41,10 +43,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from backend.migrate import migrate
 
     settings = _settings()
-    url = args.database_url or settings.database_url
-    if not url:
-        print("molo migrate: set MOLO_DATABASE_URL or pass --database-url", file=sys.stderr)
-        return 2
+    url = database_url(args.database_url, settings.database_url)
     report = migrate(url, settings.timescale)
     print(f"schema at version {report.current} ({report.flavour}); applied now: {report.applied or 'none'}")
     if args.register_boxes:
@@ -116,16 +115,19 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_box(args: argparse.Namespace) -> int:
     from firmware_stub.cli import main as box_main
 
-    return box_main(args.rest)
+    return box_main(args.rest, prog="molo box")
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
     from contract.messages import json_schemas
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, schema in json_schemas().items():
-        (out / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, schema in json_schemas().items():
+            (out / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        return _unwritable("schemas", out, exc)
     print(f"wrote {len(json_schemas())} schemas to {out}")
     return 0
 
@@ -210,10 +212,12 @@ def cmd_impact(args: argparse.Namespace) -> int:
     """``molo impact``: avoided trips and CO2 of a simulated run, by the method the backend uses."""
     import json
 
+    from pydantic import ValidationError
+
     from accounting import to_csv
     from molo.progress import day_bars
     from simulator.impact import method_for, report_text, run_impact, sensitivity, sensitivity_markdown
-    from simulator.params import dump, resolve
+    from simulator.params import dump, first_error, resolve
 
     overrides = list(args.set or [])
     if args.seed is not None:
@@ -243,9 +247,10 @@ def cmd_impact(args: argparse.Namespace) -> int:
         if records is None:
             scenario = resolve(Path(args.scenario) if args.scenario else None, overrides)
         method = method_for(scenario, method_sets)
+    except ValidationError as exc:  # the method's (the scenario's errors are ScenarioError, one line)
+        return fail("impact", f"invalid method parameter: --method-set {first_error(exc)}")
     except ValueError as exc:
-        print(f"molo impact: invalid parameters: {exc}", file=sys.stderr)
-        return 2
+        return fail("impact", f"invalid parameters: {exc}")
     if records is not None and args.sensitivity:
         records = list(records)
     out = Path(args.out) if args.out else None
@@ -379,11 +384,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     from backend.access.keys import Role, create_key, list_keys, revoke_key
 
-    url = args.database_url or _settings().database_url
-    if not url:
-        print("molo keys: set MOLO_DATABASE_URL or pass --database-url", file=sys.stderr)
-        return 2
-    with psycopg.connect(url, autocommit=True) as conn:
+    url = database_url(args.database_url, _settings().database_url)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         if args.keys_command == "create":
             try:
                 key = create_key(conn, role=Role(args.role), name=args.name, carrier=args.carrier)
@@ -406,26 +408,37 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if revoke_key(conn, args.key_id):
             print(f"revoked {args.key_id}")
             return 0
-        print(f"molo keys revoke: no active key {args.key_id!r}", file=sys.stderr)
-        return 1
+        print(f"molo keys revoke: no active key {args.key_id!r} (`molo keys list` shows the keys)", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="molo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = Parser(prog="molo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="how much the services log (default INFO)",
     )
-    parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the whole pipeline on embedded defaults")
-    p.add_argument("--boxes", type=int, default=0, help="only the first N boxes of the network (default: all 50)")
     p.add_argument(
-        "--speed", type=float, default=3600.0, help="simulated seconds per wall second (default 3600: an hour a second)"
+        "--boxes", type=at_least_zero, default=0, help="only the first N boxes of the network (default 0: all 50)"
+    )
+    p.add_argument(
+        "--speed",
+        type=positive(float),
+        default=3600.0,
+        help="simulated seconds per wall second (default 3600: an hour a second)",
     )
     p.add_argument("--scenario", default=None, help="scenario TOML (default: the bundled Aalborg one)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario parameter")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
-    p.add_argument("--port", type=int, default=8000, help="API port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--duration", type=positive(float), default=None, help="stop after this many seconds (default: Ctrl-C)"
+    )
+    p.add_argument("--port", type=port, default=8000, help="API port (default 8000; 0 picks a free one)")
     p.add_argument("--var", default="var", help="where embedded services keep their data (default ./var)")
     p.add_argument(
         "--broker",
@@ -456,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run paced against the wall clock, every box a firmware stub publishing to MOLO_MQTT_HOST",
     )
-    p.add_argument("--speed", type=float, default=3600.0, help="with --live: simulated seconds per wall second")
+    p.add_argument(
+        "--speed", type=positive(float), default=3600.0, help="with --live: simulated seconds per wall second"
+    )
     p.add_argument("--credentials", default=None, help="with --live: credentials.json from `molo provision`")
     p.add_argument("--state-dir", default="var/boxes", help="with --live: where the boxes keep their outboxes")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
@@ -468,9 +483,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="master random seed (default: the scenario's, 1)")
     p.add_argument("--days", type=float, default=None, help="simulated days (default: the scenario's, 365)")
     p.add_argument("--method-set", action="append", metavar="KEY=VALUE", help="override a method parameter")
-    p.add_argument("--allocation", choices=["load_distance", "marginal"], default=None)
-    p.add_argument("--waste-baseline", choices=["resident_trips", "dedicated_round", "mixed"], default=None)
-    p.add_argument("--parcel-baseline", choices=["home_delivery", "parcel_shop"], default=None)
+    p.add_argument(
+        "--allocation",
+        choices=["load_distance", "marginal"],
+        default=None,
+        help="how a shared van trip's km are split (default load_distance)",
+    )
+    p.add_argument(
+        "--waste-baseline",
+        choices=["resident_trips", "dedicated_round", "mixed"],
+        default=None,
+        help="hazardous waste without the boxes (default resident_trips)",
+    )
+    p.add_argument(
+        "--parcel-baseline",
+        choices=["home_delivery", "parcel_shop"],
+        default=None,
+        help="parcels without the boxes (default home_delivery)",
+    )
     p.add_argument("--van-electric-share", type=float, default=None, help="electric share of van-km, 0..1")
     p.add_argument("--group-by", action="append", choices=GROUPS,
                    help="rows of impact.csv (repeatable; default box; mode adds walking and cycling rows)")  # fmt: skip
@@ -487,15 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_impact)
 
     p = sub.add_parser("boxes", help="run N stand-in boxes against MOLO_MQTT_HOST")
-    p.add_argument("--count", type=int, default=50)
-    p.add_argument("--prefix", default="aal")
+    p.add_argument("--count", type=positive(int), default=50, help="boxes PREFIX-001 .. PREFIX-N (default 50)")
+    p.add_argument("--prefix", default="aal", help="box id prefix (default aal)")
     p.add_argument("--credentials", required=True, help="credentials.json from `molo provision`")
-    p.add_argument("--state-dir", default="var/boxes")
-    p.add_argument("--rate", type=float, default=0.1, help="events per second per box")
+    p.add_argument("--state-dir", default="var/boxes", help="where the boxes keep their outboxes (default var/boxes)")
+    p.add_argument("--rate", type=positive(float), default=0.1, help="events per second per box (default 0.1)")
     p.set_defaults(func=cmd_boxes)
 
     p = sub.add_parser("migrate", help="apply SQL migrations")
-    p.add_argument("--database-url", default=None)
+    p.add_argument("--database-url", default=None, help=DATABASE_URL_HELP)
     p.add_argument(
         "--register-boxes",
         action="store_true",
@@ -510,17 +540,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("api", help="serve the HTTP API")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=None, help="address to listen on (default MOLO_API_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=port, default=None, help="port to listen on (default MOLO_API_PORT, 8000)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run experiment jobs submitted over the API (docs/experiments.md)")
-    p.add_argument("--concurrency", type=int, default=None, help="jobs at once (MOLO_EXPERIMENT_WORKER_CONCURRENCY)")
+    p.add_argument(
+        "--concurrency",
+        type=positive(int),
+        default=None,
+        help="jobs at once (default MOLO_EXPERIMENT_WORKER_CONCURRENCY)",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("provision", help="create credentials for N boxes and the broker's password file")
-    p.add_argument("--boxes", type=int, default=0, help="provision PREFIX-001 .. PREFIX-N")
-    p.add_argument("--prefix", default="aal")
+    p.add_argument("--boxes", type=at_least_zero, default=0, help="provision PREFIX-001 .. PREFIX-N")
+    p.add_argument("--prefix", default="aal", help="box id prefix (default aal)")
     p.add_argument("--box-id", action="append", help="an extra box id (repeatable), e.g. to add one box later")
     p.add_argument(
         "--service",
@@ -528,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="service user ROLE or ROLE-<name> (roles ingest, api; repeatable; default: ingest ingest-1 ingest-2 api)",
     )
     p.add_argument("--rotate", action="store_true", help="new passwords for everyone (default: keep existing)")
-    p.add_argument("--out", default="secrets")
+    p.add_argument("--out", default="secrets", help="folder for credentials.json, passwd and acl (default secrets)")
     p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser("box", help="run one box's firmware stub (see `molo box -- --help`)")
@@ -536,28 +571,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_box)
 
     p = sub.add_parser("keys", help="create, list and revoke API keys")
-    p.add_argument("--database-url", default=None)
-    keys = p.add_subparsers(dest="keys_command", required=True)
+    p.add_argument("--database-url", default=None, help=DATABASE_URL_HELP)
+    keys = p.add_subparsers(dest="keys_command", metavar="{create,list,revoke}", required=True)
     k = keys.add_parser("create", help="create a key and print its secret (once)")
-    k.add_argument("--role", required=True, choices=["operator", "courier", "researcher"])
+    k.add_argument("--role", required=True, choices=["operator", "courier", "researcher"], help="what the key may do")
     k.add_argument("--carrier", default=None, help="courier keys: the one carrier the key acts for, e.g. gls")
     k.add_argument("--name", required=True, help='who or what uses it, e.g. "GLS van app"')
     k = keys.add_parser("list", help="list keys (never their secrets)")
     k.add_argument("--all", action="store_true", help="include revoked keys")
     k = keys.add_parser("revoke", help="revoke a key by its id")
-    k.add_argument("key_id")
+    k.add_argument("key_id", help="the key's id, as `molo keys list` shows it")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("schemas", help="write JSON Schemas of the wire contract")
-    p.add_argument("--out", default="docs/schemas")
+    p.add_argument("--out", default="docs/schemas", help="folder for the schema files (default docs/schemas)")
     p.set_defaults(func=cmd_schemas)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command == "box":  # everything after `molo box` is the firmware stub's own
+        rest = argv[argv.index("box") + 1 :]
+        args.rest = rest[1:] if rest[:1] == ["--"] else rest
+    elif extra:
+        return fail(args.command, f"unrecognized arguments: {' '.join(extra)} (see `molo {args.command} --help`)")
     logs.setup(args.log_level)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except Exception as exc:
+        message = explain(exc)
+        if message is None:
+            raise
+        return fail(args.command, message)
     return code
 
 

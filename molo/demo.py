@@ -36,6 +36,7 @@ from backend.ingest.run import build_worker
 from backend.migrate import migrate
 from backend.settings import Environment, Settings
 from molo.brokers import mosquitto_available, start_amqtt, start_mosquitto
+from molo.cli_errors import fail
 from molo.postgres import EmbeddedPostgres
 from molo.provision import Credentials, provision
 from molo.registry import register_boxes
@@ -99,8 +100,9 @@ def run_demo(
             scenario = scenario.model_copy(update={"network": scenario.network.model_copy(update={"boxes": boxes})})
         network = network_for(scenario)
     except ValueError as exc:
-        log.error("invalid scenario: %s", exc)
-        return 2
+        return fail("demo", f"invalid scenario: {exc}")
+    if boxes > len(network.boxes):
+        return fail("demo", f"--boxes {boxes}: the scenario's network has {len(network.boxes)} boxes (0 runs all)")
 
     with ExitStack() as stack:
         # -- database
@@ -120,14 +122,12 @@ def run_demo(
             where_db = f"embedded PostgreSQL in {var_dir / 'postgres'}"
         report = migrate(url, settings.timescale)
         if settings.database_url and (held := _stored_events(url, network.boxes)):
-            log.error(
-                "MOLO_DATABASE_URL already holds %d events of the demo's boxes: the simulation starts at its "
-                "first day, so the KPIs would count every parcel twice. Point it at an empty database "
-                "(or unset it: the demo then runs an embedded PostgreSQL in %s, clean every time).",
-                held,
-                var_dir / "postgres",
+            return fail(
+                "demo",
+                f"MOLO_DATABASE_URL already holds {held} events of the demo's boxes: the simulation starts at "
+                "its first day, so the KPIs would count every parcel twice. Point it at an empty database (or "
+                f"unset it: the demo then runs an embedded PostgreSQL in {var_dir / 'postgres'}, clean every time).",
             )
-            return 2
         log.info("database ready: %s, schema v%d (%s)", where_db, report.current, report.flavour)
         api_key = "(none outside development: `molo keys create --role operator --name ...`)"
         other_keys = ""

@@ -14,13 +14,15 @@ from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
+from molo.cli_errors import positive
+
 __all__ = ["add_parser"]
 
 
 def add_parser(sub: Any) -> None:
     """Add ``experiment`` and its sub-commands to the CLI's sub-parsers."""
     p = sub.add_parser("experiment", help="what-if experiments: replications, confidence intervals, comparisons")
-    verbs = p.add_subparsers(dest="verb", required=True)
+    verbs = p.add_subparsers(dest="verb", metavar="{run,status,report,compare}", required=True)
 
     run = verbs.add_parser("run", help="run (or resume) an experiment file")
     run.add_argument("file", type=Path, help="experiment TOML (see simulator/experiments/example.toml)")
@@ -31,22 +33,22 @@ def add_parser(sub: Any) -> None:
         default="local",
         help="local processes (default), a Dask cluster (MOLO_DASK_SCHEDULER or a local one) or Ray",
     )
-    run.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    run.add_argument("--workers", type=positive(int), default=None, help="worker processes (default: one per core)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     run.set_defaults(func=cmd_run)
 
     status = verbs.add_parser("status", help="what an experiment folder holds")
-    status.add_argument("dir", type=Path)
+    status.add_argument("dir", type=Path, help="the experiment's results folder")
     status.set_defaults(func=cmd_status)
 
     report = verbs.add_parser("report", help="the summary table: mean and 95%% CI per point and metric")
-    report.add_argument("dir", type=Path)
+    report.add_argument("dir", type=Path, help="the experiment's results folder")
     report.add_argument("--html", action="store_true", help="also write DIR/report.html (self-contained) and plots/")
     report.set_defaults(func=cmd_report)
 
     compare = verbs.add_parser("compare", help="paired differences of every point against a baseline point")
-    compare.add_argument("dir", type=Path)
+    compare.add_argument("dir", type=Path, help="the experiment's results folder")
     compare.add_argument("--baseline", default=None, help="the point to compare with (default: the file's)")
     compare.set_defaults(func=cmd_compare)
 

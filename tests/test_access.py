@@ -94,7 +94,7 @@ def test_cli_creates_lists_and_revokes_keys_storing_only_a_hash(
     database_url: str, db: psycopg.Connection[Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`molo keys create` prints the secret once and stores only its SHA-256; `list` never shows it;
-    `revoke` marks it revoked and a second revoke fails."""
+    `revoke` marks it revoked and a second revoke is refused (exit 2, a user error)."""
     args = ["keys", "--database-url", database_url]
     assert molo_main([*args, "create", "--role", "courier", "--carrier", "gls", "--name", "GLS van app"]) == 0
     token = capsys.readouterr().out.strip()
@@ -115,7 +115,7 @@ def test_cli_creates_lists_and_revokes_keys_storing_only_a_hash(
     assert token not in listing
 
     assert molo_main([*args, "revoke", key_id]) == 0
-    assert molo_main([*args, "revoke", key_id]) == 1
+    assert molo_main([*args, "revoke", key_id]) == 2  # a user error: no such active key
     capsys.readouterr()
     assert molo_main([*args, "list"]) == 0
     assert key_id not in capsys.readouterr().out  # revoked keys only with --all

@@ -324,5 +324,5 @@ def run_worker(settings: Settings) -> int:
         return 2
     except (psycopg.OperationalError, PoolTimeout) as exc:
         print(f"molo worker: the database is not reachable: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+        return 2
     return 0
