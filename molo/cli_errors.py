@@ -42,26 +42,25 @@ def positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def at_least_zero(text: str) -> int:
-    """An argparse type: a whole number, 0 or more."""
+def _whole(text: str, lo: int, hi: int | None, what: str, allowed: str) -> int:
+    """``text`` as a whole number from ``lo`` to ``hi`` (no upper bound if None), or argparse's error."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (given {text})")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < lo or (hi is not None and value > hi):
+        raise argparse.ArgumentTypeError(f"{allowed} (given {text})")
     return value
+
+
+def at_least_zero(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    return _whole(text, 0, None, "an integer", "must be 0 or more")
 
 
 def port(text: str) -> int:
     """An argparse type: a TCP port, 0 (pick a free one) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (given {text})")
-    return value
+    return _whole(text, 0, 65535, "a port number", "a port is 0 to 65535")
 
 
 def redacted(url: str) -> str:
