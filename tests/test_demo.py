@@ -166,3 +166,24 @@ def test_a_second_demo_starts_from_a_clean_database_and_stores_each_parcel_once(
         pg.stop()
     assert deposits > 0
     assert twice == 0
+
+
+#: The alerts an operator acts on (docs/operations.md, the severity policy): the only reasons a box
+#: of the demo may be shown other than green.
+ACTIONABLE = {"maintenance", "offline", "box_offline", "door_left_open", "compartment_fault", "red_box_at_limit",
+              "red_box_near_limit", "temperature_out_of_range"}  # fmt: skip
+
+
+def test_the_demo_is_calm_at_most_a_handful_of_boxes_not_green_and_each_for_a_reason(tmp_path: Path) -> None:
+    """The demo as the README runs it (all 50 boxes, an hour a second), sampled every 2 s for 90 s once
+    every box is online (three and a half simulated days, past the first parcels' near-expiry): at no sample are more than 5 boxes anything but green, every non-green box
+    is so for a reason an operator acts on (offline, a fault, a red box), and parcels near expiry,
+    open all along, never colour a box."""
+    from bench.demo_calm import run
+
+    calm = run(seconds=90, every=2, var=tmp_path / "var")
+    assert calm.samples >= 40
+    assert max(calm.non_green) <= 5, calm
+    assert set(calm.reasons) <= ACTIONABLE, calm.reasons
+    assert max(calm.info_open) > 0  # routine expiry was there to colour the map, and did not
+    assert calm.simulated_days > 3
