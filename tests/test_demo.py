@@ -176,9 +176,10 @@ ACTIONABLE = {"maintenance", "offline", "box_offline", "door_left_open", "compar
 
 def test_the_demo_is_calm_at_most_a_handful_of_boxes_not_green_and_each_for_a_reason(tmp_path: Path) -> None:
     """The demo as the README runs it (all 50 boxes, an hour a second), sampled every 2 s for 90 s once
-    every box is online (three and a half simulated days, past the first parcels' near-expiry): at no sample are more than 5 boxes anything but green, every non-green box
-    is so for a reason an operator acts on (offline, a fault, a red box), and parcels near expiry,
-    open all along, never colour a box."""
+    every box is online (three and a half simulated days, past the first parcels' near-expiry): at no
+    sample are more than 5 boxes anything but green, every non-green box is so for a reason an
+    operator acts on (offline, a fault, a red box), and parcels near expiry, open all along, never
+    colour a box."""
     from bench.demo_calm import run
 
     calm = run(seconds=90, every=2, var=tmp_path / "var")
