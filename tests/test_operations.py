@@ -164,6 +164,7 @@ def test_silent_box_gets_heartbeat_alert_and_clears_when_heard(
         alert = wait_for(lambda: open_alert(ops_api, box_id, "box_offline"), timeout=15)
         assert alert["details"]["reason"] == "heartbeat_timeout"
         assert alert["raised_by"].startswith("sweep: nothing received since")
+        assert alert["raised_ts"] == "2026-01-01T00:00:00Z"  # last heard (its birth), by the box's clock
         telemetry = make_event(
             box_id=box_id,
             seq=1,
@@ -373,7 +374,8 @@ def test_times_are_the_boxes_clock_with_the_received_time_beside(
 ) -> None:
     """A box whose clock reads 2026-01-01 (as in simulation) while the backend's reads today: its status
     since and its alert's raised_ts are the box's time, the received times the backend's; after a Last
-    Will (which carries no time) the status is dated by the box's last message."""
+    Will (which carries no time) the status and the offline alert are dated by the box's last
+    message."""
     now = [T0]
     box = firmware(broker, credentials, "box-079", tmp_path, clock=lambda: now[0])
     try:
@@ -393,6 +395,9 @@ def test_times_are_the_boxes_clock_with_the_received_time_beside(
         assert gone["status_reason"] == "connection_lost"
         assert gone["status_since"] == gone["last_seen_at"] == "2026-01-01T05:00:00Z"  # last heard, box time
         assert gone["status_received_at"] > "2026-06"
+        offline = wait_for(lambda: open_alert(ops_api, "box-079", "box_offline"))
+        assert offline["raised_ts"] == "2026-01-01T05:00:00Z"  # the will carries no time: last heard
+        assert offline["raised_at"] > "2026-06"
     finally:
         box.stop()
 

@@ -340,6 +340,12 @@ class AlertEngine:
             )
             return
         what = "went offline (connection lost: Last Will)" if s.reason == "connection_lost" else "shut down"
+        ts = s.ts
+        if ts is None:  # a Last Will carries no time: date it, as the status, by the box's last message
+            row = conn.execute(
+                "SELECT COALESCE(last_seen_at, status_ts) FROM box_state WHERE box_id = %s", (s.box_id,)
+            ).fetchone()
+            ts = row[0] if row else None
         raise_alert(
             conn,
             box_id=s.box_id,
@@ -347,7 +353,7 @@ class AlertEngine:
             message=f"box {s.box_id} {what}",
             details={"reason": s.reason, "session": s.session},
             raised_by=by,
-            raised_ts=s.ts,
+            raised_ts=ts,
             raised_session=s.session,
         )
 

@@ -73,6 +73,7 @@ def _heartbeats(conn: psycopg.Connection[Any], rules: AlertRules) -> int:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """SELECT s.box_id, s.status_session, s.last_received_at,
+                      COALESCE(s.last_seen_at, s.status_ts) AS last_seen_at,
                       s.last_received_at + make_interval(secs => %(t)s) AS since
                FROM box_state s
                WHERE s.status_online AND s.last_received_at < now() - make_interval(secs => %(t)s)
@@ -100,6 +101,7 @@ def _heartbeats(conn: psycopg.Connection[Any], rules: AlertRules) -> int:
             message=f"box {c['box_id']} silent for over {rules.heartbeat_timeout_s:g} s (missed heartbeats)",
             details={"reason": "heartbeat_timeout", "last_received_at": c["last_received_at"].isoformat()},
             raised_by=f"sweep: nothing received since {c['last_received_at'].isoformat()}",
+            raised_ts=c["last_seen_at"],  # by the box's clock: when it was last heard
             raised_session=c["status_session"],
         )
         if row is not None:
