@@ -14,15 +14,18 @@ their structure (common random numbers).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import itertools
 import math
 import random
+import statistics
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import simpy
+from scipy.special import gammaincinv  # the inverse of the regularised incomplete gamma function
 
 from contract import CompartmentKind, SizeClass
 from network import EARTH_RADIUS_KM, Box, Network, Site, haversine_km
@@ -46,27 +49,35 @@ class Sink(Protocol):
     def record(self, t: float, box_id: str | None, kind: str, data: dict[str, Any]) -> None: ...
 
 
-def sampler(dist: Dist, rng: random.Random) -> Callable[[], float]:
-    """A function drawing from ``dist`` with ``rng``."""
+def quantile(dist: Dist) -> Callable[[float], float]:
+    """The inverse distribution function of ``dist``: a uniform ``u`` in [0, 1) to a value.
+
+    Every random quantity of the model is drawn by inversion from one uniform, so a quantity always
+    takes exactly one number from its stream, whatever its distribution and parameters (rejection
+    samplers such as ``random.gammavariate`` take a varying count and put the stream out of step)."""
     mean = dist.mean
     if dist.kind == "exponential":
-        expovariate, rate = rng.expovariate, 1.0 / mean
-        return lambda: expovariate(rate)
+        return lambda u: -mean * math.log1p(-u)
     if dist.kind == "constant":
-        return lambda: mean
+        return lambda u: mean
     if dist.kind == "uniform":
-        low, high = float(dist.low or 0.0), float(dist.high or 0.0)
-        uniform = rng.uniform
-        return lambda: uniform(low, high)
+        low, span = float(dist.low or 0.0), float(dist.high or 0.0) - float(dist.low or 0.0)
+        return lambda u: low + span * u
     sd = float(dist.sd or 0.0)
     if dist.kind == "lognormal":
         sigma2 = math.log(1 + (sd / mean) ** 2)
         mu, sigma = math.log(mean) - sigma2 / 2, math.sqrt(sigma2)
-        lognormvariate = rng.lognormvariate
-        return lambda: lognormvariate(mu, sigma)
+        inv = statistics.NormalDist().inv_cdf
+        exp = math.exp
+        return lambda u: exp(mu + sigma * inv(u if u > 0.0 else 5e-324))
     shape, scale = (mean / sd) ** 2, sd**2 / mean  # gamma
-    gammavariate = rng.gammavariate
-    return lambda: gammavariate(shape, scale)
+    return lambda u: float(gammaincinv(shape, u)) * scale
+
+
+def sampler(dist: Dist, rng: random.Random) -> Callable[[], float]:
+    """A function drawing from ``dist`` with ``rng``: one uniform per draw (:func:`quantile`)."""
+    q, uniform = quantile(dist), rng.random
+    return lambda: q(uniform())
 
 
 def poisson(rng: random.Random, lam: float) -> int:
@@ -121,6 +132,10 @@ class Parcel:
     size: SizeClass
     carrier: str
     box: int  # index of the box it is on its way to (its home, or another one after a redirect)
+    #: The uniforms its resident's dwell and time of day are drawn from (by inversion), fixed when the
+    #: parcel is created.
+    dwell_u: float = 0.0
+    hour_u: float = 0.0
     compartment: int = 0
     deposited_at: float = 0.0
     sending: bool = False
@@ -147,6 +162,7 @@ class BoxState:
     #: Parcels waiting for a carrier's van: expired deliveries and parcels residents sent.
     waiting: dict[str, list[Parcel]] = field(default_factory=dict)
     offline: bool = False
+    sent: int = 0  # parcels its residents sent (numbers the ids)
     occupied_area: float = 0.0  # integral of occupied parcel doors over time
     last_change: float = 0.0
 
@@ -178,7 +194,6 @@ class World:
         self.counters = Counters()
         self.records = 0  # records sent to the sink
         self.boxes = [self._box_state(i, box) for i, box in enumerate(network.boxes)]
-        self._parcel_no = 0
         self._road_factor = scenario.network.road_factor
         #: Road km between two points, by their coordinates: the same few thousand legs recur all year.
         self._km_cache: dict[tuple[float, float, float, float], float] = {}
@@ -200,7 +215,13 @@ class World:
         peak = max(hours) or 1.0
         self._hour_accept = [h / peak for h in hours]
         self._hour_mean = sum(hours) / 24 / peak  # mean acceptance of the thinning
-        self._dwell = [sampler(p.pickup.dwell_h, self.rng("dwell", b.index)) for b in self.boxes]
+        self._dwell = quantile(p.pickup.dwell_h)
+        #: Residents' hour profile as a distribution over the day (pickups follow it): per hour its
+        #: density relative to a flat day (mean 1), and the cumulative from midnight, in seconds.
+        mean_hour = sum(hours) / 24
+        self._activity = [h / mean_hour for h in hours] if mean_hour > 0 else [1.0] * 24
+        self._activity_flat = len(set(self._activity)) == 1
+        self._activity_at = [0.0, *itertools.accumulate(a * HOUR for a in self._activity)]
         self._window = p.pickup.window_h * HOUR
         self._vans = p.delivery.mode == "rounds"
         self._backlog: dict[str, list[Parcel]] = {name: [] for name in p.delivery.carriers}
@@ -272,9 +293,12 @@ class World:
         b.occupied_area += len(b.occupant) * (now - b.last_change)
         b.last_change = now
 
-    def _next_parcel_id(self, prefix: str) -> str:
-        self._parcel_no += 1
-        return prefix + str(self._parcel_no).zfill(8)  # P00000001, ...
+    @staticmethod
+    def _id_prefix(*parts: str) -> str:
+        """``parts`` joined as a parcel id's stem, hashed where the id would pass the contract's 64
+        characters (box and carrier ids of up to 32 each)."""
+        stem = "-".join(parts)
+        return stem if len(stem) <= 48 else hashlib.blake2b(stem.encode(), digest_size=8).hexdigest()
 
     # ------------------------------------------------------------------ compartments
 
@@ -316,12 +340,27 @@ class World:
             parcel_id=parcel.id,
             carrier=parcel.carrier,
         )
-        dwell = self._dwell[b.index]() * HOUR
+        dwell = self._pickup_delay(self.env.now, parcel)
         if dwell < self._window:
             self.env.timeout(dwell, parcel).callbacks.append(self._collected)
         else:
             self.env.timeout(self._window, parcel).callbacks.append(self._expired)
         return True
+
+    def _pickup_delay(self, t0: float, parcel: Parcel) -> float:
+        """Clock seconds from the deposit at ``t0`` until the resident collects ``parcel``: on the day
+        its dwell runs out, at the time of day its second number picks by the residents' hour profile
+        (the next day if that time has passed). So pickups follow the profile, and a dwell keeps its
+        day. With a flat profile, the dwell itself (validation mode)."""
+        dwell = self._dwell(parcel.dwell_u) * HOUR
+        if self._activity_flat:
+            return dwell
+        offset = self._start_hour * HOUR
+        day = ((t0 + dwell + offset) // DAY) * DAY - offset  # the start of the day the dwell ends in
+        at, u = self._activity_at, parcel.hour_u * DAY  # the profile's cumulative share of the day, scaled
+        h = min(23, bisect.bisect_right(at, u) - 1)
+        pickup = day + h * HOUR + (u - at[h]) / self._activity[h]
+        return pickup - t0 if pickup >= t0 else pickup + DAY - t0
 
     def _collected(self, event: simpy.Event) -> None:
         """The resident came for the parcel (the event's value) before its window ran out."""
@@ -351,9 +390,11 @@ class World:
         carriers, sizes = self._carrier_shares, self._sizes
         if rate <= 0:
             return
-        while True:
+        stem = self._id_prefix("P", b.box.id)
+        for n in itertools.count(1):
             yield self.env.timeout(rng.expovariate(rate))
-            parcel = Parcel(self._next_parcel_id("P"), pick(rng, sizes), pick(rng, carriers), b.index)
+            size, carrier, u = pick(rng, sizes), pick(rng, carriers), rng.random()
+            parcel = Parcel(f"{stem}-{n}", size, carrier, b.index, u, rng.random())
             self.counters.add("parcels_arrived")
             if not self._deposit(b, parcel):
                 self.counters.add("parcels_turned_away")
@@ -387,7 +428,10 @@ class World:
 
     def _send(self, b: BoxState, rng: random.Random) -> None:
         sizes, carriers = self._sizes, self._carrier_shares
-        parcel = Parcel(self._next_parcel_id("S"), pick(rng, sizes), pick(rng, carriers), b.index, sending=True)
+        b.sent += 1
+        parcel = Parcel(
+            f"{self._id_prefix('S', b.box.id)}-{b.sent}", pick(rng, sizes), pick(rng, carriers), b.index, sending=True
+        )
         if not self._place(b, parcel):
             self._note(
                 "parcel.refused", b.box.id, parcel_id=parcel.id, size_class=parcel.size.value, reason="no_room_to_send"
@@ -449,15 +493,17 @@ class World:
         repair = sampler(f.repair_h, rng)
         while True:
             yield self.env.timeout(rng.expovariate(1 / (f.door_jam_mtbf_days * DAY)))
+            # Two numbers per jam, whatever the occupancy: which free door (by position), how long.
+            u, hours = rng.random(), repair()
             free = sorted(d for heap in b.free.values() for d in heap)
             if not free:
                 continue
-            door = rng.choice(free)
+            door = free[int(u * len(free))]
             b.free[b.size_of[door]].remove(door)
             heapq.heapify(b.free[b.size_of[door]])
             b.jammed.add(door)
             self._event(b, "compartment.fault", compartment=door, fault="jammed_door")
-            yield self.env.timeout(repair() * HOUR)
+            yield self.env.timeout(hours * HOUR)
             b.jammed.discard(door)
             heapq.heappush(b.free[b.size_of[door]], door)
             self._event(b, "compartment.restored", compartment=door)
@@ -481,7 +527,13 @@ class World:
 
     def _carrier_rounds(self, name: str, carrier: Carrier) -> ProcessGen:
         depot = self.network.depots[carrier.depot]
-        rng = self.rng(f"demand:{name}")
+        # Per box: one stream for how many parcels a round brings, one for what each parcel is
+        # (size, its resident's dwell), so the n-th parcel of this carrier to a box is the same parcel
+        # in every scenario that has it, however many other boxes, carriers or parcels there are.
+        counts = [self.rng(f"demand:{name}", b.index) for b in self.boxes]
+        kinds = [self.rng(f"parcel:{name}", b.index) for b in self.boxes]
+        stems = [self._id_prefix("P", b.box.id, name) for b in self.boxes]
+        numbers = [0] * len(self.boxes)
         sizes = self._sizes
         d = self.scenario.demand
         rates = [
@@ -497,10 +549,15 @@ class World:
             # Parcels back at the depot (no room anywhere, or over capacity) go out first.
             load, self._backlog[name] = self._backlog[name], []
             arrived = 0
-            for b, rate in zip(self.boxes, rates, strict=True):
-                for _ in range(poisson(rng, rate * weight)):
-                    load.append(Parcel(self._next_parcel_id("P"), pick(rng, sizes), name, b.index))
-                    arrived += 1
+            for i, rate in enumerate(rates):
+                n = poisson(counts[i], rate * weight)
+                if not n:
+                    continue
+                kind = kinds[i]
+                for k in range(numbers[i] + 1, numbers[i] + n + 1):
+                    load.append(Parcel(f"{stems[i]}-{k}", pick(kind, sizes), name, i, kind.random(), kind.random()))
+                numbers[i] += n
+                arrived += n
             self.counters.add("parcels_arrived", arrived)
             for van_no, (stops, parcels) in enumerate(self._plan_vans(depot, carrier, name, load)):
                 self.env.process(self._van_trip(name, carrier, van_no, depot, stops, parcels))

@@ -79,8 +79,8 @@ class Demand(Params):
     #: Parcels residents send from the box per household and year (returns, C2C): ~17% of what the
     #: box delivers, in the range of e-commerce return rates. Assumption.
     sends_per_household_year: NonNegative = 1.5
-    #: Resident activity (sends, waste drop-offs) by hour of day, relative; ~40% of locker pickups
-    #: happen outside business hours (DOMAIN.md), so evenings carry weight.
+    #: Resident activity (pickups, sends, waste drop-offs) by hour of day, relative; ~40% of locker
+    #: pickups happen outside business hours (DOMAIN.md), so evenings carry weight. Assumption.
     hour_profile: Annotated[list[NonNegative], Field(min_length=24, max_length=24)] = [
         0.1,
         0.05,
@@ -110,8 +110,12 @@ class Demand(Params):
 
 
 class Pickup(Params):
-    #: Notification-to-collection time: mean ~15.5 h, SD ~21 h in a large locker network (DOMAIN.md).
-    dwell_h: Dist = Dist(kind="lognormal", mean=15.5, sd=21.0)
+    #: The resident's dwell: the day a parcel is collected is its deposit + this, the time of day by
+    #: ``demand.hour_profile``. A large locker network saw a mean of ~15.5 h (SD ~21 h) from
+    #: notification to collection (DOMAIN.md). Calibrated: with pickups by the hour profile and the
+    #: 72 h window, a mean of 12.8 h gives collected parcels a mean of 15.5 h (docs/simulator.md,
+    #: "Calibration"); their SD comes out ~13 h, as no dwell can give 21 h inside a 72 h window.
+    dwell_h: Dist = Dist(kind="lognormal", mean=12.8, sd=21.0)
     #: Hours a parcel waits before it expires and goes back (InPost UK / Amazon 3 days; DOMAIN.md).
     window_h: Positive = 72.0
 

@@ -35,10 +35,10 @@ from simulator.experiment import (
     stored_results,
     summary_rows,
 )
-from simulator.params import Scenario
+from simulator.params import Scenario, resolve
 from simulator.run import EVENT_KINDS
 from simulator.stats import batch_means, mean_interval, paired_difference, welch_difference
-from tests.test_sim_validation import erlang_b
+from tests.test_sim_validation import VALIDATION, erlang_b
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -399,21 +399,13 @@ def test_common_random_numbers_narrow_the_paired_interval(uninterrupted: tuple[P
 def _loss_plan(c: int, lam_per_h: float, mean_dwell_h: float, days: float, warmup: float) -> tuple[Scenario, Network]:
     box = Box(id="val-001", name="Validation", area="Test", side=FjordSide.SOUTH, lat=57.04, lon=9.95, households=1,
               layout=build_layout(c, 0, 0))  # fmt: skip
-    scenario = Scenario.model_validate(
-        {
-            "name": "erlang",
-            "simulation": {"days": days},
-            "demand": {
-                "parcels_per_household_year": lam_per_h * 24 * 365,
-                "locker_share": 1.0,
-                "size_mix": {"A": 1.0},
-                "sends_per_household_year": 0.0,
-            },
-            "pickup": {"dwell_h": {"kind": "exponential", "mean": mean_dwell_h}, "window_h": 1e7},
-            "delivery": {"mode": "poisson", "carriers": {"postnord": {"share": 1.0, "depot": "postnord"}}},
-            "waste": {"deposits_per_household_year": 0.0},
-            "faults": {"box_offline_mtbf_days": 1e9, "door_jam_mtbf_days": 1e9},
-        }
+    scenario = resolve(
+        VALIDATION,
+        [
+            f"simulation.days={days!r}",
+            f"demand.parcels_per_household_year={lam_per_h * 24 * 365!r}",
+            f"pickup.dwell_h.mean={mean_dwell_h!r}",
+        ],
     )
     return scenario, Network(boxes=[box], depots={}, recycling_stations=[])
 

@@ -31,13 +31,18 @@ so the outcome is reproducible. A further assertion that each SE is small (a few
 theoretical value at most) keeps the test able to fail. Biases the theory ignores are well under one
 SE here: the boxes start empty (relative bias about W / horizon = 0.1% for the occupancy) and parcels
 still in a box at the horizon are missing from the dwell mean (about L of several thousand per box).
+
+The configuration is the shipped scenario ``simulator/scenarios/validation.toml`` (each box here
+gets ``lambda`` and the dwell on top of it).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,8 +50,10 @@ import simpy
 
 from network import Box, FjordSide, Network, build_layout
 from simulator.model import World
-from simulator.params import Scenario
+from simulator.params import resolve
 from simulator.run import summarize
+
+VALIDATION = Path(__file__).resolve().parent.parent / "simulator" / "scenarios" / "validation.toml"
 
 HOUR = 3600.0
 BOXES = 20
@@ -126,21 +133,13 @@ def loss_system(c: int, lam_per_h: float, dwell_h: dict[str, Any]) -> tuple[dict
         )
         for i in range(BOXES)
     ]
-    scenario = Scenario.model_validate(
-        {
-            "name": "erlang",
-            "simulation": {"days": DAYS, "seed": 11},
-            "demand": {
-                "parcels_per_household_year": lam_per_h * 24 * 365,
-                "locker_share": 1.0,
-                "size_mix": {"A": 1.0},
-                "sends_per_household_year": 0.0,
-            },
-            "pickup": {"dwell_h": dwell_h, "window_h": 1e7},
-            "delivery": {"mode": "poisson", "carriers": {"postnord": {"share": 1.0, "depot": "postnord"}}},
-            "waste": {"deposits_per_household_year": 0.0},
-            "faults": {"box_offline_mtbf_days": 1e9, "door_jam_mtbf_days": 1e9},
-        }
+    scenario = resolve(
+        VALIDATION,
+        [
+            f"demand.parcels_per_household_year={lam_per_h * 24 * 365!r}",
+            *(f"pickup.dwell_h.{k}={json.dumps(v)}" for k, v in dwell_h.items()),
+            f"simulation.days={DAYS}",
+        ],
     )
     env = simpy.Environment()
     sink = TallySink()
