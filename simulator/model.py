@@ -260,7 +260,7 @@ class World:
             )
             self.env.process(
                 self._resident_activity(
-                    b, hh * s.waste.deposits_per_household_year / YEAR, "waste", self._deposit_waste
+                    b, hh * s.waste.adoption * s.waste.deposits_per_user_year / YEAR, "waste", self._deposit_waste
                 )
             )
             self.env.process(self._offline_faults(b))

@@ -164,27 +164,42 @@ class WasteFractionParams(Params):
     weight_kg: Dist
 
 
-def _default_fractions() -> dict[WasteFraction, WasteFractionParams]:
-    # Per-deposit weights: an Aalborg pilot saw ~1.5 kg small electronics, 0.33 kg batteries and one
-    # bulb per household and year (DOMAIN.md); a deposit is a part of that. Assumptions.
-    def frac(share: float, mean: float, sd: float) -> WasteFractionParams:
-        return WasteFractionParams(share=share, weight_kg=Dist(kind="gamma", mean=mean, sd=sd))
+#: Each fraction's kg per using household and year and its mean weight per drop-off (kg). The first
+#: three are an Aalborg pilot's figures per household and year (DOMAIN.md: ~1.5 kg small electronics,
+#: 0.33 kg batteries, one bulb, taken as 70 g); the rest are assumptions, which keep the total
+#: (2.5 kg) below the UK study's upper figure of ~3.3 kg. Drop-off weights are assumptions.
+#: docs/simulator.md, "Calibration", shows the arithmetic.
+WASTE_KG_PER_USER_YEAR: dict[WasteFraction, tuple[float, float]] = {
+    WasteFraction.SMALL_ELECTRONICS: (1.5, 0.75),
+    WasteFraction.BATTERIES: (0.33, 0.33),
+    WasteFraction.LIGHT_BULBS: (0.07, 0.07),
+    WasteFraction.SPRAY_CANS: (0.15, 0.3),
+    WasteFraction.PAINT: (0.2, 0.8),
+    WasteFraction.CHEMICALS: (0.1, 0.5),
+    WasteFraction.CLEANING_AGENTS: (0.1, 0.5),
+    WasteFraction.OIL: (0.05, 0.5),
+}
+#: Drop-offs per using household and year that carry those kg (5.25).
+DEPOSITS_PER_USER_YEAR = sum(kg / mean for kg, mean in WASTE_KG_PER_USER_YEAR.values())
 
+
+def _default_fractions() -> dict[WasteFraction, WasteFractionParams]:
+    # A fraction's share of the drop-offs is its drop-offs (kg / mean weight) over all of them, so the
+    # kg per user and year come out as WASTE_KG_PER_USER_YEAR. Weights are gamma with SD 0.6 x mean.
     return {
-        WasteFraction.BATTERIES: frac(0.30, 0.25, 0.15),
-        WasteFraction.SMALL_ELECTRONICS: frac(0.25, 0.6, 0.4),
-        WasteFraction.LIGHT_BULBS: frac(0.15, 0.1, 0.05),
-        WasteFraction.SPRAY_CANS: frac(0.10, 0.3, 0.15),
-        WasteFraction.PAINT: frac(0.08, 0.8, 0.5),
-        WasteFraction.CHEMICALS: frac(0.05, 0.5, 0.3),
-        WasteFraction.CLEANING_AGENTS: frac(0.04, 0.5, 0.3),
-        WasteFraction.OIL: frac(0.03, 0.5, 0.3),
+        fraction: WasteFractionParams(
+            share=kg / mean / DEPOSITS_PER_USER_YEAR, weight_kg=Dist(kind="gamma", mean=mean, sd=0.6 * mean)
+        )
+        for fraction, (kg, mean) in WASTE_KG_PER_USER_YEAR.items()
     }
 
 
 class Waste(Params):
-    #: Drop-offs per household and year. Apartment residents had no collection before; assumption.
-    deposits_per_household_year: NonNegative = 1.0
+    #: Share of the boxes' households that bring their hazardous waste to the box. Assumption: the
+    #: pilot's uptake is unpublished (a 24/7 hatch in Kolding saw 2,100 uses in a year; DOMAIN.md).
+    adoption: Share = 0.25
+    #: Drop-offs per using household and year; with the default fractions 2.5 kg (see above).
+    deposits_per_user_year: NonNegative = DEPOSITS_PER_USER_YEAR
     fractions: dict[WasteFraction, WasteFractionParams] = Field(default_factory=_default_fractions)
     #: A red box is offered to vans once it holds this share of its limit.
     ready_share: Share = 0.5

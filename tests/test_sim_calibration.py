@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from simulator.params import resolve
-from simulator.run import run_batch
+from simulator.run import network_for, run_batch
 
 HOUR = 3600.0
 
@@ -70,3 +70,51 @@ def test_collected_parcels_wait_the_observed_mean(run: tuple[Pickups, list[float
     sink, _ = run
     assert statistics.fmean(sink.dwell_h) == pytest.approx(15.5, rel=0.05)
     assert max(sink.dwell_h) < 72.0  # the pickup window: later ones expire instead
+
+
+def test_hazardous_waste_per_household_is_the_pilots_at_full_adoption() -> None:
+    """The default fractions bring the Aalborg pilot's 1.5 kg small electronics, 0.33 kg batteries and
+    a bulb (70 g) per household and year, 2.5 kg with the assumed rest; simulated at full adoption,
+    what the households bring (stored or refused) is that within 3%, and the default adoption of 25%
+    brings a quarter of it."""
+    from simulator.params import DEPOSITS_PER_USER_YEAR, Waste
+
+    w = Waste()
+    kg = {f.value: p.share * w.deposits_per_user_year * p.weight_kg.mean for f, p in w.fractions.items()}
+    assert kg["small_electronics"] == pytest.approx(1.5)
+    assert kg["batteries"] == pytest.approx(0.33)
+    assert kg["light_bulbs"] == pytest.approx(0.07)
+    assert sum(kg.values()) == pytest.approx(2.5)
+    assert w.deposits_per_user_year == DEPOSITS_PER_USER_YEAR == pytest.approx(5.25)
+
+    class Brought:
+        kg = 0.0
+
+        def record(self, t: float, box_id: str | None, kind: str, data: dict[str, Any]) -> None:
+            if kind in ("waste.deposited", "waste.refused"):
+                self.kg += data["weight_kg"]
+
+    per_household = {}
+    for adoption in (1.0, 0.25):
+        scenario = resolve(overrides=["simulation.days=120", f"waste.adoption={adoption}"])
+        sink = Brought()
+        run_batch(scenario, sink)
+        households = sum(b.households for b in network_for(scenario).boxes)
+        per_household[adoption] = sink.kg / households * 365 / 120
+    assert per_household[1.0] == pytest.approx(2.5, rel=0.03)
+    assert per_household[0.25] == pytest.approx(2.5 / 4, rel=0.05)
+
+
+def test_full_adoption_exercises_the_fallback_and_the_default_does_not() -> None:
+    """At full adoption the vans' dangerous-goods budget (40 kg a van) binds: red boxes wait past
+    waste.max_wait_h and the waste company fetches them (the fallback path); without that budget no
+    red box waits. At the default adoption no red box needs the fallback in a year."""
+    full = run_batch(resolve(overrides=["simulation.days=120", "waste.adoption=1"])).summary
+    assert full["waste"]["red_boxes_by_dedicated_trips"] > 0
+    assert full["trips"]["dedicated_waste_km"] > 0
+    assert full["waste"]["refused"] > 0
+    unlimited = [f"delivery.carriers.{c}.hazardous_limit_kg=1000" for c in ("postnord", "gls", "dao", "bring", "dhl")]
+    roomy = run_batch(resolve(overrides=["simulation.days=120", "waste.adoption=1", *unlimited])).summary
+    assert roomy["waste"]["red_boxes_by_dedicated_trips"] == 0
+    default = run_batch(resolve()).summary
+    assert default["waste"]["red_boxes_by_dedicated_trips"] == 0

@@ -73,7 +73,7 @@ BASE: dict[str, Any] = {
             }
         }
     },
-    "waste": {"deposits_per_household_year": 0.0, "max_wait_h": 1e6},
+    "waste": {"deposits_per_user_year": 0.0, "max_wait_h": 1e6},
     "faults": {"box_offline_mtbf_days": 1e9, "door_jam_mtbf_days": 1e9},
 }
 GLS_AT_NOON: dict[str, Any] = {
@@ -385,7 +385,8 @@ def test_send_is_picked_up_by_the_next_van_of_its_carrier() -> None:
 def constant_waste(kg: float, per_hour: float = 2.0, **extra: Any) -> dict[str, Any]:
     """A waste section: deposits of ``kg`` (batteries) at ``per_hour`` per box of 100 households."""
     return {
-        "deposits_per_household_year": per_hour * 24 * 365 / 100,
+        "adoption": 1.0,
+        "deposits_per_user_year": per_hour * 24 * 365 / 100,
         "fractions": {"batteries": {"share": 1.0, "weight_kg": {"kind": "constant", "mean": kg}}},
         **extra,
     }
@@ -583,7 +584,7 @@ def test_telemetry_every_interval_reports_the_box_state() -> None:
     sc = scenario(
         simulation={"days": 4, "telemetry_interval_min": 30},
         demand={"parcels_per_household_year": 365 * 6 / 100, "sends_per_household_year": 365 / 100},
-        waste={"deposits_per_household_year": 365 * 4 / 100, "ready_share": 0.3},
+        waste={"adoption": 1.0, "deposits_per_user_year": 365 * 4 / 100, "ready_share": 0.3},
         faults={"door_jam_mtbf_days": 0.5, "repair_h": {"kind": "constant", "mean": 8.0}},
     )
     records = run(sc, network(box("aal-901", NEAR, build_layout(2, 2, 2))))
@@ -685,7 +686,8 @@ def test_box_events_are_valid_contract_messages_for_the_boxes_layout() -> None:
             "simulation.telemetry_interval_min=240",
             "faults.door_jam_mtbf_days=3",
             "faults.box_offline_mtbf_days=3",
-            "waste.deposits_per_household_year=4",
+            "waste.adoption=1",
+            "waste.deposits_per_user_year=4",
             "demand.sends_per_household_year=6",
         ]
     )
