@@ -267,7 +267,8 @@ def test_live_run_gives_the_simulators_figures(
             "network.boxes=3",
             "simulation.days=3",
             "simulation.telemetry_interval_min=720",
-            "waste.adoption=1", "waste.deposits_per_user_year=12",
+            "waste.adoption=1",
+            "waste.deposits_per_user_year=12",
             "faults.box_offline_mtbf_days=1.5",
         ]
     )
