@@ -8,7 +8,7 @@ without the assumptions that produced it. Override any field with ``key.path=val
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal, Self, get_args
 
 from pydantic import Field, model_validator
 
@@ -20,7 +20,8 @@ Positive = Annotated[float, Field(gt=0)]
 #: How a shared van tour's distance is split between what it carries.
 Allocation = Literal["load_distance", "marginal"]
 #: The counterfactual for hazardous waste without the boxes.
-WasteBaseline = Literal["resident_trips", "dedicated_round", "mixed"]
+WasteBaseline = Literal["resident_trips", "dedicated_round", "mixed", "bin_bag", "residual_bin"]
+WASTE_BASELINES: tuple[str, ...] = get_args(WasteBaseline)
 #: The counterfactual for parcels delivered to a box.
 ParcelBaseline = Literal["home_delivery", "parcel_shop"]
 
@@ -32,8 +33,18 @@ class Baseline(Frozen):
     #: themselves (apartment residents had no pickup before; DOMAIN.md). ``dedicated_round``: the waste
     #: company collects the same red boxes with its own truck, one round a day over the boxes collected
     #: that day. ``mixed``: ``waste_resident_share`` of the first, the rest of the second.
+    #: ``bin_bag``: Aalborg's own scheme for houses (since 2016, DOMAIN.md): batteries and small
+    #: electronics in a bag on the plastic/metal bin, emptied on a round that runs anyway, so no trip;
+    #: the rest (``1 - bin_bag_share`` of the deposits) to a recycling station as in ``resident_trips``.
+    #: ``residual_bin``: the waste would have gone in the residual bin (emptied anyway): no trip at
+    #: all, the lower bound of what the boxes avoid (the harm of hazardous waste in the residual bin
+    #: is not a transport figure and is not counted).
     waste: WasteBaseline = "resident_trips"
     waste_resident_share: Share = 0.5
+    #: Share of the deposits the bin-bag scheme would take: batteries and small electronics are
+    #: 1.83 of the pilot's 2.5 kg a user a year (1.5 + 0.33; the rest chemicals, paint, spray cans,
+    #: bulbs; simulator/params.py), taken as the share of drop-offs. Assumption.
+    bin_bag_share: Share = 0.73
     #: ``home_delivery``: each parcel delivered to a box would have gone to the door on the same round,
     #: with failed first attempts; ``parcel_shop``: to a parcel shop in the area (a stop like the box)
     #: that the resident visits. Sent parcels start from a parcel shop in both.
@@ -58,6 +69,12 @@ class Residents(Frozen):
     #: Trips per red-box deposit in the baseline: 1 = every deposit would have been its own trip;
     #: below 1, households save up waste for one trip. Assumption.
     recycling_trips_per_deposit: NonNegative = 1.0
+    #: Share of those trips chained with another errand (shopping, commuting): a chained trip is no
+    #: vehicle trip of its own and adds only ``chained_detour_share`` of the round trip's km. 0 in the
+    #: headline (every trip its own, an upper bound); ``docs/methodology.md`` shows 0.5. Assumption.
+    recycling_chained_share: Share = 0.0
+    #: Share of a recycling-station round trip's km that a chained trip adds (the detour). Assumption.
+    chained_detour_share: Share = 0.3
 
 
 class Parcels(Frozen):

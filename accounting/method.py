@@ -13,7 +13,8 @@ In short (ISO 14083 / GLEC logic: emissions = vehicle-km x intensity of the vehi
   feasible distance from the depot (``load_distance``), or by giving waste only the km its stops add
   (``marginal``). The waste company's own round for red boxes no van took. Residents' trips to the box.
 * **Baseline** (without the boxes). Hazardous waste: residents' trips to the nearest recycling station
-  and/or a dedicated collection round. Parcels: the carriers' same rounds without the waste, with a
+  (some chained with other errands), a dedicated collection round, a mix of the two, the municipal
+  bin-bag scheme, or the residual bin. Parcels: the carriers' same rounds without the waste, with a
   stop at each door and failed first attempts (``home_delivery``) or at a parcel shop
   (``parcel_shop``), and residents' trips to a parcel shop to fetch or send parcels.
 * **Avoided** = baseline - project, per category, box, carrier and period.
@@ -34,7 +35,7 @@ from datetime import date, timedelta
 from typing import Any, Literal, NamedTuple
 
 from accounting.activity import BoxDay
-from accounting.assumptions import Method
+from accounting.assumptions import Baseline, Method
 from accounting.geo import Distances, Geography, Point
 
 Scenario = Literal["baseline", "project"]
@@ -313,17 +314,21 @@ def _residents(days: list[BoxDay], dist: Distances, method: Method, lines: list[
     Residents make them, so their carrier is None: a carrier's figures are its own vehicles' (and a
     pickup event names no carrier anyway)."""
     r, p, b = method.residents, method.parcels, method.baseline
-    resident = {"resident_trips": 1.0, "dedicated_round": 0.0, "mixed": b.waste_resident_share}[b.waste]
+    resident, rounds = _waste_baseline_shares(b)
     home = b.parcels == "home_delivery"
     failed_to_shop = p.failed_first_attempt_share * (1 - p.failed_redelivery_share)
     recycling = r.recycling_trips_per_deposit * resident
+    chained = r.recycling_chained_share
     add = lines.append
 
-    def trips(scenario: Scenario, category: str, a: BoxDay, n: float, car_share: float, km: float) -> None:
+    def trips(
+        scenario: Scenario, category: str, a: BoxDay, n: float, car_share: float, km: float, per_trip: float = 1.0
+    ) -> None:
+        """``n`` journeys of ``km`` each, ``per_trip`` vehicle trips a journey (0 for a chained one)."""
         car, other = n * car_share, n * (1 - car_share)
-        add(_line(scenario, category, a.box_id, None, a.day, "car", car, 0.0, car * km))
+        add(_line(scenario, category, a.box_id, None, a.day, "car", car * per_trip, 0.0, car * km))
         if other:
-            add(_line(scenario, category, a.box_id, None, a.day, "walk_cycle", other, 0.0, other * km))
+            add(_line(scenario, category, a.box_id, None, a.day, "walk_cycle", other * per_trip, 0.0, other * km))
 
     for a in days:
         if a.collected:
@@ -334,14 +339,32 @@ def _residents(days: list[BoxDay], dist: Distances, method: Method, lines: list[
         if a.waste_deposits:
             trips("project", WASTE, a, a.waste_deposits, r.box_car_share, r.box_trip_km)
             if recycling > 0:
-                km = 2 * dist.to_station_km(a.box_id)
-                trips("baseline", WASTE, a, a.waste_deposits * recycling, r.recycling_car_share, km)
+                km, n = 2 * dist.to_station_km(a.box_id), a.waste_deposits * recycling
+                if chained < 1:
+                    trips("baseline", WASTE, a, n * (1 - chained), r.recycling_car_share, km)
+                if chained > 0:
+                    detour = km * r.chained_detour_share
+                    trips("baseline", WASTE, a, n * chained, r.recycling_car_share, detour, per_trip=0.0)
         # Home delivery: the failed first attempts not delivered again are fetched from a shop.
         # Parcel shop: every parcel a resident fetched (from the box, so from the shop instead).
         fetched = (a.deposited_a + a.deposited_b + a.deposited_c) * failed_to_shop if home else a.collected
         if fetched:
             trips("baseline", DELIVERY, a, fetched, r.shop_car_share, r.shop_trip_km)
-    _waste_rounds(days, dist, method, lines, scenario="baseline", weight=1.0 - resident)
+    if rounds > 0:
+        _waste_rounds(days, dist, method, lines, scenario="baseline", weight=rounds)
+
+
+def _waste_baseline_shares(b: Baseline) -> tuple[float, float]:
+    """The hazardous-waste baseline as (share of deposits taken to a recycling station by the
+    resident, share collected on dedicated truck rounds); the rest costs no trip (a bin emptied on a
+    round that runs anyway)."""
+    return {
+        "resident_trips": (1.0, 0.0),
+        "dedicated_round": (0.0, 1.0),
+        "mixed": (b.waste_resident_share, 1.0 - b.waste_resident_share),
+        "bin_bag": (1.0 - b.bin_bag_share, 0.0),
+        "residual_bin": (0.0, 0.0),
+    }[b.waste]
 
 
 def _activity(days: list[BoxDay], method: Method) -> dict[str, float]:

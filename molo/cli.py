@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from accounting.assumptions import WASTE_BASELINES
 from accounting.method import GROUPS
 from molo import experiments_cli, logs
 from molo.cli_errors import Parser, at_least_zero, database_url, explain, fail, port, positive
@@ -491,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--waste-baseline",
-        choices=["resident_trips", "dedicated_round", "mixed"],
+        choices=WASTE_BASELINES,
         default=None,
         help="hazardous waste without the boxes (default resident_trips)",
     )

@@ -15,12 +15,17 @@ from datetime import datetime
 from typing import Any
 
 from accounting import ActivityCounter, Method, apply_overrides, assess, summarize
+from accounting.assumptions import WASTE_BASELINES
 from accounting.method import METRICS
 from contract.messages import PAYLOAD_BY_TYPE
 from network import Network, geography_of
 from simulator.params import Scenario
 from simulator.run import Progress, network_for, run_batch
 from simulator.trace import Record, to_ms
+
+#: The chained share of recycling-station trips that :func:`sensitivity` shows beside the method's own
+#: (half the trips made on the way to somewhere else; an assumption).
+CHAINED_SHARE = 0.5
 
 
 def method_for(scenario: Scenario, overrides: list[str] | None = None) -> Method:
@@ -163,17 +168,20 @@ def sensitivity(
     geo = geography_of(net)
     rows = _sink_of(scenario, net, records, progress).counter.rows()
     base = method or method_for(scenario)
-    choices = [(w, p, "load_distance") for w in ("resident_trips", "dedicated_round", "mixed")
-               for p in ("home_delivery", "parcel_shop")]  # fmt: skip
-    choices.append(("resident_trips", "home_delivery", "marginal"))
+    chain = base.residents.recycling_chained_share
+    choices = [(w, p, "load_distance", chain) for w in WASTE_BASELINES for p in ("home_delivery", "parcel_shop")]
+    choices.append(("resident_trips", "home_delivery", "marginal", chain))
+    if chain != CHAINED_SHARE:
+        choices.append(("resident_trips", "home_delivery", "load_distance", CHAINED_SHARE))
     out: list[dict[str, Any]] = []
-    for waste, parcels, allocation in choices:
+    for waste, parcels, allocation, chained in choices:
         for share in electric_shares:
             m = base.model_copy(
                 update={
                     "allocation": allocation,
                     "van_electric_share": share,
                     "baseline": base.baseline.model_copy(update={"waste": waste, "parcels": parcels}),
+                    "residents": base.residents.model_copy(update={"recycling_chained_share": chained}),
                 }
             )
             s = summarize(assess(rows, geo, m))
@@ -182,7 +190,9 @@ def sensitivity(
                     "waste_baseline": waste,
                     "parcel_baseline": parcels,
                     "allocation": allocation,
+                    "recycling_chained_share": chained,
                     "van_electric_share": share,
+                    "headline": s["headline"],
                     "avoided": s["totals"]["avoided"],
                     "categories": {c: v["avoided"] for c, v in s["categories"].items()},
                 }
@@ -265,27 +275,69 @@ def _table(
 
 
 def sensitivity_markdown(rows: list[dict[str, Any]]) -> str:
-    """:func:`sensitivity` as two Markdown tables of avoided t CO2e (well-to-wheel): the network's total
-    per baseline pair and electric van share, then hazardous waste per allocation."""
+    """:func:`sensitivity` as three Markdown tables of avoided t CO2e (well-to-wheel): the network's
+    total per baseline pair and electric van share; hazardous waste per allocation; and the headline
+    (trips, vehicle-km, CO2) across the hazardous-waste baselines, diesel vans, home delivery."""
     shares = sorted({r["van_electric_share"] for r in rows})
-    by = {(r["waste_baseline"], r["parcel_baseline"], r["allocation"], r["van_electric_share"]): r for r in rows}
+    chain = rows[0]["recycling_chained_share"]
+    by = {
+        (
+            r["waste_baseline"],
+            r["parcel_baseline"],
+            r["allocation"],
+            r["recycling_chained_share"],
+            r["van_electric_share"],
+        ): r
+        for r in rows
+    }
     pairs = dict.fromkeys((r["waste_baseline"], r["parcel_baseline"]) for r in rows)
     total: list[tuple[tuple[str, ...], list[float]]] = [
-        (pair, [by[(*pair, "load_distance", s)]["avoided"]["kg_co2e_wtw"] for s in shares])
+        (pair, [by[(*pair, "load_distance", chain, s)]["avoided"]["kg_co2e_wtw"] for s in shares])
         for pair in pairs
-        if (*pair, "load_distance", shares[0]) in by
+        if (*pair, "load_distance", chain, shares[0]) in by
     ]
     waste: list[tuple[tuple[str, ...], list[float]]] = [
         (
             (a,),
             [
-                by[("resident_trips", "home_delivery", a, s)]["categories"]["hazardous_waste"]["kg_co2e_wtw"]
+                by[("resident_trips", "home_delivery", a, chain, s)]["categories"]["hazardous_waste"]["kg_co2e_wtw"]
                 for s in shares
             ],
         )
         for a in ("load_distance", "marginal")
-        if ("resident_trips", "home_delivery", a, shares[0]) in by
+        if ("resident_trips", "home_delivery", a, chain, shares[0]) in by
     ]
     lines = _table("waste baseline | parcel baseline", shares, total, 1)
     lines += ["", *_table("allocation (hazardous waste only)", shares, waste, 2)]
+    lines += ["", *_waste_baseline_table(rows, shares[0])]
     return "\n".join(lines) + "\n"
+
+
+def _waste_baseline_table(rows: list[dict[str, Any]], share: float) -> list[str]:
+    """The headline for each hazardous-waste baseline (home delivery, allocation by load x distance,
+    van electric share ``share``), with the range across them."""
+    picked = [
+        r for r in rows
+        if r["parcel_baseline"] == "home_delivery" and r["allocation"] == "load_distance"
+        and r["van_electric_share"] == share
+    ]  # fmt: skip
+    if not picked:
+        return []
+    out = [
+        f"| waste baseline (home delivery, e-van {share:.0%}) | motorised trips avoided | vkm avoided "
+        "| t CO2e WTW avoided | of which hazardous waste |",
+        "|---|---|---|---|---|",
+    ]
+    for r in picked:
+        name = r["waste_baseline"]
+        if r["recycling_chained_share"]:
+            name += f", {r['recycling_chained_share']:.0%} of trips chained"
+        h, waste_t = r["headline"], r["categories"]["hazardous_waste"]["kg_co2e_wtw"] / 1000
+        out.append(
+            f"| {name} | {h['motorised_trips_avoided']:,} | {h['vkm_avoided']:,.0f} "
+            f"| {h['kg_co2e_wtw_avoided'] / 1000:,.1f} | {waste_t:,.1f} |"
+        )
+    co2 = [r["headline"]["kg_co2e_wtw_avoided"] / 1000 for r in picked]
+    trips = [r["headline"]["motorised_trips_avoided"] for r in picked]
+    out.append(f"| **range** | {min(trips):,} to {max(trips):,} | | **{min(co2):,.1f} to {max(co2):,.1f}** | |")
+    return out

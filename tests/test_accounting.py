@@ -135,6 +135,47 @@ def test_dedicated_round_baseline_is_one_truck_round_a_day() -> None:
     assert s["modes"]["truck"]["baseline"]["kg_co2e_wtw"] == pytest.approx(4 * U * TRUCK_WTW, rel=1e-6)
 
 
+def test_bin_bag_and_residual_bin_baselines_leave_only_the_rest_to_the_station() -> None:
+    """Ten deposits at x (station 3U away): under ``bin_bag`` the bin round takes 73% at no trip, so
+    2.7 deposits go to the station (0.6 by car: 1.62 car trips of 6U); under ``residual_bin`` nothing
+    travels in the baseline, so the box's own trips (2.6 by car, 1 km) and the red box's share of
+    the van trip (4.5 of 5.5 kg) are all the waste's avoided figures, negative. Neither has a truck
+    round."""
+    days = [BoxDay(DAY, "x", "gls", deposited_a=1, waste_deposits=10, waste_collections=1, waste_collected_kg=4.0)]
+    bag = lines(days, method("baseline.waste='bin_bag'"), "baseline")
+    cars = [ln for ln in bag if ln.vehicle == "car" and ln.category == "hazardous_waste"]
+    assert sum(ln.trips for ln in cars) == pytest.approx(10 * 0.27 * 0.6)
+    assert vkm(cars) == pytest.approx(10 * 0.27 * 0.6 * 6 * U)
+    half = lines(days, method("baseline.waste='bin_bag'", "baseline.bin_bag_share=0.5"), "baseline", "car")
+    assert vkm(half, "hazardous_waste") == pytest.approx(10 * 0.5 * 0.6 * 6 * U)
+    for waste in ("bin_bag", "residual_bin"):
+        assert lines(days, method(f"baseline.waste='{waste}'"), "baseline", "truck") == []
+    residual = method("baseline.waste='residual_bin'")
+    assert [ln for ln in lines(days, residual, "baseline") if ln.category == "hazardous_waste"] == []
+    s = summarize(assess(days, GEO, residual))["categories"]["hazardous_waste"]["avoided"]
+    assert s["trips"] == pytest.approx(-(10 * 0.26 + 4.5 / 5.5))
+    assert s["kg_co2e_wtw"] < -10 * 0.26 * 1.0 * CAR_WTW  # the car trips and the van's share
+
+
+def test_chained_recycling_trips_are_no_trips_of_their_own_and_only_their_detour() -> None:
+    """Half of four deposits' station trips chained, detour 30%: 0.6 x 2 solo car trips of 6U, and
+    0.6 x 2 chained ones that are 0 vehicle trips and 0.3 x 6U km each; walk/cycle the same way."""
+    days = [BoxDay(DAY, "x", None, waste_deposits=4, waste_deposit_kg=2.0)]
+    m = method("residents.recycling_chained_share=0.5")
+    cars = lines(days, m, "baseline", "car")
+    assert sum(ln.trips for ln in cars) == pytest.approx(0.6 * 2)
+    assert vkm(cars) == pytest.approx(0.6 * 2 * 6 * U + 0.6 * 2 * 0.3 * 6 * U)
+    walk = lines(days, m, "baseline", "walk_cycle")
+    assert sum(ln.trips for ln in walk) == pytest.approx(0.4 * 2)
+    full = lines(days, method("residents.recycling_chained_share=1", "residents.chained_detour_share=0.5"), "baseline")
+    assert sum(ln.trips for ln in full) == 0.0
+    assert vkm([ln for ln in full if ln.vehicle == "car"]) == pytest.approx(4 * 0.6 * 0.5 * 6 * U)
+    # The headline's avoided car trips fall by exactly the chained ones.
+    plain = summarize(assess(days, GEO, method()))["modes"]["car"]["avoided"]["trips"]
+    half = summarize(assess(days, GEO, m))["modes"]["car"]["avoided"]["trips"]
+    assert plain - half == pytest.approx(0.6 * 2)
+
+
 def test_the_waste_companys_own_collection_is_a_project_truck_round() -> None:
     """A red box no van took, fetched by the waste company: depot -> y -> depot = 4U by truck."""
     days = [BoxDay(DAY, "y", "nordvaerk", waste_collections=1, waste_collected_kg=3.0)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,16 +59,26 @@ def test_sensitivity_prints_a_table_per_choice(capsys: pytest.CaptureFixture[str
     assert "| waste baseline | parcel baseline | e-van 0% | e-van 50% | e-van 100% |" in text
     assert "| resident_trips | parcel_shop |" in text
     assert "| marginal |" in text
+    assert "| waste baseline (home delivery, e-van 0%) | motorised trips avoided |" in text
+    for name in ("residual_bin", "bin_bag", "resident_trips, 50% of trips chained", "**range**"):
+        assert f"| {name} |" in text
 
 
 def test_sensitivity_moves_as_the_method_says() -> None:
     """Against parcel shops the vans drive the same rounds in both scenarios, so the e-van share
     changes nothing; against home delivery the avoided door stops are worth less with electric vans;
-    under the marginal allocation waste carries no van km, so its figure ignores the e-van share."""
+    under the marginal allocation waste carries no van km, so its figure ignores the e-van share.
+    Across the waste baselines the avoided figure falls from station trips to half of them chained
+    to the bin bag to the residual bin, which avoids nothing and costs the box trips."""
     from simulator.impact import sensitivity
 
     rows = sensitivity(resolve(overrides=["network.boxes=6", "simulation.days=7"]))
-    by = {(r["waste_baseline"], r["parcel_baseline"], r["allocation"], r["van_electric_share"]): r for r in rows}
+    chained = [r for r in rows if r["recycling_chained_share"]]
+    by = {
+        (r["waste_baseline"], r["parcel_baseline"], r["allocation"], r["van_electric_share"]): r
+        for r in rows
+        if not r["recycling_chained_share"]
+    }
     shop = [by[("resident_trips", "parcel_shop", "load_distance", s)]["avoided"]["kg_co2e_wtw"] for s in (0, 0.5, 1)]
     assert shop == pytest.approx([shop[0]] * 3)
     home = [by[("resident_trips", "home_delivery", "load_distance", s)]["avoided"]["kg_co2e_wtw"] for s in (0, 0.5, 1)]
@@ -78,6 +89,16 @@ def test_sensitivity_moves_as_the_method_says() -> None:
     ]
     assert marginal == pytest.approx([marginal[0]] * 3)
     assert marginal[0] > 0
+
+    def waste(row: dict[str, Any]) -> float:
+        return float(row["categories"]["hazardous_waste"]["kg_co2e_wtw"])
+
+    plain = {
+        w: waste(by[(w, "home_delivery", "load_distance", 0.0)]) for w in ("resident_trips", "bin_bag", "residual_bin")
+    }
+    half = waste(next(r for r in chained if r["van_electric_share"] == 0.0))
+    assert plain["resident_trips"] > half > plain["bin_bag"] > 0 > plain["residual_bin"]
+    assert {r["recycling_chained_share"] for r in chained} == {0.5}
 
 
 def test_bad_method_parameters_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
