@@ -151,6 +151,15 @@ class Settings(BaseSettings):
     api_max_body_bytes: Annotated[int, Field(ge=0, le=1024**3)] = 1024 * 1024
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    #: API processes (``molo api --workers``): each has its own pool of ``db_pool_max`` connections,
+    #: live-stream listener and command sender; one of them sweeps the reservations at a time. One
+    #: per core is the usual choice (docs/architecture.md, "Growing").
+    api_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    #: A valid key's lookup is kept this long per API process, so a request costs no key query. A
+    #: revocation still takes effect at once: the database announces every change to a key
+    #: (``molo_keys``) and each process drops it; while a process's listener is disconnected it
+    #: does not use the cache, so this is also the most a revocation can be late. 0: no cache.
+    api_key_cache_s: Annotated[float, Field(ge=0, le=300)] = 5.0
 
     @model_validator(mode="after")
     def _refuse_placeholders_outside_development(self) -> Self:

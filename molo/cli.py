@@ -68,16 +68,26 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
-    from backend.api.app import create_app
+    from molo.api_process import FACTORY, LOG_LEVEL_ENV
 
-    settings = _settings()
+    settings = _settings()  # checked here, so a bad setting is one line, not a traceback per worker
+    if settings.database_url is None:
+        return fail("api", "the API needs a database: set MOLO_DATABASE_URL")
+    os.environ[LOG_LEVEL_ENV] = args.log_level
+    # Every process (one, or each of N) makes its app from the MOLO_* variables; uvicorn picks
+    # uvloop and httptools (installed) and supervises the N, restarting one that dies.
     uvicorn.run(
-        create_app(settings),
+        FACTORY,
+        factory=True,
+        workers=args.workers or settings.api_workers,
         host=args.host or settings.api_host,
         port=args.port or settings.api_port,
         log_config=None,
+        access_log=args.access_log,
         timeout_graceful_shutdown=5,  # live streams (SSE) never end by themselves
     )
     return 0
@@ -543,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve the HTTP API")
     p.add_argument("--host", default=None, help="address to listen on (default MOLO_API_HOST, 127.0.0.1)")
     p.add_argument("--port", type=port, default=None, help="port to listen on (default MOLO_API_PORT, 8000)")
+    p.add_argument(
+        "--workers", type=positive(int), default=None, help="API processes on the port (default MOLO_API_WORKERS, 1)"
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request (off: it costs CPU under load)")
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run experiment jobs submitted over the API (docs/experiments.md)")

@@ -11,6 +11,9 @@ from psycopg.rows import dict_row
 
 Row = dict[str, Any]
 
+#: Every change to a row of ``api_keys`` is announced here with the key id (migration 0011).
+KEY_CHANNEL = "molo_keys"
+
 
 def insert_key(
     conn: psycopg.Connection[Any], *, key_id: str, name: str, role: str, carrier: str | None, hash_: str

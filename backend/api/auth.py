@@ -14,6 +14,10 @@ connection borrowed for the lookup only. ``ViewerDep`` shares the request's ``Co
 returns a yield dependency's connection only when the response has been sent, which for a stream is
 when it ends (ten open streams held the whole pool of ten).
 
+Valid keys are kept in a per-process :class:`KeyCache` for ``MOLO_API_KEY_CACHE_S`` (5 s), so most
+requests cost no key query; every change to a key is announced by the database (``molo_keys``,
+migration 0011) and drops it from every process's cache at once.
+
 Errors, in the API's JSON error shape: 401 ``missing_api_key``, ``invalid_api_key``,
 ``revoked_api_key``; 403 ``forbidden_role`` (and ``forbidden_carrier`` from :func:`carrier_for`,
 when a courier names another carrier).
@@ -22,6 +26,8 @@ when a courier names another carrier).
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -37,6 +43,7 @@ from backend.api.errors import ApiError
 
 __all__ = [
     "CourierDep",
+    "KeyCache",
     "OperatorDep",
     "Principal",
     "Role",
@@ -64,25 +71,89 @@ class Principal:
     carrier: str | None
 
 
+class KeyCache:
+    """The principals of valid keys looked up in the last ``ttl_s`` seconds, in one API process.
+
+    Correct under revocation because it is told of every change: :meth:`forget` runs for each
+    ``molo_keys`` notification (the live hub's listener), and the cache is not used while ``live()``
+    is false (the listener is disconnected, so a notification could be missed; it is emptied when
+    the listener is back). A lookup that began before a change is not stored after it (the
+    generation check), so a revoked key is never put back. ``ttl_s`` bounds how stale an entry can
+    be if all of that failed; 0 turns the cache off."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl_s: float, live: Callable[[], bool]) -> None:
+        self._ttl = ttl_s
+        self._live = live
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self.generation = 0
+        self.hits = self.misses = 0
+
+    def get(self, token: str) -> Principal | None:
+        if self._ttl <= 0:
+            return None
+        if not self._live():
+            self.misses += 1
+            return None
+        entry = self._entries.get(token)
+        if entry is None or entry[0] < time.monotonic():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry[1]
+
+    def put(self, token: str, principal: Principal, generation: int) -> None:
+        """Keep ``principal`` if nothing changed since ``generation`` (read before the lookup)."""
+        if self._ttl <= 0 or generation != self.generation or not self._live():
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.pop(next(iter(self._entries)))  # the oldest
+        self._entries[token] = (time.monotonic() + self._ttl, principal)
+
+    def forget(self, key_id: str) -> None:
+        self.generation += 1
+        self._entries = {t: e for t, e in self._entries.items() if e[1].key_id != key_id}
+
+    def clear(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+
 def _require_token(token: str | None) -> str:
     if not token:
         raise ApiError(401, "missing_api_key", f"send an API key in the {API_KEY_HEADER} header")
     return token
 
 
-async def _look_up(conn: AsyncConnection[Any], token: str) -> Principal:
+def _cache(request: Request) -> KeyCache | None:
+    cache: KeyCache | None = getattr(request.app.state, "key_cache", None)
+    return cache
+
+
+async def _look_up(conn: AsyncConnection[Any], token: str, cache: KeyCache | None = None) -> Principal:
+    generation = cache.generation if cache is not None else 0
     key_id = parse_token(token)
     row = await repository.find_key(conn, key_id) if key_id else None
     if row is None or not hash_matches(token, row["secret_sha256"]):
         raise ApiError(401, "invalid_api_key", "the API key is not valid")
     if row["revoked_at"] is not None:
         raise ApiError(401, "revoked_api_key", f"the API key {key_id} was revoked")
-    return Principal(key_id=row["key_id"], name=row["name"], role=Role(row["role"]), carrier=row["carrier"])
+    principal = Principal(key_id=row["key_id"], name=row["name"], role=Role(row["role"]), carrier=row["carrier"])
+    if cache is not None:
+        cache.put(token, principal, generation)
+    return principal
 
 
-async def authenticate(conn: ConnDep, token: Annotated[str | None, Security(_header)] = None) -> Principal:
-    """The caller behind the ``X-API-Key`` header, or 401 (on the request's own connection)."""
-    return await _look_up(conn, _require_token(token))
+async def authenticate(
+    request: Request, conn: ConnDep, token: Annotated[str | None, Security(_header)] = None
+) -> Principal:
+    """The caller behind the ``X-API-Key`` header, or 401 (from the cache, or on the request's own
+    connection)."""
+    token = _require_token(token)
+    cache = _cache(request)
+    cached = cache.get(token) if cache is not None else None
+    return cached if cached is not None else await _look_up(conn, token, cache)
 
 
 #: ``get_conn`` as a context manager: a pool connection for one block (503 ``database_unavailable``
@@ -92,7 +163,7 @@ _borrow = asynccontextmanager(get_conn)
 
 async def _look_up_briefly(request: Request, token: str) -> Principal:
     async with _borrow(request) as conn:
-        return await _look_up(conn, token)
+        return await _look_up(conn, token, _cache(request))
 
 
 def _lookups(request: Request) -> dict[str, asyncio.Task[Principal]]:
@@ -112,6 +183,10 @@ async def authenticate_briefly(request: Request, token: Annotated[str | None, Se
     one query old), so when every dashboard reconnects at once (an API restart) the pool
     sees one query per key, not one per stream, and other requests are not starved."""
     token = _require_token(token)
+    cache = _cache(request)
+    cached = cache.get(token) if cache is not None else None
+    if cached is not None:
+        return cached
     lookups = _lookups(request)
     task = lookups.get(token)
     if task is None:

@@ -75,7 +75,8 @@ async def sweep_periodically(app: FastAPI, settings: Settings) -> None:
     """Run in the API's lifespan: every ``reservation_sweep_interval_s`` end fulfilled and overdue
     holds, send the releases of ended holds and re-send those missing, failed or timed out (at most
     ``reservation_release_attempts`` each, backing off from ``reservation_release_retry_s``), so
-    boxes hear of expiries in quiet hours too and a door is not left held at the box for good."""
+    boxes hear of expiries in quiet hours too and a door is not left held at the box for good. With
+    several API processes each runs this, and one at a time does the pass (a session lock)."""
     interval = settings.reservation_sweep_interval_s
     if interval <= 0:
         return
@@ -85,8 +86,7 @@ async def sweep_periodically(app: FastAPI, settings: Settings) -> None:
             pool: AsyncConnectionPool[AsyncConnection[Any]] = app.state.pool
             async with pool.connection(timeout=5.0) as conn:
                 ctx = service.CommandContext(getattr(app.state, "commands", None), settings.command_timeout_s)
-                await service.sweep_expired(conn)
-                await service.send_releases(
+                await service.periodic_pass(
                     conn,
                     ctx,
                     max_attempts=settings.reservation_release_attempts,

@@ -17,7 +17,9 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
+    """Async although it awaits nothing: FastAPI runs a plain ``def`` dependency in a worker thread,
+    a hand-off that cost more than the rest of the dependency work of a capacity query."""
     settings: Settings = request.app.state.settings
     return settings
 

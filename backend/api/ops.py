@@ -9,13 +9,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from backend.api import repository
+from backend.api.auth import KeyCache
 from backend.api.deps import ConnDep, SettingsDep
 from backend.api.errors import error_body
 from backend.api.schemas import Health, Readiness
@@ -102,8 +103,27 @@ class _Snapshot(Collector):
         return [*out, batch, last, lag, age, dead, boxes]
 
 
+class _KeyCacheStats(Collector):
+    """This API process's key cache: lookups answered from it and those that went to the database."""
+
+    def __init__(self, cache: KeyCache | None) -> None:
+        self.cache = cache
+
+    def collect(self) -> list[Metric]:
+        lookups = CounterMetricFamily(
+            "molo_api_key_lookups",
+            "API key lookups of this API process, by where the answer came from",
+            labels=["source"],
+        )
+        if self.cache is not None:
+            lookups.add_metric(["cache"], float(self.cache.hits))
+            lookups.add_metric(["database"], float(self.cache.misses))
+        return [lookups]
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(conn: ConnDep, settings: SettingsDep) -> Response:
+async def metrics(request: Request, conn: ConnDep, settings: SettingsDep) -> Response:
     registry = CollectorRegistry()
     registry.register(_Snapshot(await repository.metrics_snapshot(conn), settings.heartbeat_timeout_s))
+    registry.register(_KeyCacheStats(getattr(request.app.state, "key_cache", None)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

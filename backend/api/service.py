@@ -7,6 +7,7 @@ shown offline with reason ``heartbeat_timeout`` from the moment the timeout ran 
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import datetime, timedelta
 from typing import Any, cast, get_args
@@ -58,13 +59,20 @@ def box_since(row: Row, reason: StatusReasonOut) -> datetime | None:
     return row.get("status_ts") or row.get("last_seen_at")
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_layout(text: str) -> BoxLayout:
+    """A layout's JSON text, parsed once per distinct text (boxes mostly share one; BoxLayout is frozen)."""
+    return BoxLayout.model_validate_json(text)
+
+
 def _layout(row: Row) -> BoxLayout | None:
-    """The stored layout; an invalid one (hand-edited row) is logged and treated as unknown, so one
-    bad row never breaks the box list."""
-    if not row.get("layout"):
+    """The stored layout (JSON text, or an already decoded object); an invalid one (hand-edited row)
+    is logged and treated as unknown, so one bad row never breaks the box list."""
+    raw = row.get("layout")
+    if not raw:
         return None
     try:
-        return BoxLayout.model_validate(row["layout"])
+        return _parse_layout(raw) if isinstance(raw, str) else BoxLayout.model_validate(raw)
     except ValueError as exc:
         log.warning("box %s has an invalid stored layout (%s); showing it without compartments", row["box_id"], exc)
         return None

@@ -7,8 +7,10 @@ Where it sits in a message's journey: last. Ingest (and the monitor sweep, and t
 So the stream shows exactly what was committed, from whichever ingest worker committed it.
 
 An open stream holds no database connection: its key is looked up on a pool connection that is
-returned before the stream starts (``StreamViewerDep``), and the hub checks the keys of all open
-streams for revocation with one query on its own connection every ``MOLO_STREAM_KEEPALIVE_S``. A
+returned before the stream starts (``StreamViewerDep``). The hub also ``LISTEN``s for changes to
+keys (``molo_keys``): it drops a changed key from the process's key cache (backend/api/auth.py) and
+checks the keys of its open streams for revocation then, and with one query on its own connection
+every ``MOLO_STREAM_KEEPALIVE_S`` in any case. A
 process serves at most ``MOLO_STREAM_MAX_PER_KEY`` streams per key (then 429 ``too_many_streams``)
 and ``MOLO_STREAM_MAX_TOTAL`` in all (then 503 ``streams_full``), both with ``Retry-After``.
 
@@ -46,7 +48,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from psycopg import AsyncConnection
 from starlette.types import Receive, Scope, Send
 
-from backend.api.auth import StreamViewerDep
+from backend.access.repository import KEY_CHANNEL
+from backend.api.auth import KeyCache, StreamViewerDep
 from backend.api.errors import error_body
 from backend.operations.live import CHANNEL
 from contract.topics import BOX_ID_PATTERN
@@ -85,13 +88,15 @@ class LiveHub:
     counts the open streams (per key and in all), queues the keepalives of quiet streams, and ends
     the streams whose key was revoked (one query on its own connection every ``keepalive_s``)."""
 
-    def __init__(self, database_url: str, *, keepalive_s: float = 15.0) -> None:
+    def __init__(self, database_url: str, *, keepalive_s: float = 15.0, key_cache_s: float = 0.0) -> None:
         self._url = database_url
         self._keepalive_s = keepalive_s
         self._subscribers: set[_Subscriber] = set()
         self._per_key: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = asyncio.Event()
+        #: The process's cache of key lookups: used only while this hub listens for key changes.
+        self.key_cache = KeyCache(key_cache_s, self.listening.is_set)
         self.ending = False
         self._closed = False
 
@@ -164,15 +169,22 @@ class LiveHub:
                 conn = await AsyncConnection.connect(self._url, autocommit=True, application_name="molo-api-live")
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(f"LISTEN {KEY_CHANNEL}")
+                    self.key_cache.clear()  # changes may have been missed while away
                     self.listening.set()
                     delay = 0.5
                     next_check = time.monotonic() + self._keepalive_s
                     while True:
                         # Notifications that arrive during the key check wait in psycopg's backlog
                         # and come first from the next notifies().
+                        streams_key_changed = False
                         async for note in conn.notifies(timeout=max(0.0, next_check - time.monotonic())):
-                            await self._fan_out(note.payload)
-                        if time.monotonic() >= next_check:
+                            if note.channel != KEY_CHANNEL:
+                                await self._fan_out(note.payload)
+                            elif self._key_changed(note.payload):
+                                streams_key_changed = True
+                                break
+                        if streams_key_changed or time.monotonic() >= next_check:
                             await self._check_keys(conn)
                             next_check = time.monotonic() + self._keepalive_s
             except asyncio.CancelledError:
@@ -183,6 +195,11 @@ class LiveHub:
                 self.listening.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
+
+    def _key_changed(self, key_id: str) -> bool:
+        """A key changed (``molo_keys``): drop it from the key cache; True if a stream uses it."""
+        self.key_cache.forget(key_id)
+        return self._per_key.get(key_id, 0) > 0
 
     async def _check_keys(self, conn: AsyncConnection[Any]) -> None:
         """End the streams whose key has been revoked (or deleted) since they opened: one query for

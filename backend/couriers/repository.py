@@ -5,6 +5,7 @@ Async psycopg on a connection from the API's pool (autocommit; transactions are 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 from uuid import UUID
 
@@ -103,9 +104,16 @@ async def lock_box(conn: AsyncConnection[Any], box_id: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('molo.reservations'), hashtext(%s))", (box_id,))
 
 
+#: Connections that took a session-level advisory lock since they left the pool: the API's pool
+#: drops any such lock left over (a cancelled request) when one of these returns, and only then, so
+#: other requests cost no extra query (backend/api/app.py).
+SESSION_LOCKED: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+
+
 async def lock_box_session(conn: AsyncConnection[Any], box_id: str) -> None:
     """The same lock as :func:`lock_box`, held across autocommit statements until
     :func:`unlock_box_session` (the API's pool also drops any left over when a connection returns)."""
+    SESSION_LOCKED.add(conn)
     await conn.execute("SELECT pg_advisory_lock(hashtext('molo.reservations'), hashtext(%s))", (box_id,))
 
 
@@ -118,6 +126,18 @@ async def try_sweep_lock(conn: AsyncConnection[Any], key: int) -> bool:
     cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,))
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+async def try_session_lock(conn: AsyncConnection[Any], key: int) -> bool:
+    """Take a session-level advisory lock if it is free; give it back with :func:`unlock_session`."""
+    SESSION_LOCKED.add(conn)
+    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def unlock_session(conn: AsyncConnection[Any], key: int) -> None:
+    await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 async def box_for_hold(conn: AsyncConnection[Any], box_id: str) -> Row | None:

@@ -213,6 +213,9 @@ def reservation_out(row: Row) -> ReservationOut:
 
 #: The sweep's advisory lock key ("mres"): one sweep at a time, others skip (as the monitor's does).
 SWEEP_LOCK_KEY = 0x6D726573
+#: The periodic pass's session lock ("mrep"): with several API processes one passes at a time, the
+#: others skip that turn.
+PERIODIC_LOCK_KEY = 0x6D726570
 #: Releases handled per periodic pass (the rest wait for the next one).
 RELEASES_PER_PASS = 100
 _RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
@@ -259,6 +262,19 @@ async def sweep_expired(conn: AsyncConnection[Any]) -> int:
     except _RETRYABLE as exc:
         log.info("reservation sweep skipped: %s", exc)
         return 0
+
+
+async def periodic_pass(conn: AsyncConnection[Any], ctx: CommandContext, *, max_attempts: int, retry_s: float) -> bool:
+    """The periodic sweeper's turn: :func:`sweep_expired`, then :func:`send_releases`, under a lock
+    so that of several API processes one at a time does it. False: another process was at it."""
+    if not await repository.try_session_lock(conn, PERIODIC_LOCK_KEY):
+        return False
+    try:
+        await sweep_expired(conn)
+        await send_releases(conn, ctx, max_attempts=max_attempts, retry_s=retry_s)
+    finally:
+        await repository.unlock_session(conn, PERIODIC_LOCK_KEY)
+    return True
 
 
 async def send_releases(conn: AsyncConnection[Any], ctx: CommandContext, *, max_attempts: int, retry_s: float) -> int:
