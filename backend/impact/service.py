@@ -39,12 +39,24 @@ def sites(network_file: Path | None) -> Geography:
     return geography_of(load_network(network_file))
 
 
+#: The last geography built, per network file, with the database fingerprint of the box positions
+#: it was built from and its :func:`geography_key` (one per API process; boxes rarely move).
+_GEOGRAPHIES: dict[Path | None, tuple[str, Geography, str]] = {}
+
+
 async def geography(conn: AsyncConnection[Any], network_file: Path | None) -> Geography:
-    """The network file's geography with the registered box positions on top."""
+    """The network file's geography with the registered box positions on top: built again only when
+    the positions' fingerprint in the database changed."""
+    fingerprint = await repository.box_positions_fingerprint(conn)
+    known = _GEOGRAPHIES.get(network_file)
+    if known is not None and known[0] == fingerprint:
+        return known[1]
     base = sites(network_file)
     boxes = dict(base.boxes)
     boxes.update({box: Point(lat, lon) for box, (lat, lon) in (await repository.box_positions(conn)).items()})
-    return replace(base, boxes=boxes)
+    geo = replace(base, boxes=boxes)
+    _GEOGRAPHIES[network_file] = (fingerprint, geo, _geography_key(geo))
+    return geo
 
 
 def placeable(days: list[BoxDay], geo: Geography) -> tuple[list[BoxDay], dict[str, list[str]]]:
@@ -67,10 +79,18 @@ def _fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def geography_key(geo: Geography) -> str:
-    """A fingerprint of every position the method measures from."""
+def _geography_key(geo: Geography) -> str:
     parts = [sorted(geo.boxes.items()), sorted(geo.depots.items()), geo.recycling_stations]
     return _fingerprint(repr(parts))
+
+
+def geography_key(geo: Geography) -> str:
+    """A fingerprint of every position the method measures from (remembered for the geographies
+    :func:`geography` keeps)."""
+    for _, known, key in _GEOGRAPHIES.values():
+        if known is geo:
+            return key
+    return _geography_key(geo)
 
 
 Fingerprint = tuple[Any, ...]
