@@ -78,6 +78,24 @@ def _layout(row: Row) -> BoxLayout | None:
         return None
 
 
+_DOORS: dict[int, tuple[BoxLayout, list[tuple[SizeClass, list[int]]]]] = {}
+
+
+def _doors_by_size(layout: BoxLayout) -> list[tuple[SizeClass, list[int]]]:
+    """The parcel door ids of each size class present, in SizeClass order; worked out once per
+    layout object (:func:`_parse_layout` hands out one object per distinct layout)."""
+    known = _DOORS.get(id(layout))
+    if known is not None and known[0] is layout:
+        return known[1]
+    parcel = layout.parcel_compartments
+    doors = [(size, [c.id for c in parcel if c.size_class is size]) for size in SizeClass]
+    doors = [(size, ids) for size, ids in doors if ids]
+    if len(_DOORS) > 4096:
+        _DOORS.clear()
+    _DOORS[id(layout)] = (layout, doors)
+    return doors
+
+
 def _readings(row: Row) -> tuple[dict[int, Row], dict[int, float]]:
     compartments = {int(c["id"]): c for c in (row.get("compartments") or [])}
     weights = {int(r["compartment"]): float(r["weight_kg"]) for r in (row.get("red_boxes") or [])}
@@ -99,18 +117,16 @@ def summarize(
     occupancy: dict[SizeClass, SizeOccupancy] = {}
     red_boxes: list[RedBoxView] = []
     if layout is not None:
-        for size in SizeClass:
-            doors = [c for c in layout.parcel_compartments if c.size_class is size]
-            if not doors:
-                continue
-            occupied = sum(1 for c in doors if readings.get(c.id, {}).get("occupied"))
-            broken = sum(1 for c in doors if readings.get(c.id, {}).get("in_service") is False)
-            free = sum(
-                1
-                for c in doors
-                if not readings.get(c.id, {}).get("occupied") and readings.get(c.id, {}).get("in_service") is not False
-            )
-            occupancy[size] = SizeOccupancy(total=len(doors), occupied=occupied, out_of_service=broken, free=free)
+        for size, ids in _doors_by_size(layout):
+            occupied = broken = free = 0
+            for door in ids:
+                reading = readings.get(door)
+                busy = bool(reading and reading.get("occupied"))
+                out = reading is not None and reading.get("in_service") is False
+                occupied += busy
+                broken += out
+                free += not busy and not out
+            occupancy[size] = SizeOccupancy(total=len(ids), occupied=occupied, out_of_service=broken, free=free)
         for rb in layout.red_boxes:
             weight = weights.get(rb.id)
             cap = rb.red_box_capacity_kg
