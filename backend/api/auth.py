@@ -131,6 +131,11 @@ def _cache(request: Request) -> KeyCache | None:
     return cache
 
 
+def _cached(request: Request, token: str) -> Principal | None:
+    cache = _cache(request)
+    return cache.get(token) if cache is not None else None
+
+
 async def _look_up(conn: AsyncConnection[Any], token: str, cache: KeyCache | None = None) -> Principal:
     generation = cache.generation if cache is not None else 0
     key_id = parse_token(token)
@@ -151,9 +156,8 @@ async def authenticate(
     """The caller behind the ``X-API-Key`` header, or 401 (from the cache, or on the request's own
     connection)."""
     token = _require_token(token)
-    cache = _cache(request)
-    cached = cache.get(token) if cache is not None else None
-    return cached if cached is not None else await _look_up(conn, token, cache)
+    cached = _cached(request, token)
+    return cached if cached is not None else await _look_up(conn, token, _cache(request))
 
 
 #: ``get_conn`` as a context manager: a pool connection for one block (503 ``database_unavailable``
@@ -183,8 +187,7 @@ async def authenticate_briefly(request: Request, token: Annotated[str | None, Se
     one query old), so when every dashboard reconnects at once (an API restart) the pool
     sees one query per key, not one per stream, and other requests are not starved."""
     token = _require_token(token)
-    cache = _cache(request)
-    cached = cache.get(token) if cache is not None else None
+    cached = _cached(request, token)
     if cached is not None:
         return cached
     lookups = _lookups(request)
