@@ -50,13 +50,10 @@ Delivery rules of the sender:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import queue
 import random
-import selectors
-import socket
 import ssl
 import threading
 import time
@@ -101,6 +98,7 @@ from firmware_stub.backoff import Backoff
 from firmware_stub.commands import CommandJournal, Outcome, clip_detail, execute
 from firmware_stub.db import DB_FILE, Synchronous
 from firmware_stub.errors import BrokerRefusedError, FirmwareError, FirmwareStateError
+from firmware_stub.loop import BoxLoop
 from firmware_stub.outbox import Outbox, OutboxRow
 from firmware_stub.state import BoxState
 
@@ -170,6 +168,11 @@ class _Receipt:
     seqs: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _Command:
+    raw: bytes
+
+
 class _Signal(Enum):
     WAKE = "wake"
     LINK_DOWN = "link_down"
@@ -177,6 +180,7 @@ class _Signal(Enum):
 
 
 _SenderEvent = _PubAck | _LinkUp | _Receipt | _Signal
+_Event = _SenderEvent | _Command
 
 
 @dataclass
@@ -258,12 +262,14 @@ class BoxFirmware:
         firmware_version: str = FIRMWARE_VERSION,
         protocol: Literal["5", "3.1.1"] = "5",
         logger: logging.Logger | None = None,
+        loop: BoxLoop | None = None,
     ) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         if keepalive < 1:
             raise ValueError(f"keepalive must be >= 1 s, got {keepalive}")
         self.box_id = box_id
+        self.name = box_id
         self.host = host
         self.port = port
         self.state_dir = state_dir
@@ -296,11 +302,15 @@ class BoxFirmware:
         self._session = 0
         self._stats = FirmwareStats()
         self._client: mqtt.Client | None = None
-        self._events: queue.SimpleQueue[_SenderEvent] = queue.SimpleQueue()
-        self._inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._loop = loop
+        self._own_loop = loop is None  # a loop of its own, started and stopped with the box
+        self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()  # the mailbox (worker thread)
+        self._link = _SenderState(window=max_inflight)  # worker thread
+        self._next_check = time.monotonic() + _RECEIPT_CHECK_S  # worker thread
+        self._session_used = False  # start() took the first connection's session (connector thread)
         self._closing = threading.Event()  # graceful stop: no more reconnects, no more sends
-        self._halt = threading.Event()  # kill: leave now, no DISCONNECT
-        self._interrupt = threading.Event()  # cuts a backoff wait short
+        self._detached = threading.Event()  # the loop's network side is done with the box
+        self._retired = threading.Event()  # ... and its worker side
         self._conn_cv = threading.Condition()
         self._connected = False  # CONNACK accepted
         self._subscribed = False  # ... and the commands subscription acknowledged
@@ -309,9 +319,6 @@ class BoxFirmware:
         self._drained = threading.Condition()
         self._link_up_pending: int | None = None  # set by on_connect, announced by the network thread
         self._connected_at: float | None = None  # monotonic time of the last CONNACK (network thread)
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._threads: dict[str, threading.Thread] = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -359,21 +366,14 @@ class BoxFirmware:
                 raise FirmwareStateError(f"box {self.box_id} was already started ({self._phase.value})")
             self._phase = _Phase.RUNNING
         self._session = self._outbox.next_session()  # the first connection's; emit() needs one now
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self._client = self._make_client()
         self._log.info(
             "box %s: boot, first session %d, %d messages in the outbox", self.box_id, self._session, len(self._outbox)
         )
-        for name, target in (
-            ("network", self._network_main),
-            ("sender", self._sender_main),
-            ("commands", self._commands_main),
-        ):
-            thread = threading.Thread(target=target, name=f"{self.box_id}-{name}", daemon=True)
-            self._threads[name] = thread
-            thread.start()
+        if self._loop is None:
+            self._loop = BoxLoop(self.box_id, logger=self._log).start()
+        self._loop.attach(self)
+        self._post(_Signal.WAKE)  # a replay of what the outbox still holds waits for the link
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until the box is online -- connection accepted and subscribed to its commands
@@ -415,25 +415,22 @@ class BoxFirmware:
         if flush_timeout > 0 and self.connected:
             self.flush(flush_timeout)
         self._closing.set()
-        self._interrupt.set()
         client = self._require_client()
+        loop = self._require_loop()
         if self.connected:
             info = client.publish(self._topic[MessageKind.STATUS], self._status(online=False), qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:
                 self._log.warning("box %s: offline status not confirmed: %s", self.box_id, exc)
-            client.disconnect()
-            self._wake()
-        network = self._threads["network"]
-        network.join(timeout)
-        if network.is_alive():
-            self._log.warning(
-                "box %s: network thread did not finish in %.1f s; dropping the link", self.box_id, timeout
-            )
-            self._halt.set()
-            self._wake()
-            network.join(_JOIN_TIMEOUT_S)
+        # Also before the CONNACK: the network thread writes it, then paho closes the socket (and
+        # a connection the connector opens from now on is closed the same way: link_attempt).
+        client.disconnect()
+        loop.close(self, halt=False)
+        if not self._detached.wait(timeout):
+            self._log.warning("box %s: link did not close in %.1f s; dropping it", self.box_id, timeout)
+            loop.close(self, halt=True)
+            self._detached.wait(_JOIN_TIMEOUT_S)
         left = self._shutdown_workers()
         self._log.info("box %s: stopped, %d messages left in the outbox", self.box_id, left)
 
@@ -442,11 +439,9 @@ class BoxFirmware:
         then publishes the Last Will), stop every thread, keep the outbox on disk. Idempotent."""
         if not self._begin_shutdown():
             return
-        self._halt.set()
         self._closing.set()
-        self._interrupt.set()
-        self._wake()
-        self._threads["network"].join(_JOIN_TIMEOUT_S)
+        self._require_loop().close(self, halt=True)
+        self._detached.wait(_JOIN_TIMEOUT_S)
         left = self._shutdown_workers()
         self._log.warning("box %s: killed, %d messages left in the outbox", self.box_id, left)
 
@@ -465,15 +460,13 @@ class BoxFirmware:
         return False
 
     def _shutdown_workers(self) -> int:
-        """Stop the worker threads and close the database; returns the rows left in the outbox."""
-        self._inbox.put(None)
-        self._threads["commands"].join(_JOIN_TIMEOUT_S)
+        """Retire the box from the worker and close the database; returns the rows left in the outbox."""
         # Every PUBACK the network thread saw is already in the mailbox, ahead of HALT.
-        self._events.put(_Signal.HALT)
-        self._threads["sender"].join(_JOIN_TIMEOUT_S)
-        for sock in (self._wake_r, self._wake_w):
-            if sock is not None:
-                sock.close()
+        self._post(_Signal.HALT)
+        if not self._retired.wait(_JOIN_TIMEOUT_S):
+            self._log.warning("box %s: worker did not retire it in %.0f s", self.box_id, _JOIN_TIMEOUT_S)
+        if self._own_loop and self._loop is not None:
+            self._loop.stop()
         left = self._pending_or_unknown()
         self._close_storage()
         with self._conn_cv:
@@ -514,7 +507,7 @@ class BoxFirmware:
             return encode(event)
 
         seq = self._outbox.enqueue(self._topic[kind], build)
-        self._events.put(_Signal.WAKE)
+        self._post(_Signal.WAKE)
         return seq
 
     def telemetry(
@@ -601,18 +594,11 @@ class BoxFirmware:
             )
         )
 
-    def _wake(self) -> None:
-        sock = self._wake_w
-        if sock is None:
-            return
-        with contextlib.suppress(OSError):  # full (already woken) or closed (shutting down)
-            sock.send(b"\0")
-
     # paho callbacks: all on the network thread, except on_socket_register_write, which runs on
     # whichever thread queued a packet. Each only records and hands off.
 
     def _on_register_write(self, client: mqtt.Client, userdata: object, sock: object) -> None:
-        self._wake()
+        self._require_loop().want_write(self)
 
     def _on_connect(
         self,
@@ -679,184 +665,155 @@ class BoxFirmware:
         with self._conn_cv:
             was_connected, self._connected, self._subscribed = self._connected, False, False
             self._conn_cv.notify_all()
-        self._events.put(_Signal.LINK_DOWN)
+        self._post(_Signal.LINK_DOWN)
         if was_connected and not self._closing.is_set():
             self._log.warning("box %s: connection lost: %s", self.box_id, reason)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: object, mid: int, reason: ReasonCode, properties: Properties
     ) -> None:
-        self._events.put(_PubAck(mid, reason))
+        self._post(_PubAck(mid, reason))
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if message.topic == self._topic[MessageKind.COMMANDS]:
-            self._inbox.put(bytes(message.payload))
+            self._post(_Command(bytes(message.payload)))
         elif message.topic == self._topic[MessageKind.RECEIPTS]:
             try:
                 receipt = decode_receipt(bytes(message.payload), topic_box_id=self.box_id)
             except ContractError as exc:
                 self._log.warning("box %s: unreadable receipt ignored: %s", self.box_id, exc)
                 return
-            self._events.put(_Receipt(tuple(receipt.each_seq())))
+            self._post(_Receipt(tuple(receipt.each_seq())))
         else:
             self._log.warning("box %s: unexpected message on %s ignored", self.box_id, message.topic)
 
-    # ------------------------------------------------------------------ network thread
+    # ------------------------------------------------------------------ the loop's calls (Driven)
 
-    def _network_main(self) -> None:
+    def mqtt_client(self) -> mqtt.Client:
+        return self._require_client()
+
+    def link_attempt(self) -> float | None:
+        """Connector thread: one connection attempt (see :class:`firmware_stub.loop.Driven`)."""
+        if self._closing.is_set():
+            return -1.0
         client = self._require_client()
-        session_used = False  # start() allocated the first connection's session
+        if self._session_used:
+            self._session = self._outbox.next_session()
+        # The will goes out in the CONNECT, so it names the session of this connection.
+        client.will_set(self._topic[MessageKind.STATUS], self._will(), qos=1, retain=True)
         try:
-            while not self._closing.is_set():
-                if session_used:
-                    self._session = self._outbox.next_session()
-                # The will goes out in the CONNECT, so it names the session of this connection.
-                client.will_set(self._topic[MessageKind.STATUS], self._will(), qos=1, retain=True)
-                try:
-                    client.reconnect()
-                except OSError as exc:
-                    # No CONNECT was sent (the socket never opened): the session is still unused.
-                    self._log.warning("box %s: cannot reach %s:%d: %s", self.box_id, self.host, self.port, exc)
-                else:
-                    session_used = True
-                    self._connected_at = None
-                    self._pump(client)
-                    # Back off from scratch only after a connection that held: a broker that
-                    # accepts and then drops the box at once (say, a second box with the same id
-                    # taking over the session) must not be hammered.
-                    if self._connected_at is not None and time.monotonic() - self._connected_at >= self.keepalive:
-                        self._backoff.reset()
-                if self._closing.is_set():
-                    break
-                delay = self._backoff.next_delay()
-                self._log.debug("box %s: reconnecting in %.2f s", self.box_id, delay)
-                self._interrupt.wait(delay)
-        except Exception:
-            self._log.exception("box %s: network thread failed", self.box_id)
-        finally:
-            if self._halt.is_set():
-                # Power cut: the socket goes away without a DISCONNECT; the broker sends the will.
-                sock = client.socket()
-                if sock is not None:
-                    sock.close()
-            self._events.put(_Signal.LINK_DOWN)
+            client.reconnect()
+        except OSError as exc:
+            # No CONNECT was sent (the socket never opened): the session is still unused.
+            self._log.warning("box %s: cannot reach %s:%d: %s", self.box_id, self.host, self.port, exc)
+            if self._closing.is_set():
+                return -1.0
+            delay = self._backoff.next_delay()
+            self._log.debug("box %s: reconnecting in %.2f s", self.box_id, delay)
+            return delay
+        self._session_used = True
+        self._connected_at = None
+        if self._closing.is_set():  # stop() came while connecting: leave cleanly (the broker drops the will)
+            client.disconnect()
+        return None
 
-    def _pump(self, client: mqtt.Client) -> None:
-        """Drive one connection until it is lost, closed, or the box is killed."""
-        wake = self._wake_r
-        if wake is None:
-            raise FirmwareStateError("network thread started without its wake-up socket")
-        sock = client.socket()
-        if sock is None:
-            return
-        # selectors (epoll/poll), not select(): select() cannot watch file descriptors above 1024,
-        # and a process running a thousand boxes has several thousand.
-        with selectors.DefaultSelector() as selector:
-            selector.register(wake.fileno(), selectors.EVENT_READ)
-            selector.register(sock.fileno(), selectors.EVENT_READ)
-            self._drive(client, sock.fileno(), wake, selector)
+    def link_serviced(self) -> None:
+        if self._link_up_pending is not None:
+            # Announced only now, after paho queued its re-sends of unacknowledged messages
+            # (it does so right after on_connect returns), so new rows go out behind them.
+            self._post(_LinkUp(self._link_up_pending))
+            self._link_up_pending = None
 
-    def _drive(self, client: mqtt.Client, fd: int, wake: socket.socket, selector: selectors.BaseSelector) -> None:
-        watching_write = False
-        wake_fd = wake.fileno()
-        while not self._halt.is_set():
-            sock = client.socket()
-            if sock is None or sock.fileno() != fd:
-                return
-            want_write = client.want_write()
-            try:
-                if want_write != watching_write:
-                    selector.modify(fd, selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0))
-                    watching_write = want_write
-                # Wake for keepalive pings (loop_misc) well within the keepalive; otherwise only on I/O.
-                ready = selector.select(self.keepalive / 4)
-            except (OSError, ValueError) as exc:
-                self._log.warning("box %s: socket error: %s", self.box_id, exc)
-                return
-            if self._halt.is_set():
-                return
-            readable = {key.fd for key, mask in ready if mask & selectors.EVENT_READ}
-            if wake_fd in readable:
-                with contextlib.suppress(BlockingIOError):
-                    wake.recv(4096)
-            if fd in readable:
-                rc = client.loop_read()
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
-                    self._link_up_pending = None
-                    return
-            if self._link_up_pending is not None:
-                # Announced only now, after paho queued its re-sends of unacknowledged messages
-                # (it does so right after on_connect returns), so new rows go out behind them.
-                self._events.put(_LinkUp(self._link_up_pending))
-                self._link_up_pending = None
-            if client.want_write():
-                rc = client.loop_write()
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
-                    return
-            rc = client.loop_misc()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
-                return
+    def link_lost(self) -> float | None:
+        self._link_up_pending = None
+        with self._conn_cv:
+            self._connected = self._subscribed = False
+            self._conn_cv.notify_all()
+        self._post(_Signal.LINK_DOWN)
+        if self._closing.is_set():
+            return None
+        # Back off from scratch only after a connection that held: a broker that accepts and then
+        # drops the box at once (say, a second box with the same id taking over the session) must
+        # not be hammered.
+        if self._connected_at is not None and time.monotonic() - self._connected_at >= self.keepalive:
+            self._backoff.reset()
+        delay = self._backoff.next_delay()
+        self._log.debug("box %s: reconnecting in %.2f s", self.box_id, delay)
+        return delay
 
-    # ------------------------------------------------------------------ sender thread
+    def link_detached(self) -> None:
+        self._detached.set()
 
-    def _sender_main(self) -> None:
-        link = _SenderState(window=self.max_inflight)
-        next_check = time.monotonic() + _RECEIPT_CHECK_S
+    def _post(self, event: _Event) -> None:
+        """Into the mailbox, for the worker thread."""
+        self._events.put(event)
+        self._require_loop().ready(self)
+
+    def _require_loop(self) -> BoxLoop:
+        if self._loop is None:
+            raise FirmwareStateError(f"box {self.box_id} was never started")
+        return self._loop
+
+    # ------------------------------------------------------------------ worker thread: sender, commands
+
+    def work(self) -> float | None:
+        """Worker thread: the mailbox's commands, then the sender's turn (see :class:`Driven`)."""
+        if self._retired.is_set():
+            return None
+        batch: list[_SenderEvent] = []
+        halt = False
         while True:
             try:
-                before = time.monotonic()
-                wait = next_check - before
-                if link.hold_until > before:
-                    wait = min(wait, link.hold_until - before)
-                batch: list[_SenderEvent] = [self._events.get(timeout=max(0.01, wait))]
+                event = self._events.get_nowait()
             except queue.Empty:
-                batch = [_Signal.WAKE]
-            while True:
-                try:
-                    batch.append(self._events.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                now = time.monotonic()
-                done: list[int] = []  # rows to delete from the outbox
-                halt = False
-                for event in batch:
-                    if isinstance(event, _PubAck):
-                        self._on_puback(link, event, done, now)
-                    elif isinstance(event, _Receipt):
-                        self._on_receipt(link, event, done)
-                    elif isinstance(event, _LinkUp):
-                        link.up = True
-                        link.window = min(self.max_inflight, max(1, event.receive_maximum - _RESERVED_INFLIGHT))
-                        # The broker took these, but may have died with them (a reconnect follows
-                        # a broker restart): hand them again; the ingest stores each seq once.
-                        link.resend.update(link.awaiting)
-                        link.awaiting.clear()
-                        link.hold_until = 0.0
-                    elif event is _Signal.LINK_DOWN:
-                        link.up = False
-                    elif event is _Signal.HALT:
-                        halt = True
-                if now >= next_check:
-                    next_check = now + _RECEIPT_CHECK_S
-                    overdue = [s for s, at in link.awaiting.items() if now - at >= self.receipt_timeout_s]
-                    for seq in overdue:
-                        del link.awaiting[seq]
-                        link.resend.add(seq)
-                if done:
-                    self._stats.acked += self._outbox.ack_many(done)
-                    with self._drained:
-                        self._drained.notify_all()
-                if halt:
-                    return
-                if link.up and not self._closing.is_set() and now >= link.hold_until:
-                    self._hand(link)
-            except FirmwareError as exc:  # the outbox was closed under us: nothing left to do
-                self._log.debug("box %s: sender stops: %s", self.box_id, exc)
-                return
-            except Exception:
-                self._log.exception("box %s: sender error; retrying", self.box_id)
-                time.sleep(0.1)
+                break
+            if isinstance(event, _Command):
+                self._command(event.raw)
+            elif event is _Signal.HALT:
+                halt = True
+            else:
+                batch.append(event)
+        link = self._link
+        try:
+            self._sender_step(link, batch)
+        except FirmwareError as exc:  # the outbox was closed under us: nothing left to do
+            self._log.debug("box %s: sender stops: %s", self.box_id, exc)
+            halt = True
+        if halt:
+            self._retired.set()
+            return None
+        return min(self._next_check, link.hold_until) if link.hold_until > time.monotonic() else self._next_check
+
+    def _sender_step(self, link: _SenderState, batch: list[_SenderEvent]) -> None:
+        now = time.monotonic()
+        done: list[int] = []  # rows to delete from the outbox
+        for event in batch:
+            if isinstance(event, _PubAck):
+                self._on_puback(link, event, done, now)
+            elif isinstance(event, _Receipt):
+                self._on_receipt(link, event, done)
+            elif isinstance(event, _LinkUp):
+                link.up = True
+                link.window = min(self.max_inflight, max(1, event.receive_maximum - _RESERVED_INFLIGHT))
+                # The broker took these, but may have died with them (a reconnect follows a broker
+                # restart): hand them again; the ingest stores each seq once.
+                link.resend.update(link.awaiting)
+                link.awaiting.clear()
+                link.hold_until = 0.0
+            elif event is _Signal.LINK_DOWN:
+                link.up = False
+        if now >= self._next_check:
+            self._next_check = now + _RECEIPT_CHECK_S
+            overdue = [s for s, at in link.awaiting.items() if now - at >= self.receipt_timeout_s]
+            for seq in overdue:
+                del link.awaiting[seq]
+                link.resend.add(seq)
+        if done:
+            self._stats.acked += self._outbox.ack_many(done)
+            with self._drained:
+                self._drained.notify_all()
+        if link.up and not self._closing.is_set() and now >= link.hold_until:
+            self._hand(link)
 
     def _on_puback(self, link: _SenderState, event: _PubAck, done: list[int], now: float) -> None:
         # PUBACKs of the birth, acks and status carry mids not in the map.
@@ -953,20 +910,15 @@ class BoxFirmware:
             reason,
         )
 
-    # ------------------------------------------------------------------ command thread
+    # ------------------------------------------------------------------ commands (worker thread)
 
-    def _commands_main(self) -> None:
-        while True:
-            raw = self._inbox.get()
-            if raw is None:
-                return
-            try:
-                self._handle_command(raw)
-            except FirmwareError as exc:
-                self._log.debug("box %s: command worker stops: %s", self.box_id, exc)
-                return
-            except Exception:
-                self._log.exception("box %s: command failed", self.box_id)
+    def _command(self, raw: bytes) -> None:
+        try:
+            self._handle_command(raw)
+        except FirmwareError:
+            raise
+        except Exception:
+            self._log.exception("box %s: command failed", self.box_id)
 
     def _handle_command(self, raw: bytes) -> None:
         try:

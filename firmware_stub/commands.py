@@ -152,18 +152,25 @@ class CommandJournal:
     def __init__(self, path: Path, *, synchronous: Synchronous = "FULL", max_entries: int = 10_000) -> None:
         self.path = path / DB_FILE if path.is_dir() else path
         self.max_entries = max_entries
+        self._synchronous: Synchronous = synchronous
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = open_db(self.path, synchronous=synchronous)
+        # Opened at the first command, not with the box: most boxes get few commands, and a fleet of
+        # thousands in one process would otherwise hold a second connection (and its files) per box.
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
 
     def _require(self) -> sqlite3.Connection:
-        if self._conn is None:
+        if self._closed:
             raise OutboxClosedError(f"command journal {self.path} is closed")
+        if self._conn is None:
+            self._conn = open_db(self.path, synchronous=self._synchronous)
         return self._conn
 
     def get(self, command_id: UUID) -> JournalEntry | None:

@@ -61,6 +61,8 @@ class DemoDriver:
         self.telemetry_interval = telemetry_interval
         self.mean_temperature_c = mean_temperature_c
         self._log = logger if logger is not None else logging.getLogger("firmware_stub.demo")
+        self._next_event: float | None = None  # monotonic; None until the first tick
+        self._next_telemetry = math.inf
 
     def step(self) -> EventPayload | None:
         """Make one random happening at the box, emit it and return it (None if nothing could happen)."""
@@ -130,21 +132,25 @@ class DemoDriver:
 
     def run(self, stop: threading.Event) -> None:
         """Emit happenings and telemetry until ``stop`` is set. Telemetry goes out at once first."""
-        now = time.monotonic()
-        next_event = now + self.rng.expovariate(self.rate) if self.rate > 0 else math.inf
-        next_telemetry = now if self.telemetry_interval > 0 else math.inf
         while not stop.is_set():
-            now = time.monotonic()
-            if now >= next_telemetry:
-                seq = self.box.telemetry(temperature_c=self.temperature())
-                self._log.debug("telemetry seq %d", seq)
-                next_telemetry += self.telemetry_interval
-            if now >= next_event:
-                payload = self.step()
-                if payload is not None:
-                    self._log.info("%s %s", payload.TYPE, payload.model_dump_json())
-                next_event += self.rng.expovariate(self.rate)
-            wait = min(next_event, next_telemetry) - time.monotonic()
+            wait = self.tick(time.monotonic()) - time.monotonic()
             # Sleep until the next happening (stop.wait returns at once on stop): a thousand idle
             # drivers must not wake every second, each waiting for the GIL.
             stop.wait(max(wait, 0.0))
+
+    def tick(self, now: float) -> float:
+        """Emit whatever is due at monotonic time ``now``; returns when the next thing is due (a
+        fleet calls this for each of its boxes from one thread, see :class:`molo.fleet.Fleet`)."""
+        if self._next_event is None:  # the first call: telemetry at once, the first happening later
+            self._next_event = now + self.rng.expovariate(self.rate) if self.rate > 0 else math.inf
+            self._next_telemetry = now if self.telemetry_interval > 0 else math.inf
+        if now >= self._next_telemetry:
+            seq = self.box.telemetry(temperature_c=self.temperature())
+            self._log.debug("telemetry seq %d", seq)
+            self._next_telemetry += self.telemetry_interval
+        if now >= self._next_event:
+            payload = self.step()
+            if payload is not None:
+                self._log.info("%s %s", payload.TYPE, payload.model_dump_json())
+            self._next_event += self.rng.expovariate(self.rate)
+        return min(self._next_event, self._next_telemetry)

@@ -143,7 +143,13 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Boxes per ``molo boxes`` process: each holds about four open files (its socket and SQLite
+#: files) and the soft limit here is often 20,000 with no way to raise the hard one.
+BOXES_PER_PROCESS = 2000
+
+
 def cmd_boxes(args: argparse.Namespace) -> int:
+    import math
     import signal
     import threading
     import time
@@ -161,16 +167,76 @@ def cmd_boxes(args: argparse.Namespace) -> int:
     if not settings.mqtt_host:
         print("molo boxes: set MOLO_MQTT_HOST (and MOLO_MQTT_PORT)", file=sys.stderr)
         return 2
+    processes = args.processes or math.ceil(len(ids) / BOXES_PER_PROCESS)
+    if args.part is None and processes > 1:
+        return _boxes_in_processes(args, min(processes, len(ids)))
+    if args.part is not None:
+        index, parts = args.part
+        ids = ids[index::parts]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     fleet = Fleet(
-        {b: creds.boxes[b] for b in ids}, settings.mqtt_host, settings.mqtt_port, Path(args.state_dir), rate=args.rate
+        {b: creds.boxes[b] for b in ids},
+        settings.mqtt_host,
+        settings.mqtt_port,
+        Path(args.state_dir),
+        rate=args.rate,
+        telemetry_interval=args.telemetry_interval,
     ).start()
     while not stop.is_set():  # poll: waiting on the Event the signal handler sets could deadlock
         time.sleep(0.2)
     fleet.stop()
     return 0
+
+
+def _boxes_in_processes(args: argparse.Namespace, parts: int) -> int:
+    """``molo boxes`` over ``parts`` child processes, each with every ``parts``-th box; SIGTERM and
+    SIGINT are passed on, and the exit code is the worst of theirs."""
+    import signal
+    import subprocess
+
+    base = [
+        sys.executable,
+        "-m",
+        "molo.cli",
+        "--log-level",
+        args.log_level,
+        "boxes",
+        "--count",
+        str(args.count),
+        "--prefix",
+        args.prefix,
+        "--credentials",
+        str(args.credentials),
+        "--state-dir",
+        str(args.state_dir),
+        "--rate",
+        str(args.rate),
+        "--telemetry-interval",
+        str(args.telemetry_interval),
+    ]
+    children = [subprocess.Popen([*base, "--part", f"{i}/{parts}"]) for i in range(parts)]  # noqa: S603 - ourselves
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+def _part(text: str) -> tuple[int, int]:
+    index, _, parts = text.partition("/")
+    try:
+        i, n = int(index), int(parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -533,6 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credentials", required=True, help="credentials.json from `molo provision`")
     p.add_argument("--state-dir", default="var/boxes", help="where the boxes keep their outboxes (default var/boxes)")
     p.add_argument("--rate", type=positive(float), default=0.1, help="events per second per box (default 0.1)")
+    p.add_argument(
+        "--telemetry-interval",
+        type=positive(float),
+        default=15.0,
+        help="seconds between each box's telemetry heartbeats (default 15)",
+    )
+    p.add_argument(
+        "--processes",
+        type=at_least_zero,
+        default=0,
+        help=f"processes to spread the boxes over (default 0: one per {BOXES_PER_PROCESS} boxes)",
+    )
+    p.add_argument("--part", type=_part, default=None, help=argparse.SUPPRESS)  # I/N: one child's share
     p.set_defaults(func=cmd_boxes)
 
     p = sub.add_parser("migrate", help="apply SQL migrations")
