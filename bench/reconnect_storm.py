@@ -1,17 +1,20 @@
-"""Reconnect storm: 1,000 live boxes, the broker killed and restarted; how long until every box is
-online again in the API, and how the API answers meanwhile.
+"""Reconnect storm: 5,000 live boxes, the broker killed and restarted; how long until every box is
+online again in the API, how the API answers meanwhile, and what each process costs.
 
 Method: Mosquitto with broker_config (its own credentials), one ingest worker process (`molo
-ingest`), the API process (`molo api`), and the 1,000 boxes in one `molo boxes` process (0.01
-events/s per box plus telemetry every 15 s), all on this machine with PostgreSQL. Once every box
-is online in `GET /api/v1/boxes`, the broker gets SIGKILL and is started again 1 s later. From the
-kill on, `GET /api/v1/boxes` is requested open loop at a fixed rate (each request sent on its
-schedule whether or not earlier ones returned; latency measured from the scheduled time), and the
-time from the restart until the API shows every box online with a newer session (it reconnected)
-is taken. Then the boxes stop, and what is stored is checked per box: events and telemetry share a
-box's seq space, so seqs 1..n with no hole mean nothing was lost.
+ingest`), the API process (`molo api`), and the boxes from `molo boxes` (the fleet: one BoxLoop per
+process, 2,000 boxes a process; 0.01 events/s per box plus telemetry every 15 s), all on this
+machine with PostgreSQL. Once every box is online in `GET /api/v1/box-status`, the broker gets
+SIGKILL and is started again 1 s later. From the restart on, `GET /api/v1/box-status` is requested
+open loop at a fixed rate (each request sent on its schedule whether or not earlier ones returned;
+latency measured from the scheduled time), and the time from the restart until the API shows every
+box online with a newer session (it reconnected) is taken. Then: the alerts left open, the monitor
+sweep's time (20 sweeps on the same database) and the time of `GET /api/v1/boxes` and
+`GET /api/v1/box-status` (10 each, one at a time); then the boxes stop, and what is stored is checked
+per box: events and telemetry share a box's seq space and `(box, seq)` is the key, so rows 1..n with no
+hole mean nothing was lost and nothing stored twice.
 
-Run: `uv run python bench/reconnect_storm.py [--boxes 1000] [--rate 10]`.
+Run: `uv run python bench/reconnect_storm.py [--boxes 5000] [--rate 10]`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import psycopg
 
 from backend.access.keys import Role, create_key
 from backend.migrate import migrate
+from backend.operations.alerts import AlertRules
+from backend.operations.monitor import sweep
 from backend.settings import TimescaleMode
 from molo.brokers import free_port, start_mosquitto
 from molo.postgres import create_database, drop_database
@@ -39,7 +44,7 @@ from molo.provision import box_ids, provision
 
 def sessions(client: httpx.Client) -> dict[str, int]:
     """Box id -> session of every box the API shows online."""
-    response = client.get("/api/v1/boxes")
+    response = client.get("/api/v1/box-status", params={"online": "true"})
     response.raise_for_status()  # a 503 under load is an answer too: counted as not yet
     return {b["box_id"]: int(b["session"]) for b in response.json() if b["online"]}
 
@@ -59,7 +64,7 @@ async def open_loop(url: str, headers: dict[str, str], rate: float, seconds: flo
         async def one(scheduled: float) -> None:
             nonlocal failed
             try:
-                response = await client.get("/api/v1/boxes")
+                response = await client.get("/api/v1/box-status")
                 failed += response.status_code != 200
             except httpx.HTTPError:
                 failed += 1
@@ -79,6 +84,23 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
+def timed(client: httpx.Client, path: str, n: int) -> tuple[float, int]:
+    """Median seconds of ``n`` GETs of ``path`` one at a time, and the size of the answer."""
+    times, size = [], 0
+    for _ in range(n):
+        started = time.perf_counter()
+        response = client.get(path)
+        times.append(time.perf_counter() - started)
+        response.raise_for_status()
+        size = len(response.content)
+    return statistics.median(times), size
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -88,8 +110,10 @@ def rss_mb(pid: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--boxes", type=int, default=1000)
-    parser.add_argument("--rate", type=float, default=10.0, help="GET /api/v1/boxes per second during the storm")
+    parser.add_argument("--boxes", type=int, default=5000)
+    parser.add_argument(
+        "--rate", type=float, default=2.0, help="GET /api/v1/box-status per second during the storm (default 2)"
+    )
     parser.add_argument("--storm-seconds", type=float, default=60.0)
     args = parser.parse_args()
     admin = os.environ.get("MOLO_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -147,7 +171,9 @@ def main() -> int:
                 time.sleep(1)
             first_online = time.monotonic() - started
             print(f"{args.boxes} boxes online in the API {first_online:.1f} s after `molo boxes` started")
-            memory = {name: rss_mb(p.pid) for name, p in procs.items()}
+            memory = {name: rss_mb(p.pid) for name, p in procs.items() if name != "boxes"}
+            for i, child in enumerate(children(procs["boxes"].pid) or [procs["boxes"].pid]):
+                memory[f"boxes[{i}]"] = rss_mb(child)
             broker_pid = broker.pid
             assert broker_pid is not None
             memory["mosquitto"] = rss_mb(broker_pid)
@@ -162,12 +188,16 @@ def main() -> int:
                 None, lambda: asyncio.run(open_loop(api_url, headers, args.rate, args.storm_seconds))
             )
             back: float | None = None
+            timeline: list[tuple[float, int]] = []  # (seconds after the restart, boxes back)
             # Back = online in the API with a newer session than before the crash (a box reconnecting
             # takes a new session; its old "online" is only stale until the heartbeat timeout).
             while time.monotonic() - restarted < args.storm_seconds + 120:
                 try:
                     now = sessions(client)
-                    if sum(1 for b, s in now.items() if s > before.get(b, 0)) == args.boxes:
+                    timeline.append(
+                        (time.monotonic() - restarted, sum(1 for b, s in now.items() if s > before.get(b, 0)))
+                    )
+                    if timeline[-1][1] == args.boxes:
                         back = time.monotonic() - restarted
                         break
                 except httpx.HTTPError:
@@ -175,6 +205,20 @@ def main() -> int:
                 time.sleep(0.5)
             latencies, failed = loop.run_until_complete(future)
             loop.close()
+            time.sleep(5)  # the ingest's sweep runs every few seconds: give it one after the storm
+            with psycopg.connect(url, autocommit=True) as conn:
+                left_open: dict[str, int] = dict(
+                    conn.execute("SELECT kind, count(*) FROM alerts WHERE cleared_at IS NULL GROUP BY kind").fetchall()
+                )
+                raised = conn.execute("SELECT count(*) FROM alerts").fetchone()
+                rules = AlertRules()
+                sweeps = []
+                for _ in range(20):
+                    started_sweep = time.perf_counter()
+                    sweep(conn, rules)
+                    sweeps.append(time.perf_counter() - started_sweep)
+            list_s, list_bytes = timed(client, "/api/v1/boxes", 10)
+            status_s, status_bytes = timed(client, "/api/v1/box-status", 10)
         procs["boxes"].send_signal(15)
         procs["boxes"].wait(120)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -188,18 +232,35 @@ def main() -> int:
         gaps = [b for b, n, top in rows if n != top]
         print(
             f"method: SIGKILL of Mosquitto with {args.boxes} boxes online, restart after 1 s; "
-            f"GET /api/v1/boxes open loop at {args.rate:g}/s for {args.storm_seconds:g} s from the restart"
+            f"GET /api/v1/box-status open loop at {args.rate:g}/s for {args.storm_seconds:g} s from the restart"
         )
         when = f"{back:.1f} s after the restart" if back is not None else "not within the window"
         print(f"all {args.boxes} boxes online again in the API: {when}")
+        marks = []
+        for share in (0.5, 0.9, 0.99):
+            hit = next((t for t, n in timeline if n >= share * args.boxes), None)
+            marks.append(f"{share:.0%} by {hit:.1f} s" if hit is not None else f"{share:.0%} not reached")
+        print("back online with a new session: " + ", ".join(marks))
         print(
-            f"GET /api/v1/boxes during the storm: n={len(latencies)} p50 {pct(latencies, 50):.0f} ms, "
+            f"GET /api/v1/box-status during the storm: n={len(latencies)} p50 {pct(latencies, 50):.0f} ms, "
             f"p99 {pct(latencies, 99):.0f} ms, max {max(latencies):.0f} ms, failed or timed out (30 s) {failed}"
         )
         print(
             f"events and telemetry stored: {sum(n for _, n, _ in rows)} over {len(rows)} boxes; boxes with a hole "
             f"in their seqs: {len(gaps)}; boxes whose newest seq is not stored: "
             f"{sum(1 for b, _, top in rows if state.get(b, top) != top)}"
+        )
+        print(
+            f"alerts: {raised[0] if raised else 0} raised in the whole run, open at the end: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(left_open.items())) or "none")
+        )
+        print(
+            f"monitor sweep at {args.boxes} boxes: median {statistics.median(sweeps) * 1000:.1f} ms, "
+            f"max {max(sweeps) * 1000:.1f} ms (20 sweeps, one after another, after the storm)"
+        )
+        print(
+            f"GET /api/v1/boxes: median {list_s * 1000:.0f} ms, {list_bytes / 1e6:.2f} MB; "
+            f"GET /api/v1/box-status: median {status_s * 1000:.0f} ms, {status_bytes / 1e6:.2f} MB (10 each, in turn)"
         )
         print("RSS before the storm (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")

@@ -1,4 +1,4 @@
-"""The threads that drive boxes: three for any number of them.
+"""The threads that drive boxes: a handful for any number of them.
 
 Where it sits in a message's journey (see ``shared/DESIGN.md``): inside the box process, between
 each :class:`~firmware_stub.box.BoxFirmware` and its MQTT connection. A single box gets a loop of
@@ -13,7 +13,9 @@ file, not three threads::
                (``loop_read``/``loop_write``/``loop_misc``) for every attached box, from one
                ``selectors`` selector (epoll: no limit of 1024 descriptors);
 ``connector``  runs paho's ``reconnect()``, which blocks (DNS, TCP, TLS handshake), so that a
-               broker slow to answer holds up no other box's keepalive;
+               broker slow to answer holds up no other box's keepalive; a fleet has several
+               (``connectors``), so that thousands of boxes reconnecting after a broker restart do
+               not queue behind one slow handshake;
 ``worker``     runs each box's mailbox (PUBACKs, receipts, commands) one box at a time, in the order
                they became ready, and wakes a box again at the time it asked for (receipt checks,
                pauses after PUBACK 16).
@@ -112,15 +114,19 @@ class _Entry:
 
 
 class BoxLoop:
-    """Network, connector and worker threads shared by every box attached to them.
+    """Network, connector and worker threads shared by every box attached to them (``connectors``:
+    how many connection attempts may be under way at once).
 
     ``with BoxLoop() as loop:`` starts and stops it; boxes built with ``loop=loop`` attach on their
     :meth:`~firmware_stub.box.BoxFirmware.start` and leave on ``stop``/``kill``. Stop the boxes
     before the loop.
     """
 
-    def __init__(self, name: str = "boxes", *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, name: str = "boxes", *, connectors: int = 1, logger: logging.Logger | None = None) -> None:
+        if connectors < 1:
+            raise ValueError(f"connectors must be >= 1, got {connectors}")
         self.name = name
+        self.connectors = connectors
         self._log = logger if logger is not None else logging.getLogger("firmware_stub.loop")
         #: id(box) -> entry, from attach until the worker retires the box (its network side may have
         #: detached earlier).
@@ -150,11 +156,9 @@ class BoxLoop:
         if self._started:
             raise FirmwareStateError(f"loop {self.name} was already started")
         self._started = True
-        for role, target in (
-            ("net", self._network_main),
-            ("connect", self._connector_main),
-            ("work", self._worker_main),
-        ):
+        roles = [("net", self._network_main), ("work", self._worker_main)]
+        roles += [(f"connect-{i}", self._connector_main) for i in range(self.connectors)]
+        for role, target in roles:
             thread = threading.Thread(target=target, name=f"{self.name}-{role}", daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -165,7 +169,8 @@ class BoxLoop:
         if self._stopping.is_set() or not self._started:
             return
         self._stopping.set()
-        self._connects.put(None)
+        for _ in range(self.connectors):
+            self._connects.put(None)
         self._ready.put(None)
         self._wake()
         for thread in self._threads:

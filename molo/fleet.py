@@ -3,7 +3,7 @@
 Used by ``molo demo`` and ``molo boxes`` until the simulator drives the boxes. Each box is a real
 :class:`firmware_stub.box.BoxFirmware` -- its own MQTT connection and credentials, its own persistent
 outbox, the same delivery code as a single box -- but the boxes share one
-:class:`firmware_stub.loop.BoxLoop` (three threads for the whole fleet, not three per box) and one
+:class:`firmware_stub.loop.BoxLoop` (a dozen threads for the whole fleet, not three per box) and one
 scheduler thread runs every box's :class:`~firmware_stub.demo.DemoDriver`. A box then costs its
 socket, its SQLite file and a few hundred kB of Python objects.
 """
@@ -47,6 +47,8 @@ class Fleet:
     #: back spread over the first retries instead of all in the same second.
     reconnect_min_delay: float = 0.5
     reconnect_max_delay: float = 30.0
+    #: Connection attempts under way at once (each blocks its thread until the broker answers).
+    connectors: int = 8
     firmware: list[BoxFirmware] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _loop: BoxLoop | None = None
@@ -56,7 +58,7 @@ class Fleet:
     def start(self) -> Fleet:
         raise_fd_limit()
         rng = random.Random(self.seed)
-        self._loop = BoxLoop("fleet", logger=log).start()
+        self._loop = BoxLoop("fleet", connectors=self.connectors, logger=log).start()
         for box_id, password in sorted(self.boxes.items()):
             box = BoxFirmware(
                 box_id,

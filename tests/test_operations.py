@@ -145,6 +145,63 @@ def test_killed_box_raises_offline_alert_and_its_return_clears_it(
         again.stop()
 
 
+#: The fields GET /api/v1/box-status shares with GET /api/v1/boxes.
+STATUS_FIELDS = (
+    "box_id",
+    "online",
+    "status_reason",
+    "status_since",
+    "session",
+    "last_seen_at",
+    "last_received_at",
+    "last_seq",
+    "maintenance",
+    "open_alerts",
+    "alert_level",
+)
+
+
+def test_box_status_says_what_the_box_list_says_in_fewer_bytes(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """GET /api/v1/box-status gives every box's status, session and alert level exactly as the box list
+    does -- one box online, one killed (Last Will, open critical alert) -- in a fraction of the bytes,
+    and ?online=true / false split the boxes between them."""
+    up = firmware(broker, credentials, "box-070", tmp_path)
+    down = firmware(broker, credentials, "box-071", tmp_path)
+    try:
+        up.telemetry()
+        wait_for(lambda: online(ops_api, "box-070") and online(ops_api, "box-071"))
+        down.kill()
+        wait_for(lambda: open_alert(ops_api, "box-071", "box_offline"))
+        response = ops_api.get("/api/v1/box-status")
+        assert response.status_code == 200, response.text
+        statuses = {s["box_id"]: s for s in response.json()}
+        full = ops_api.get("/api/v1/boxes")
+        boxes = {b["box_id"]: b for b in full.json()}
+        assert set(statuses) == set(boxes)
+        for box_id, box in boxes.items():
+            assert statuses[box_id] == {field: box[field] for field in STATUS_FIELDS}, box_id
+        assert statuses["box-070"]["online"] is True
+        assert statuses["box-070"]["session"] == up.session
+        assert (
+            statuses["box-071"] | {"online": False, "status_reason": "connection_lost", "alert_level": "critical"}
+            == (statuses["box-071"])
+        )
+        assert len(response.content) < len(full.content) / 2
+        on = {s["box_id"] for s in ops_api.get("/api/v1/box-status", params={"online": "true"}).json()}
+        off = {s["box_id"] for s in ops_api.get("/api/v1/box-status", params={"online": "false"}).json()}
+        assert "box-070" in on
+        assert "box-071" in off
+        assert on | off == set(statuses)
+        assert not on & off
+        assert ops_api.get("/api/v1/box-status", params={"online": "maybe"}).json()["error"]["code"] == (
+            "invalid_request"
+        )
+    finally:
+        up.stop()
+
+
 def test_silent_box_gets_heartbeat_alert_and_clears_when_heard(
     broker: RunningBroker,
     credentials: Credentials,

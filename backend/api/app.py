@@ -121,6 +121,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> FastAP
     app.add_middleware(BodyLimit, max_body_bytes=settings.api_max_body_bytes)
     app.include_router(ops.router)
     app.include_router(boxes.router)
+    app.include_router(boxes.status_router)
     app.include_router(alerts.router)
     app.include_router(commands.router)
     app.include_router(couriers.router)

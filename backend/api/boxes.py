@@ -11,17 +11,19 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 
 from backend.api import repository, service
 from backend.api.auth import ViewerDep
 from backend.api.deps import ConnDep, SettingsDep
 from backend.api.errors import ApiError
-from backend.api.schemas import BoxDetail, BoxSummary, EventOut, EventPage, HistoryBucket, HistoryPage
+from backend.api.schemas import BoxDetail, BoxStatus, BoxSummary, EventOut, EventPage, HistoryBucket, HistoryPage
 from contract.messages import EVENT_TYPES
 from contract.topics import BOX_ID_PATTERN
 
 router = APIRouter(prefix="/api/v1/boxes", tags=["boxes"])
+#: Not under /boxes: "status" is a valid box id.
+status_router = APIRouter(prefix="/api/v1/box-status", tags=["boxes"])
 BoxIdPath = Annotated[str, Path(pattern=BOX_ID_PATTERN, description="the box id, e.g. aal-001")]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     401: {"description": "`missing_api_key`, `invalid_api_key` or `revoked_api_key`"},
@@ -47,6 +49,28 @@ async def list_boxes(conn: ConnDep, settings: SettingsDep, viewer: ViewerDep) ->
     timeout = timedelta(seconds=settings.heartbeat_timeout_s)
     now = _now()
     return [service.summarize(r, now, timeout, fills, alerts.get(r["box_id"])) for r in rows]
+
+
+@status_router.get(
+    "",
+    response_model=list[BoxStatus],
+    response_class=Response,
+    summary="Every box's live status only: compact, for polling",
+    responses={k: v for k, v in _NOT_FOUND.items() if k != 404},
+)
+async def box_status(
+    conn: ConnDep,
+    settings: SettingsDep,
+    viewer: ViewerDep,
+    online: Annotated[bool | None, Query(description="only the boxes online (true) or not online (false)")] = None,
+) -> Response:
+    """Online or not, why, since when, the session and the open alerts' level of every box, by id --
+    what ``GET /api/v1/boxes`` says of a box's status, without its doors, red boxes and readings
+    (a fraction of the bytes and the time at thousands of boxes: docs/benchmarks.md)."""
+    # A box stored online may be offline by the heartbeat rule, so only "online=true" narrows the query.
+    rows = await repository.box_statuses(conn, online_stored=True if online else None)
+    timeout = timedelta(seconds=settings.heartbeat_timeout_s)
+    return Response(service.statuses_json(rows, _now(), timeout, online=online), media_type="application/json")
 
 
 @router.get(

@@ -42,6 +42,45 @@ async def list_boxes(conn: AsyncConnection[Any]) -> list[Row]:
         return await cur.fetchall()
 
 
+#: The columns :func:`box_statuses` returns, in order.
+STATUS_COLUMNS = (
+    "box_id",
+    "status_online",
+    "status_session",
+    "status_ts",
+    "status_changed_at",
+    "status_reason",
+    "last_seq",
+    "last_seen_at",
+    "last_received_at",
+    "maintenance",
+    "severities",
+)
+
+
+async def box_statuses(conn: AsyncConnection[Any], *, online_stored: bool | None = None) -> list[tuple[Any, ...]]:
+    """Every box's status columns (:data:`STATUS_COLUMNS`, as tuples: thousands of rows) and its open
+    alerts' severities, by id: the narrow columns only (no layout, no compartment readings), the
+    alerts aggregated in the same query. ``online_stored`` keeps only boxes whose stored status is
+    (or is not) online."""
+    async with conn.cursor() as cur:
+        await cur.execute(
+            """
+            SELECT k.box_id, s.status_online, s.status_session, s.status_ts, s.status_changed_at, s.status_reason,
+                   s.last_seq, s.last_seen_at, s.last_received_at, coalesce(s.maintenance, false) AS maintenance,
+                   coalesce(a.severities, '{}') AS severities
+            FROM (SELECT box_id FROM boxes UNION SELECT box_id FROM box_state ORDER BY 1) k
+            LEFT JOIN box_state s ON s.box_id = k.box_id
+            LEFT JOIN (SELECT box_id, array_agg(severity) AS severities FROM alerts
+                       WHERE cleared_at IS NULL GROUP BY box_id) a ON a.box_id = k.box_id
+            WHERE %(online)s::boolean IS NULL OR coalesce(s.status_online, false) = %(online)s::boolean
+            ORDER BY k.box_id
+            """,
+            {"online": online_stored},
+        )
+        return await cur.fetchall()
+
+
 async def get_box(conn: AsyncConnection[Any], box_id: str) -> Row | None:
     """One box by id (both tables by their primary keys), or None."""
     async with conn.cursor(row_factory=dict_row) as cur:

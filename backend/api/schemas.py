@@ -71,6 +71,22 @@ class BoxSummary(BaseModel):
     )
 
 
+class BoxStatus(BaseModel):
+    """One box's live status only: the compact list an operator's screen or a monitor polls."""
+
+    box_id: str
+    online: bool
+    status_reason: StatusReasonOut
+    status_since: datetime | None = Field(description="as in the box list: by the box's clock")
+    session: int
+    last_seen_at: datetime | None
+    last_received_at: datetime | None
+    last_seq: int
+    maintenance: bool
+    open_alerts: int
+    alert_level: Literal["critical", "warning"] | None
+
+
 class CompartmentView(BaseModel):
     id: int
     kind: CompartmentKind
