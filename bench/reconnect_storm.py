@@ -101,6 +101,12 @@ def timed(client: httpx.Client, path: str, n: int) -> tuple[float, int]:
     return statistics.median(times), size
 
 
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -171,9 +177,10 @@ def main() -> int:
                 time.sleep(1)
             first_online = time.monotonic() - started
             print(f"{args.boxes} boxes online in the API {first_online:.1f} s after `molo boxes` started")
-            memory = {name: rss_mb(p.pid) for name, p in procs.items() if name != "boxes"}
+            pids = {name: p.pid for name, p in procs.items() if name != "boxes"}
             for i, child in enumerate(children(procs["boxes"].pid) or [procs["boxes"].pid]):
-                memory[f"boxes[{i}]"] = rss_mb(child)
+                pids[f"boxes[{i}]"] = child
+            memory = {name: rss_mb(pid) for name, pid in pids.items()}
             broker_pid = broker.pid
             assert broker_pid is not None
             memory["mosquitto"] = rss_mb(broker_pid)
@@ -183,6 +190,9 @@ def main() -> int:
             time.sleep(1.0)
             broker.start()
             restarted = time.monotonic()
+            assert broker.pid is not None
+            pids["mosquitto"] = broker.pid
+            cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
             loop = asyncio.new_event_loop()
             future = loop.run_in_executor(
                 None, lambda: asyncio.run(open_loop(api_url, headers, args.rate, args.storm_seconds))
@@ -203,6 +213,7 @@ def main() -> int:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.5)
+            cpu_storm = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
             latencies, failed = loop.run_until_complete(future)
             loop.close()
             time.sleep(5)  # the ingest's sweep runs every few seconds: give it one after the storm
@@ -263,6 +274,11 @@ def main() -> int:
             f"GET /api/v1/box-status: median {status_s * 1000:.0f} ms, {status_bytes / 1e6:.2f} MB (10 each, in turn)"
         )
         print("RSS before the storm (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+        print(
+            "CPU seconds from the restart until every box was back: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in cpu_storm.items())
+            + " (PostgreSQL not counted)"
+        )
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
         return 0
     finally:

@@ -28,6 +28,7 @@ import simpy.rt
 
 from contract.messages import PAYLOAD_BY_TYPE, EventPayload
 from firmware_stub.box import BoxFirmware
+from firmware_stub.loop import BoxLoop
 from network import Box, Network
 from simulator.model import World
 from simulator.params import Scenario
@@ -72,8 +73,10 @@ class BoxLink:
         state_dir: Path,
         clock_ms: Any,
         protocol: Literal["5", "3.1.1"],
+        loop: BoxLoop | None = None,
     ) -> None:
         self.box = box
+        self._loop = loop
         self._password, self._host, self._port = password, host, port
         self._state_dir, self._clock_ms, self._protocol = state_dir, clock_ms, protocol
         self.queue: queue.Queue[tuple[str, int, str, dict[str, Any]] | None] = queue.Queue()
@@ -96,6 +99,7 @@ class BoxLink:
             synchronous="NORMAL",
             protocol=self._protocol,
             logger=logging.getLogger(f"live.{self.box.id}"),
+            loop=self._loop,
         )
         firmware.start()
         return firmware
@@ -220,7 +224,9 @@ def run_live(
     def clock_ms() -> int:
         return to_ms(start, env.now)
 
-    links = {b.id: BoxLink(b, passwords[b.id], host, port, state_dir, clock_ms, protocol) for b in network.boxes}
+    # Every box's firmware on one loop (a handful of threads for all of them, docs/architecture.md).
+    loop = BoxLoop("live", connectors=4).start()
+    links = {b.id: BoxLink(b, passwords[b.id], host, port, state_dir, clock_ms, protocol, loop) for b in network.boxes}
     for link in links.values():
         link.start()
     sink = LiveSink(start, links, stats, also)
@@ -249,6 +255,7 @@ def run_live(
     deadline = drain0 + drain_timeout
     with ThreadPoolExecutor(max_workers=min(64, len(links)) or 1, thread_name_prefix="live-finish") as pool:
         left = sum(pool.map(lambda link: link.finish(deadline), links.values()))  # every box, even after a failure
+    loop.stop()
     delivered = left == 0
     stats.drain_s = time.monotonic() - drain0
     errors = sum(link.errors for link in links.values())
