@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion
 
 from backend.migrate import migrate
 from bench.flavours import FLAVOURS, admin_url, describe, mode
-from contract import MessageKind, SizeClass, encode, make_event, topic_for
-from contract.messages import ParcelDeposited
+from bench.lean_boxes import LeanBox, cpu_seconds, event_payloads, postgres_cpu_seconds
+from contract import MessageKind, topic_for
+from firmware_stub.loop import BoxLoop
 from molo.brokers import start_mosquitto
 from molo.postgres import create_database, drop_database
 from molo.provision import box_ids, provision
@@ -53,49 +52,36 @@ def publisher(
     events: int,
     window: int,
     start: mp.synchronize.Event,
-    done: mp.Queue[tuple[float, float]],
+    done: mp.Queue[tuple[float, float, float]],
 ) -> None:
-    clients = []
-    remaining = {"n": len(boxes) * events}
-    for box_id, password in boxes:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=box_id, protocol=mqtt.MQTTv5)
-        client.username_pw_set(box_id, password)
-        client.max_inflight_messages_set(window)
-
-        def on_publish(c: mqtt.Client, u: object, mid: int, rc: object, p: object) -> None:
-            remaining["n"] -= 1
-
-        client.on_publish = on_publish
-        client.connect(host, port, keepalive=60)
-        client.loop_start()
-        clients.append((box_id, client))
-    payloads = {
-        box_id: [
-            encode(
-                make_event(
-                    box_id=box_id,
-                    seq=seq,
-                    session=1,
-                    ts_ms=T0_MS + seq * 1000,
-                    payload=ParcelDeposited(compartment=3, size_class=SizeClass.A, parcel_id=f"P{seq}", carrier="gls"),
-                )
-            )
-            for seq in range(1, events + 1)
-        ]
-        for box_id, _ in clients
-    }
+    """One publisher process: its boxes on one BoxLoop (bench/lean_boxes.py), every event encoded
+    before the start; puts (first publish, last PUBACK, this process's CPU seconds) on ``done``."""
+    loop = BoxLoop("bench-pub", connectors=4).start()
+    clients = [LeanBox(box_id, password, host, port, loop, window=window) for box_id, password in boxes]
+    for client in clients:
+        client.start()
+    payloads = {client.name: event_payloads(client.name, events) for client in clients}
+    topics = {client.name: topic_for(client.name, MessageKind.EVENTS) for client in clients}
+    for client in clients:
+        if not client.connected.wait(30):
+            raise RuntimeError(f"{client.name} did not connect")
     start.wait()
+    cpu0 = cpu_seconds(os.getpid())
     t0 = time.time()
     for i in range(events):
-        for box_id, client in clients:
-            client.publish(topic_for(box_id, MessageKind.EVENTS), payloads[box_id][i], qos=1)
-    while remaining["n"] > 0:
+        for client in clients:
+            client.client.publish(topics[client.name], payloads[client.name][i], qos=1)
+    total = len(clients) * events
+    while sum(client.acked for client in clients) < total:
         time.sleep(0.01)
     t1 = time.time()
-    for _, client in clients:
-        client.disconnect()
-        client.loop_stop()
-    done.put((t0, t1))
+    cpu = cpu_seconds(os.getpid()) - cpu0
+    for client in clients:
+        client.stop()
+    for client in clients:
+        client.detached.wait(5)
+    loop.stop()
+    done.put((t0, t1, cpu))
 
 
 def _count(conn: psycopg.Connection[tuple[int]], query: str) -> int:
@@ -134,6 +120,8 @@ class Run:
     distinct: int
     dead: int
     expected: int
+    #: CPU seconds per 1,000 events of each part, first publish to last commit.
+    cpu_per_1k: dict[str, float]
 
     @property
     def lossless(self) -> bool:
@@ -176,7 +164,7 @@ def run_once(args: argparse.Namespace, admin: str, protocol: str) -> Run:
         with psycopg.connect(url, autocommit=True) as conn:
             time.sleep(3)  # let workers connect and subscribe before anything is published
             start = mp.Event()
-            done: mp.Queue[tuple[float, float]] = mp.Queue()
+            done: mp.Queue[tuple[float, float, float]] = mp.Queue()
             shares = [ids[i :: args.publishers] for i in range(args.publishers)]
             pubs = [
                 mp.Process(
@@ -196,12 +184,23 @@ def run_once(args: argparse.Namespace, admin: str, protocol: str) -> Run:
             for p in pubs:
                 p.start()
             time.sleep(2 + args.boxes / 100)  # connections up, payloads encoded
+            assert broker.pid is not None
+            parts = {"broker": [broker.pid], "ingest": [proc.pid for proc in procs]}
+            cpu0 = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in parts.items()}
+            pg0 = postgres_cpu_seconds()
             start.set()
             deadline = time.time() + 600
-            while _count(conn, "SELECT count(*) FROM events") < total and time.time() < deadline:
+            # Progress from the workers' own counters (committed with the rows): a count(*) of the
+            # growing table every 50 ms would cost PostgreSQL a good share of a core.
+            while (
+                _count(conn, "SELECT coalesce(sum(events), 0) FROM ingest_workers") < total and time.time() < deadline
+            ):
                 time.sleep(0.05)
             t_end = time.time()
+            cpu = {name: sum(cpu_seconds(pid) for pid in pids) - cpu0[name] for name, pids in parts.items()}
+            cpu["postgres"] = postgres_cpu_seconds() - pg0
             spans = [done.get(timeout=60) for _ in pubs]
+            cpu["publishers"] = sum(sp[2] for sp in spans)
             for p in pubs:
                 p.join()
             t_first = min(sp[0] for sp in spans)
@@ -217,6 +216,7 @@ def run_once(args: argparse.Namespace, admin: str, protocol: str) -> Run:
                 distinct=_count(conn, "SELECT count(*) FROM (SELECT DISTINCT box_id, seq FROM events) x"),
                 dead=_count(conn, "SELECT count(*) FROM dead_letters"),
                 expected=total,
+                cpu_per_1k={name: seconds * 1000 / total for name, seconds in cpu.items()},
             )
     finally:
         for proc in procs:
@@ -235,7 +235,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--boxes", type=int, default=100)
     parser.add_argument("--events", type=int, default=1000, help="events per box")
-    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--publishers", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--batch-max", type=int, default=2000)
@@ -264,6 +264,11 @@ def main() -> int:
                 f"{'lossless' if run.lossless else 'LOSS OR DUPLICATES'})",
                 flush=True,
             )
+            print(
+                "    CPU s per 1,000 events: "
+                + ", ".join(f"{name} {value:.3f}" for name, value in sorted(run.cpu_per_1k.items())),
+                flush=True,
+            )
     copy_rates = [r.copy_rate for r in runs]
     print(f"raw COPY baseline (rows/s)       : {_spread(copy_rates)}   one COPY, PK (box_id, seq, ts)")
     for protocol in protocols:
@@ -271,6 +276,12 @@ def main() -> int:
         rates = [r.ingest_rate for r in mine]
         print(f"ingest sustained, MQTT {protocol:5} (ev/s): {_spread(rates)}   first publish -> last commit")
         print(f"  ratio to COPY (median/median)  : {statistics.median(rates) / statistics.median(copy_rates):10.3f}")
+    for name in sorted(runs[0].cpu_per_1k):
+        values = [r.cpu_per_1k[name] for r in runs]
+        print(
+            f"CPU s per 1,000 events, {name:10}: {statistics.median(values):.3f} "
+            f"(min {min(values):.3f}, max {max(values):.3f})"
+        )
     lossless = all(r.lossless for r in runs)
     print(
         f"zero loss in every run           : {'OK' if lossless else 'FAILED'} (rows = distinct (box, seq) = "

@@ -37,6 +37,7 @@ from backend.migrate import migrate
 from backend.operations.alerts import AlertRules
 from backend.operations.monitor import sweep
 from backend.settings import TimescaleMode
+from bench.lean_boxes import cpu_seconds, stop_processes
 from molo.brokers import free_port, start_mosquitto
 from molo.postgres import create_database, drop_database
 from molo.provision import box_ids, provision
@@ -99,12 +100,6 @@ def timed(client: httpx.Client, path: str, n: int) -> tuple[float, int]:
         response.raise_for_status()
         size = len(response.content)
     return statistics.median(times), size
-
-
-def cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -192,7 +187,7 @@ def main() -> int:
             restarted = time.monotonic()
             assert broker.pid is not None
             pids["mosquitto"] = broker.pid
-            cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             loop = asyncio.new_event_loop()
             future = loop.run_in_executor(
                 None, lambda: asyncio.run(open_loop(api_url, headers, args.rate, args.storm_seconds))
@@ -213,7 +208,7 @@ def main() -> int:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.5)
-            cpu_storm = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu_storm = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
             latencies, failed = loop.run_until_complete(future)
             loop.close()
             time.sleep(5)  # the ingest's sweep runs every few seconds: give it one after the storm
@@ -282,13 +277,7 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
         return 0
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_processes(procs.values())
         broker.stop()
         drop_database(url, admin)
 

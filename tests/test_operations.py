@@ -167,13 +167,13 @@ def test_box_status_says_what_the_box_list_says_in_fewer_bytes(
     """GET /api/v1/box-status gives every box's status, session and alert level exactly as the box list
     does -- one box online, one killed (Last Will, open critical alert) -- in a fraction of the bytes,
     and ?online=true / false split the boxes between them."""
-    up = firmware(broker, credentials, "box-070", tmp_path)
-    down = firmware(broker, credentials, "box-071", tmp_path)
+    up = firmware(broker, credentials, "box-094", tmp_path)
+    down = firmware(broker, credentials, "box-095", tmp_path)
     try:
         up.telemetry()
-        wait_for(lambda: online(ops_api, "box-070") and online(ops_api, "box-071"))
+        wait_for(lambda: online(ops_api, "box-094") and online(ops_api, "box-095"))
         down.kill()
-        wait_for(lambda: open_alert(ops_api, "box-071", "box_offline"))
+        wait_for(lambda: open_alert(ops_api, "box-095", "box_offline"))
         response = ops_api.get("/api/v1/box-status")
         assert response.status_code == 200, response.text
         statuses = {s["box_id"]: s for s in response.json()}
@@ -182,17 +182,17 @@ def test_box_status_says_what_the_box_list_says_in_fewer_bytes(
         assert set(statuses) == set(boxes)
         for box_id, box in boxes.items():
             assert statuses[box_id] == {field: box[field] for field in STATUS_FIELDS}, box_id
-        assert statuses["box-070"]["online"] is True
-        assert statuses["box-070"]["session"] == up.session
+        assert statuses["box-094"]["online"] is True
+        assert statuses["box-094"]["session"] == up.session
         assert (
-            statuses["box-071"] | {"online": False, "status_reason": "connection_lost", "alert_level": "critical"}
-            == (statuses["box-071"])
+            statuses["box-095"] | {"online": False, "status_reason": "connection_lost", "alert_level": "critical"}
+            == (statuses["box-095"])
         )
         assert len(response.content) < len(full.content) / 2
         on = {s["box_id"] for s in ops_api.get("/api/v1/box-status", params={"online": "true"}).json()}
         off = {s["box_id"] for s in ops_api.get("/api/v1/box-status", params={"online": "false"}).json()}
-        assert "box-070" in on
-        assert "box-071" in off
+        assert "box-094" in on
+        assert "box-095" in off
         assert on | off == set(statuses)
         assert not on & off
         assert ops_api.get("/api/v1/box-status", params={"online": "maybe"}).json()["error"]["code"] == (
