@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -77,7 +75,6 @@ class LeanBox:
         client.on_connect = lambda c, u, f, reason, p: None if reason.is_failure else self.connected.set()
         client.on_publish = self._on_publish
         client.on_socket_register_write = lambda c, u, s: loop.want_write(self)
-        client.on_socket_open = _no_delay
         client.connect_async(host, port, self.keepalive)
         self.client = client
 
@@ -117,10 +114,6 @@ class LeanBox:
 
     def work(self) -> float | None:
         return None if self.closing else math.inf
-
-
-def _no_delay(client: mqtt.Client, userdata: object, sock: Any) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the firmware and the ingest do
 
 
 def cpu_seconds(pid: int) -> float:

@@ -54,7 +54,6 @@ import json
 import logging
 import queue
 import random
-import socket
 import ssl
 import threading
 import time
@@ -556,7 +555,6 @@ class BoxFirmware:
         # External event loop: publish() from other threads only queues the packet and calls this,
         # and the network thread does every socket write.
         client.on_socket_register_write = self._on_register_write
-        client.on_socket_open = _no_delay
         properties: Properties | None = None
         if v5 and self.session_expiry_s > 0:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
@@ -996,12 +994,6 @@ class BoxFirmware:
 
     def __repr__(self) -> str:
         return f"<BoxFirmware {self.box_id} session={self._session} {self._phase.value}>"
-
-
-def _no_delay(client: mqtt.Client, userdata: object, sock: Any) -> None:
-    """TCP_NODELAY on the broker connection: each event goes out when handed, not held back by Nagle's
-    algorithm until the broker's delayed ACK of the previous one (paho does not set it)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _readable_command_id(raw: bytes) -> UUID | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import ssl
 import threading
 import time
@@ -101,7 +100,6 @@ class IngestMqtt:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        client.on_socket_open = _no_delay
         self._client = client
 
     @property
@@ -249,12 +247,6 @@ class IngestMqtt:
             with self._lock:
                 self._unacked.add((self._generation, msg.mid))
         self.inbox.put(Received(self._generation, msg.mid, msg.qos, msg.topic, bytes(msg.payload), time.time()))
-
-
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """TCP_NODELAY on the broker connection: a PUBACK or receipt goes out at once instead of waiting
-    behind Nagle's algorithm for the broker's delayed ACK (tens of milliseconds each; paho does not set it)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _dispose(client: mqtt.Client) -> None:
