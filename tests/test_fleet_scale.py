@@ -8,19 +8,23 @@ comes online, that the process really used descriptors above 1024, and that it s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from contract.topics import MessageKind, subscription
-from molo.brokers import start_mosquitto
-from molo.provision import box_ids, provision
+from firmware_stub.db import DB_FILE
+from molo.brokers import RunningBroker, start_mosquitto
+from molo.provision import Credentials, box_ids, provision
 from tests.fixtures.broker import mqtt_client, subscribe
 
 COUNT = 1000
@@ -37,12 +41,8 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
-    """`molo boxes --count 1000` brings every one of 1,000 boxes online from one process (file
-    descriptors above 1024 in use, no select() errors) and stops within a minute."""
-    ids = box_ids(COUNT, prefix="flt")
-    creds = provision(tmp_path / "creds", ids, service_users=("ingest",))
-    broker = start_mosquitto(tmp_path / "broker", creds)
+def watch_births(broker: RunningBroker, creds: Credentials) -> tuple[mqtt.Client, set[str]]:
+    """A service client that collects the ids of boxes whose retained birth (online) it has seen."""
     watcher = mqtt_client(broker, "ingest", creds.services["ingest"])
     online: set[str] = set()
 
@@ -53,10 +53,15 @@ def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
 
     watcher.on_message = on_status
     assert not subscribe(watcher, subscription(MessageKind.STATUS)).is_failure
+    return watcher, online
+
+
+def launch_boxes(
+    tmp_path: Path, broker: RunningBroker, creds: Credentials, count: int, *extra: str
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MOLO_MQTT_HOST": broker.host, "MOLO_MQTT_PORT": str(broker.port)}
-    stderr = tmp_path / "boxes.err"
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(
+    with (tmp_path / "boxes.err").open("wb") as err:
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -65,7 +70,7 @@ def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
                 "WARNING",
                 "boxes",
                 "--count",
-                str(COUNT),
+                str(count),
                 "--prefix",
                 "flt",
                 "--credentials",
@@ -74,23 +79,41 @@ def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
                 str(tmp_path / "state"),
                 "--rate",
                 "0.01",
+                *extra,
             ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
+
+
+def wait_online(proc: subprocess.Popen[bytes], online: set[str], count: int, stderr: Path) -> None:
+    deadline = time.monotonic() + 300  # about 10 s on a quiet machine; the rest is room for a loaded one
+    while len(online) < count and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, stderr.read_text()[-2000:]
+    assert len(online) == count, f"{len(online)} of {count} online; stderr: {stderr.read_text()[-2000:]}"
+
+
+def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
+    """`molo boxes --count 1000` brings every one of 1,000 boxes online from one process (file
+    descriptors above 1024 in use, no select() errors) and stops within a minute."""
+    ids = box_ids(COUNT, prefix="flt")
+    creds = provision(tmp_path / "creds", ids, service_users=("ingest",))
+    broker = start_mosquitto(tmp_path / "broker", creds)
+    watcher, online = watch_births(broker, creds)
+    stderr = tmp_path / "boxes.err"
+    proc = launch_boxes(tmp_path, broker, creds, COUNT)
     try:
         launched = time.monotonic()
-        deadline = launched + 300  # about 60 s on a quiet machine; the rest is room for a loaded one
-        while len(online) < COUNT and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert proc.poll() is None, stderr.read_text()[-2000:]
-        assert len(online) == COUNT, f"{len(online)} of {COUNT} online; stderr: {stderr.read_text()[-2000:]}"
+        wait_online(proc, online, COUNT, stderr)
         fds = open_fds(proc.pid)
         assert max(fds) > 1024, f"highest descriptor {max(fds)}: the test did not reach select()'s limit"
+        threads = len(os.listdir(f"/proc/{proc.pid}/task"))
+        assert threads < 50, f"{threads} threads for {COUNT} boxes: the fleet should share one loop"
         print(
             f"{COUNT} boxes online from one process {time.monotonic() - launched:.0f} s after its start: "
-            f"{len(fds)} open files, RSS {rss_mb(proc.pid):.0f} MB"
+            f"{len(fds)} open files, {threads} threads, RSS {rss_mb(proc.pid):.0f} MB"
         )
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -106,6 +129,41 @@ def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
     errors = stderr.read_text()
     assert "out of range" not in errors
     assert "Traceback" not in errors, errors[-2000:]
+
+
+def test_boxes_spread_over_processes_come_online_and_stop_together(tmp_path: Path) -> None:
+    """`molo boxes --count 300 --processes 3` runs three child processes, each with every third box;
+    all 300 come online, each box exactly once, and SIGTERM to the parent stops every child cleanly."""
+    count = 300
+    ids = box_ids(count, prefix="flt")
+    creds = provision(tmp_path / "creds", ids, service_users=("ingest",))
+    broker = start_mosquitto(tmp_path / "broker", creds)
+    watcher, online = watch_births(broker, creds)
+    stderr = tmp_path / "boxes.err"
+    proc = launch_boxes(tmp_path, broker, creds, count, "--processes", "3")
+    try:
+        wait_online(proc, online, count, stderr)
+        assert online == set(ids)
+        children = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(children) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+        assert all(not Path(f"/proc/{child}").exists() for child in children)
+        # A box run by two processes would have its connection taken over again and again (one client
+        # id), each reconnect a new session: every box connected once, in session 1.
+        sessions = {}
+        for box_id in ids:
+            with contextlib.closing(sqlite3.connect(tmp_path / "state" / box_id / DB_FILE)) as db:
+                sessions[box_id] = db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()[0]
+        assert set(sessions.values()) == {1}, {b: s for b, s in sessions.items() if s != 1}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        watcher.disconnect()
+        watcher.loop_stop()
+        broker.stop()
+    assert "Traceback" not in stderr.read_text()
 
 
 pytestmark = pytest.mark.timeout(480)
