@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from backend.operations.alerts import AlertRules
 from backend.operations.monitor import sweep
 from backend.settings import TimescaleMode
 from bench.lean_boxes import cpu_seconds, stop_processes
+from firmware_stub.db import DB_FILE
 from molo.brokers import free_port, start_mosquitto
 from molo.postgres import create_database, drop_database
 from molo.provision import box_ids, provision
@@ -116,12 +119,15 @@ def main() -> int:
         "--rate", type=float, default=2.0, help="GET /api/v1/box-status per second during the storm (default 2)"
     )
     parser.add_argument("--storm-seconds", type=float, default=60.0)
+    parser.add_argument("--ingest-workers", type=int, default=1, help="molo ingest processes (shared subscription)")
+    parser.add_argument("--api-workers", type=int, default=1, help="molo api --workers N")
     args = parser.parse_args()
     admin = os.environ.get("MOLO_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     url = create_database(admin, "molo_bench_storm")
     work = Path(tempfile.mkdtemp(prefix="molo-storm-"))
     ids = box_ids(args.boxes, prefix="stm")
-    creds = provision(work / "creds", ids, service_users=("ingest-1", "api"))
+    ingest_users = [f"ingest-{i}" for i in range(1, args.ingest_workers + 1)]
+    creds = provision(work / "creds", ids, service_users=(*ingest_users, "api"))
     broker = start_mosquitto(work / "broker", creds)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
@@ -137,10 +143,15 @@ def main() -> int:
             "MOLO_CREDENTIALS_FILE": str(creds.path),
         }
         cli = [sys.executable, "-m", "molo.cli", "--log-level", "ERROR"]
-        procs["ingest"] = subprocess.Popen([*cli, "ingest"], env={**env, "MOLO_MQTT_USERNAME": "ingest-1"})
+        for user in ingest_users:
+            procs[user] = subprocess.Popen(
+                [*cli, "ingest"], env={**env, "MOLO_MQTT_USERNAME": user, "MOLO_WORKER_ID": f"storm-{user}"}
+            )
         port = free_port()
         procs["api"] = subprocess.Popen(
-            [*cli, "api", "--port", str(port)], env={**env, "MOLO_MQTT_USERNAME": "api"}, stdout=subprocess.DEVNULL
+            [*cli, "api", "--port", str(port), "--workers", str(args.api_workers)],
+            env={**env, "MOLO_MQTT_USERNAME": "api"},
+            stdout=subprocess.DEVNULL,
         )
         api_url = f"http://127.0.0.1:{port}"
         started = time.monotonic()
@@ -172,7 +183,9 @@ def main() -> int:
                 time.sleep(1)
             first_online = time.monotonic() - started
             print(f"{args.boxes} boxes online in the API {first_online:.1f} s after `molo boxes` started")
-            pids = {name: p.pid for name, p in procs.items() if name != "boxes"}
+            pids = {name: p.pid for name, p in procs.items() if name not in ("boxes", "api")}
+            api_children = children(procs["api"].pid) if args.api_workers > 1 else []
+            pids |= {f"api[{i}]": child for i, child in enumerate(api_children)} or {"api": procs["api"].pid}
             for i, child in enumerate(children(procs["boxes"].pid) or [procs["boxes"].pid]):
                 pids[f"boxes[{i}]"] = child
             memory = {name: rss_mb(pid) for name, pid in pids.items()}
@@ -233,10 +246,29 @@ def main() -> int:
                 "SELECT box_id, count(*), max(seq) FROM (SELECT box_id, seq FROM events UNION ALL "
                 "SELECT box_id, seq FROM telemetry) s GROUP BY box_id"
             ).fetchall()
+            stored_seqs: dict[str, set[int]] = {
+                b: set(seqs)
+                for b, seqs in conn.execute(
+                    "SELECT box_id, array_agg(seq) FROM (SELECT box_id, seq FROM events UNION ALL "
+                    "SELECT box_id, seq FROM telemetry) s GROUP BY box_id"
+                ).fetchall()
+            }
             state: dict[str, int] = dict(conn.execute("SELECT box_id, last_seq FROM box_state").fetchall())
         # Events and telemetry share a box's seq space: stored seqs 1..max without a hole = nothing lost.
         gaps = [b for b, n, top in rows if n != top]
+        # A hole is not a loss while the box still holds the row: it is sent again at its next start.
+        # A seq neither stored nor in the box's outbox is lost.
+        lost: dict[str, list[int]] = {}
+        pending = 0
+        for box_id, _, top in rows:
+            with contextlib.closing(sqlite3.connect(work / "state" / box_id / DB_FILE)) as db:
+                held = {seq for (seq,) in db.execute("SELECT seq FROM outbox")}
+            pending += len(held)
+            missing = set(range(1, top + 1)) - stored_seqs[box_id] - held
+            if missing:
+                lost[box_id] = sorted(missing)
         print(
+            f"{len(ingest_users)} ingest worker(s), {args.api_workers} API process(es); "
             f"method: SIGKILL of Mosquitto with {args.boxes} boxes online, restart after 1 s; "
             f"GET /api/v1/box-status open loop at {args.rate:g}/s for {args.storm_seconds:g} s from the restart"
         )
@@ -254,7 +286,9 @@ def main() -> int:
         print(
             f"events and telemetry stored: {sum(n for _, n, _ in rows)} over {len(rows)} boxes; boxes with a hole "
             f"in their seqs: {len(gaps)}; boxes whose newest seq is not stored: "
-            f"{sum(1 for b, _, top in rows if state.get(b, top) != top)}"
+            f"{sum(1 for b, _, top in rows if state.get(b, top) != top)}; rows still in the boxes' outboxes "
+            f"(sent at their next start): {pending}; seqs neither stored nor held by their box (lost): "
+            f"{sum(map(len, lost.values()))} over {len(lost)} boxes {dict(list(lost.items())[:3])}"
         )
         print(
             f"alerts: {raised[0] if raised else 0} raised in the whole run, open at the end: "
