@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -169,6 +170,7 @@ def run_rate(args: argparse.Namespace, admin: str, rate: float) -> dict[str, flo
         stop_processes(procs)
         broker.stop()
         drop_database(url, admin)
+        shutil.rmtree(work, ignore_errors=True)  # thousands of box outboxes, broker data
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -225,6 +226,7 @@ def run_once(args: argparse.Namespace, admin: str, protocol: str) -> Run:
         if broker is not None:
             broker.stop()
         drop_database(url, admin)
+        shutil.rmtree(work, ignore_errors=True)  # thousands of box outboxes, broker data
 
 
 def _spread(values: list[float]) -> str:

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -314,6 +315,7 @@ def main() -> int:
         stop_processes(procs.values())
         broker.stop()
         drop_database(url, admin)
+        shutil.rmtree(work, ignore_errors=True)  # thousands of box outboxes, broker data
 
 
 if __name__ == "__main__":
