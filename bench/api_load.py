@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-import httpx
 import psycopg
 
 from backend.access.keys import Role, create_key
@@ -42,6 +41,7 @@ from backend.migrate import migrate
 from backend.settings import TimescaleMode
 from bench import open_loop
 from bench.courier_capacity import point, seed
+from bench.processes import wait_ready
 from molo.brokers import free_port
 from molo.postgres import create_database, drop_database
 
@@ -113,16 +113,7 @@ def start_api(url: str, workers: int) -> tuple[subprocess.Popen[bytes], int]:
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or api.poll() is not None:
-            raise RuntimeError("the API did not start")
-        time.sleep(0.2)
+    wait_ready(f"http://127.0.0.1:{port}", api)
     time.sleep(1.0 if workers > 1 else 0.2)  # every worker up
     return api, port
 

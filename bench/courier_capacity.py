@@ -37,6 +37,7 @@ from backend.couriers.fit import bounding_box, fitting_sizes
 from backend.couriers.repository import _CAPACITY
 from backend.migrate import migrate
 from backend.settings import TimescaleMode
+from bench.processes import wait_ready
 from contract import SizeClass, default_layout
 from molo.brokers import free_port
 from molo.postgres import create_database, drop_database
@@ -194,16 +195,7 @@ def run(admin: str, boxes: int, args: argparse.Namespace) -> Result:
             stdout=subprocess.DEVNULL,
         )
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.1)
+        wait_ready(base, api, timeout=30, path="/health")
         latencies, rps, mean_results = asyncio.run(
             load(base, key, args.clients, args.requests, args.warmup, args.radius, args.seed + 2)
         )

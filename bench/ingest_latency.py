@@ -37,7 +37,8 @@ import psycopg
 from backend.access.keys import Role, create_key
 from backend.migrate import migrate
 from bench.flavours import FLAVOURS, admin_url, describe, mode
-from bench.lean_boxes import LeanBox, event_payloads, stop_processes
+from bench.lean_boxes import LeanBox, event_payloads
+from bench.processes import stop_processes, wait_ready
 from contract import MessageKind, topic_for
 from firmware_stub.loop import BoxLoop
 from molo.brokers import free_port, start_mosquitto
@@ -49,18 +50,6 @@ T0_MS = 1_767_225_600_000
 
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 10) - 1] if len(values) > 1 else values[0]
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the API did not start")
 
 
 def run_rate(args: argparse.Namespace, admin: str, rate: float) -> dict[str, float]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,7 +22,7 @@ from contract import SizeClass, encode, make_event
 from contract.messages import ParcelDeposited
 from firmware_stub.loop import BoxLoop
 
-__all__ = ["LeanBox", "cpu_seconds", "event_payloads", "postgres_cpu_seconds", "stop_processes"]
+__all__ = ["LeanBox", "cpu_seconds", "event_payloads", "postgres_cpu_seconds"]
 
 #: Device time of seq 1 of the benches' events (2026-01-01); seq s is s seconds later.
 T0_MS = 1_767_225_600_000
@@ -44,18 +42,6 @@ def event_payloads(box_id: str, events: int) -> list[bytes]:
         )
         for seq in range(1, events + 1)
     ]
-
-
-def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
-    """SIGTERM each process still running, then SIGKILL what has not exited within ``timeout``."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 class LeanBox:

@@ -40,7 +40,8 @@ from backend.migrate import migrate
 from backend.operations.alerts import AlertRules
 from backend.operations.monitor import sweep
 from backend.settings import TimescaleMode
-from bench.lean_boxes import cpu_seconds, stop_processes
+from bench.lean_boxes import cpu_seconds
+from bench.processes import stop_processes
 from firmware_stub.db import DB_FILE
 from molo.brokers import free_port, start_mosquitto
 from molo.postgres import create_database, drop_database

@@ -47,6 +47,7 @@ import httpx
 import psycopg
 
 from backend.operations import live
+from bench.processes import wait_ready
 
 #: The two boxes the events alternate between; filtered streams follow the first.
 EVENT_BOXES = ("stl-ev-a", "stl-ev-b")
@@ -85,16 +86,7 @@ def api_process(database_url: str, **settings: str) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # a loaded machine can take a while to import the app
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if api.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.1)
+        wait_ready(base, api, timeout=120, path="/health")
         yield base
     finally:
         api.terminate()

@@ -3,17 +3,20 @@
 Where it sits in a message's journey (see ``shared/DESIGN.md``)::
 
     simulator / demo ──emit()──> Outbox (SQLite) ──sender──> paho ──QoS 1──> Mosquitto ──> ingest
-                                    ^ deleted on PUBACK                          │
+                                    ^ deleted on the ingest's receipt           │
     BoxState <──execute── command worker <──on_message── paho <──QoS 1──────────┘ (commands)
 
-Threads, each with one job (paho runs callbacks on the network thread, so nothing slow runs there):
+Threads: the box has none of its own. A :class:`~firmware_stub.loop.BoxLoop` drives it -- a loop of
+its own for a single box, one shared by a whole fleet -- and calls it back (paho runs callbacks on
+the loop's network thread, so nothing slow runs there):
 
-``network``   connects, reconnects with jittered backoff (:mod:`.backoff`), and drives paho's
-              read/write/keepalive through paho's *external event loop* interface (the same one
-              aiomqtt uses), so that only this thread ever writes to the socket;
-``sender``    hands outbox rows to paho in ``seq`` order while the link is up and fewer than the
-              in-flight window are unacknowledged, and deletes a row when its PUBACK arrives;
-``commands``  decodes, journals, executes and acknowledges commands.
+``network``    (loop) drives paho's read/write/keepalive through paho's *external event loop*
+               interface, so that only this thread ever writes to the socket; on a lost link it
+               asks :meth:`BoxFirmware.link_lost` for the jittered backoff (:mod:`.backoff`);
+``connector``  (loop) runs :meth:`BoxFirmware.link_attempt`: a new session, the will, ``reconnect()``;
+``worker``     (loop) runs :meth:`BoxFirmware.work`: commands (decode, journal, execute,
+               acknowledge), then the sender's turn -- outbox rows handed to paho in ``seq`` order
+               while the link is up and the in-flight window has room, rows deleted on their receipt.
 
 Birth and Last Will: every connection -- the first after a start and every reconnect -- takes a
 new ``session`` from the outbox's persistent counter. Its will (retained, QoS 1, set in the
@@ -185,7 +188,7 @@ _Event = _SenderEvent | _Command
 
 @dataclass
 class _SenderState:
-    """What the sender thread knows of the rows it handed; touched by that thread only."""
+    """What the sender knows of the rows it handed; touched by the loop's worker thread only."""
 
     window: int
     up: bool = False

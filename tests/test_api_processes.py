@@ -31,6 +31,7 @@ from backend.api.server import ApiServer
 from backend.couriers import service
 from backend.couriers.repository import try_session_lock, unlock_session
 from backend.operations.live import LiveEvent, notify
+from bench.processes import wait_ready
 from molo.brokers import RunningBroker, free_port
 from molo.cli import main as molo_main
 from molo.provision import Credentials
@@ -53,16 +54,7 @@ class ApiProcess:
              "--workers", str(workers)],
             env=environ,
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None, "molo api exited"
-            assert time.monotonic() < deadline, "molo api did not become ready"
-            time.sleep(0.1)
+        wait_ready(self.url, self.proc)
 
     def workers(self) -> list[int]:
         """The worker processes under uvicorn's supervisor (not multiprocessing's resource tracker)."""

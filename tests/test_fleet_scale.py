@@ -95,6 +95,16 @@ def wait_online(proc: subprocess.Popen[bytes], online: set[str], count: int, std
     assert len(online) == count, f"{len(online)} of {count} online; stderr: {stderr.read_text()[-2000:]}"
 
 
+def tear_down(proc: subprocess.Popen[bytes], watcher: mqtt.Client, broker: RunningBroker) -> None:
+    """Kill the boxes if they are still running, close the watcher, stop the broker."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    watcher.disconnect()
+    watcher.loop_stop()
+    broker.stop()
+
+
 def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
     """`molo boxes --count 1000` brings every one of 1,000 boxes online from one process (file
     descriptors above 1024 in use, no select() errors) and stops within a minute."""
@@ -120,12 +130,7 @@ def test_a_thousand_boxes_run_in_one_process(tmp_path: Path) -> None:
         assert proc.wait(90) == 0
         print(f"stopped in {time.monotonic() - started:.1f} s")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        watcher.disconnect()
-        watcher.loop_stop()
-        broker.stop()
+        tear_down(proc, watcher, broker)
     errors = stderr.read_text()
     assert "out of range" not in errors
     assert "Traceback" not in errors, errors[-2000:]
@@ -157,12 +162,7 @@ def test_boxes_spread_over_processes_come_online_and_stop_together(tmp_path: Pat
                 sessions[box_id] = db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()[0]
         assert set(sessions.values()) == {1}, {b: s for b, s in sessions.items() if s != 1}
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        watcher.disconnect()
-        watcher.loop_stop()
-        broker.stop()
+        tear_down(proc, watcher, broker)
     assert "Traceback" not in stderr.read_text()
 
 
