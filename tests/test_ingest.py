@@ -20,7 +20,9 @@ import paho.mqtt.client as mqtt
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from backend.ingest.mqtt import Received
 from backend.ingest.worker import IngestWorker
+from backend.ingest.writer import BatchWriter
 from contract import MessageKind, SizeClass, WasteFraction, default_layout, encode, make_event, topic_for
 from contract.messages import (
     CommandAck,
@@ -272,6 +274,68 @@ def test_stale_last_will_never_overwrites_newer_birth(
     publish(client, status_topic, birth(box, 6), retain=True)
     wait_for(lambda: state() == (True, 6, "birth"))
     close(client)
+
+
+def _status_story(prefix: str) -> list[tuple[str, bytes]]:
+    """Statuses of three boxes, interleaved as a storm would deliver them: births, wills (current and
+    stale), a repeated birth, a box first heard of by its will, a stale birth after a newer one."""
+    a, b, c = f"{prefix}-a", f"{prefix}-b", f"{prefix}-c"
+    lost = StatusReason.CONNECTION_LOST
+    return [
+        (a, birth(a, 1)),
+        (b, birth(b, 3, online=False, reason=lost)),
+        (a, birth(a, 1, online=False, reason=lost)),
+        (c, birth(c, 2)),
+        (a, birth(a, 2)),
+        (c, birth(c, 1)),
+        (a, birth(a, 1, online=False, reason=lost)),
+        (a, birth(a, 2)),
+        (b, birth(b, 3)),
+        (c, birth(c, 2, online=False, reason=StatusReason.SHUTDOWN)),
+    ]
+
+
+def test_a_batch_of_statuses_ends_as_the_same_statuses_one_batch_each(database_url: str) -> None:
+    """The writer applies a batch's statuses with one statement for all of them; the box state,
+    layouts and offline alerts they leave equal those of the same statuses written one batch each,
+    the way the older one-status-at-a-time code applied them."""
+
+    def story(prefix: str) -> list[Received]:
+        return [  # received one second apart, at the same times in both stories
+            Received(1, i, 1, topic_for(box, MessageKind.STATUS), raw, T0 / 1000 + i)
+            for i, (box, raw) in enumerate(_status_story(prefix))
+        ]
+
+    def outcome(conn: psycopg.Connection[Any], prefix: str) -> list[tuple[Any, ...]]:
+        rows = conn.execute(
+            """SELECT substr(s.box_id, length(%(p)s) + 1), s.status_online, s.status_session, s.status_reason,
+                      s.status_ts, extract(epoch FROM s.status_changed_at)::numeric(20, 3),
+                      extract(epoch FROM s.last_received_at)::numeric(20, 3), x.firmware, x.layout IS NOT NULL,
+                      (SELECT array_agg(a.raised_session || ':' || (a.cleared_at IS NULL) ORDER BY a.id)
+                       FROM alerts a WHERE a.box_id = s.box_id AND a.kind = 'box_offline')
+               FROM box_state s LEFT JOIN boxes x USING (box_id) WHERE s.box_id LIKE %(p)s || '%%'
+               ORDER BY s.box_id""",
+            {"p": prefix},
+        ).fetchall()
+        return [tuple(r) for r in rows]
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        writer = BatchWriter(conn, "test-status-batch")
+        together = writer.write(story("stb"))
+        one_by_one = [writer.write([m]) for m in story("sts")]
+        assert together.statuses == sum(r.statuses for r in one_by_one) == 10
+        batched, single = outcome(conn, "stb"), outcome(conn, "sts")
+    assert batched == single
+    # Which message (its index in the story) set status_changed_at and last_received_at, and the
+    # offline alerts as "raised_session:still open".
+    def index(epoch: Any) -> int | None:
+        return None if epoch is None else int(epoch - T0 // 1000)
+
+    assert [(r[0], r[1], r[2], r[3], index(r[5]), index(r[6]), r[9]) for r in batched] == [
+        ("-a", True, 2, "birth", 4, 4, ["1:false"]),  # the will's alert cleared by the newer session
+        ("-b", False, 3, "connection_lost", 1, None, ["3:true"]),  # a birth of the will's own session is stale
+        ("-c", False, 2, "shutdown", 9, 3, ["2:true"]),  # the stale birth of session 1 changed nothing
+    ]
 
 
 def test_heartbeat_timeout_shows_box_offline(

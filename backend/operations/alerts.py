@@ -26,10 +26,12 @@ Kinds (``AlertKind``) and who raises / clears them are in docs/operations.md. Ti
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from operator import itemgetter
 from typing import Any, Literal
 from uuid import UUID
 
@@ -37,7 +39,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from backend.operations.live import LiveEvent, notify, status_data
+from backend.operations.live import LiveEvent, notify, notify_many, status_data
 from contract import BoxLayout
 from contract.messages import (
     BoxEvent,
@@ -308,8 +310,7 @@ class AlertEngine:
         self.rules = rules or AlertRules()
 
     def apply(self, conn: psycopg.Connection[Any], batch: OpsBatch) -> None:
-        for status in batch.statuses:
-            self._status(conn, status)
+        self._statuses(conn, batch.statuses)
         self._heard(conn, batch)
         red_boxes: set[tuple[str, int]] = set()
         for event in sorted(batch.events, key=lambda e: (e.box_id, e.seq)):
@@ -324,6 +325,44 @@ class AlertEngine:
             self._acks(conn, batch.acked_commands)
 
     # ------------------------------------------------------------------ status and heartbeats
+
+    def _statuses(self, conn: psycopg.Connection[Any], statuses: list[AppliedStatus]) -> None:
+        """A box's births clear its offline alert. A reconnect storm is thousands of boxes each with one
+        birth in a batch: those go together, in two statements; a box with several statuses in the
+        batch (or an offline one) has them applied one at a time, in order."""
+        per_box = Counter(s.box_id for s in statuses)
+        births = [s for s in statuses if s.online and per_box[s.box_id] == 1]
+        for s in statuses:
+            if not (s.online and per_box[s.box_id] == 1):
+                self._status(conn, s)
+        if not births:
+            return
+        notify_many(
+            conn,
+            [
+                (LiveEvent.BOX_STATUS, status_data(s.box_id, s.online, s.reason, s.session, s.changed_at))
+                for s in births
+                if s.was_online is not True
+            ],
+        )
+        with conn.cursor(row_factory=dict_row) as cur:
+            cleared = cur.execute(
+                f"""UPDATE alerts a SET cleared_at = now(), cleared_by = u.cleared_by, cleared_ts = u.ts,
+                           cleared_seq = NULL
+                    FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::timestamptz[])
+                         AS u(box_id, session, cleared_by, ts)
+                    WHERE a.box_id = u.box_id AND a.kind = %s AND a.subject = '' AND a.cleared_at IS NULL
+                      AND (a.raised_session IS NULL OR a.raised_session < u.session)
+                    RETURNING {", ".join(f"a.{c}" for c in ALERT_COLUMNS.split(", "))}""",
+                (
+                    [s.box_id for s in births],
+                    [s.session for s in births],
+                    [f"status {s.reason} session {s.session}" for s in births],
+                    [s.ts for s in births],
+                    AlertKind.BOX_OFFLINE.value,
+                ),
+            ).fetchall()
+        notify_many(conn, [(LiveEvent.ALERT_CLEARED, alert_data(row)) for row in sorted(cleared, key=itemgetter("id"))])
 
     def _status(self, conn: psycopg.Connection[Any], s: AppliedStatus) -> None:
         if s.was_online is None or s.was_online != s.online:

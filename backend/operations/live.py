@@ -52,6 +52,15 @@ def notify(conn: psycopg.Connection[Any], event: LiveEvent, data: dict[str, Any]
     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, encode(event, data)))
 
 
+def notify_many(conn: psycopg.Connection[Any], notifications: list[tuple[LiveEvent, dict[str, Any]]]) -> None:
+    """:func:`notify` each of ``notifications`` in one statement, delivered in the order given."""
+    if notifications:
+        conn.execute(
+            "SELECT pg_notify(%s, n) FROM unnest(%s::text[]) WITH ORDINALITY AS t(n, i) ORDER BY i",
+            (CHANNEL, [encode(event, data) for event, data in notifications]),
+        )
+
+
 def status_data(box_id: str, online: bool, reason: str, session: int | None, since: datetime | None) -> dict[str, Any]:
     """The payload of a ``box.status`` event."""
     return {"box_id": box_id, "online": online, "reason": reason, "session": session, "since": since}
