@@ -326,6 +326,7 @@ def test_a_batch_of_statuses_ends_as_the_same_statuses_one_batch_each(database_u
         assert together.statuses == sum(r.statuses for r in one_by_one) == 10
         batched, single = outcome(conn, "stb"), outcome(conn, "sts")
     assert batched == single
+
     # Which message (its index in the story) set status_changed_at and last_received_at, and the
     # offline alerts as "raised_session:still open".
     def index(epoch: Any) -> int | None:
