@@ -25,6 +25,7 @@ import pytest
 
 from backend.api.app import create_app
 from backend.api.server import ApiServer
+from backend.couriers import service as courier_service
 from backend.couriers.service import SWEEP_LOCK_KEY
 from backend.ingest.worker import IngestWorker
 from contract import BoxLayout, SizeClass, default_layout
@@ -807,6 +808,52 @@ def test_reservations_under_concurrent_expiry_never_answer_5xx_or_a_spurious_con
     unexpected = {k: n for k, n in codes.items() if k not in {("post", 201, ""), ("get", 200, "")}}
     assert set(unexpected) <= {("post", 409, "locker_is_full"), ("post", 409, "no_free_fitting_compartment")}, codes
     assert codes["post", 201, ""] > 0
+
+
+@pytest.mark.parametrize(("attempts", "expected"), [(5, (201, "")), (1, (503, "database_busy"))])
+def test_a_hold_that_loses_a_real_deadlock_is_retried_and_only_then_database_busy(
+    attempts: int,
+    expected: tuple[int, str],
+    http: httpx.Client,
+    db: psycopg.Connection[Any],
+    database_url: str,
+    api_keys: dict[str, Headers],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer that locks the box's overdue hold and then the box's hold lock (the opposite order of
+    the API's hold transaction) deadlocks with a reservation for real: PostgreSQL aborts the API's
+    transaction (its deadlock_timeout runs out first), which retries and takes the door; with no
+    attempt left the answer is 503 ``database_busy``, not ``database_unavailable``."""
+    monkeypatch.setattr(courier_service, "HOLD_ATTEMPTS", attempts)
+    box_id = f"cou-deadlock-{attempts}"
+    seed_box(db, box_id, *spot(), layout=default_layout(a=1, b=0, c=0))
+    overdue = _insert_hold(db, box_id, 3, expires_s=-1)
+    deadlocks = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+    before = scalar(db, deadlocks)
+    busy = SweepLockHeld(database_url)  # no sweep ends the overdue hold first
+    other = psycopg.connect(database_url)
+    answers: list[httpx.Response] = []
+    try:
+        other.execute("SET deadlock_timeout = '20s'")  # the API's (1 s) runs out first: the API is the victim
+        other.execute("SELECT 1 FROM reservations WHERE reservation_id = %s FOR UPDATE", (overdue,))
+        client = threading.Thread(target=lambda: answers.append(reserve(http, api_keys["courier_gls"], box_id)))
+        client.start()
+        waiting = """SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                     AND wait_event_type = 'Lock' AND query LIKE '%%reservations%%' AND pid <> %s"""
+        wait_for(lambda: scalar(db, waiting, (other.info.backend_pid,)) == 1, timeout=10)
+        # The API holds the box's hold lock and waits for our row; now we wait for its lock: a cycle.
+        other.execute("SELECT pg_advisory_xact_lock(hashtext('molo.reservations'), hashtext(%s))", (box_id,))
+        other.rollback()
+        client.join(30)
+    finally:
+        other.close()
+        busy.release()
+    assert len(answers) == 1
+    answer = answers[0]
+    assert (answer.status_code, "" if answer.status_code < 300 else _code(answer)) == expected, answer.text
+    if answer.status_code == 201:
+        assert answer.json()["compartment"] == 3  # the overdue hold was ended in the retried transaction
+    wait_for(lambda: scalar(db, deadlocks) > before, timeout=10)  # it was a deadlock PostgreSQL detected
 
 
 @pytest.fixture

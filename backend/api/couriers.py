@@ -175,6 +175,7 @@ async def capacity_along_route(
             "maintenance), `parcel_already_reserved`"
         },
         422: {"description": "`dimensions_exceed`, `carrier_required` or `invalid_request`"},
+        503: {"description": "`database_busy` (lost repeated lock conflicts; retry) or `database_unavailable`"},
     },
 )
 async def create_reservation(

@@ -29,6 +29,9 @@ async def get_conn(request: Request) -> AsyncIterator[AsyncConnection[Any]]:
     try:
         async with pool.connection(timeout=5.0) as conn:
             yield conn
+    except psycopg.errors.TransactionRollback as exc:  # a deadlock or serialization failure: reachable, busy
+        log.warning("lock conflict on %s %s: %s", request.method, request.url.path, exc)
+        raise ApiError(503, "database_busy", "the request lost a lock conflict with another; retry") from exc
     except (psycopg.OperationalError, TimeoutError) as exc:
         # The cause (host, user, a deadlock's detail) goes to the log, not to the caller.
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)

@@ -25,7 +25,9 @@ maintenance), ``box_not_found``, ``parcel_already_reserved``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -219,6 +221,10 @@ PERIODIC_LOCK_KEY = 0x6D726570
 #: Releases handled per periodic pass (the rest wait for the next one).
 RELEASES_PER_PASS = 100
 _RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
+#: Attempts of a hold transaction that PostgreSQL rolled back for a lock conflict (a deadlock with
+#: another writer); between attempts a jittered pause of up to ``attempt * HOLD_RETRY_PAUSE_S``.
+HOLD_ATTEMPTS = 5
+HOLD_RETRY_PAUSE_S = 0.02
 
 
 async def _tell_box(
@@ -379,16 +385,21 @@ async def reserve(
     await sweep_expired(conn)
     reservation_id = uuid.uuid4()
     timeout_s = heartbeat_timeout_s
-    for attempt in (1, 2):
+    for attempt in range(1, HOLD_ATTEMPTS + 1):
         try:
             compartment = await _hold(
                 conn, request, sizes, reservation_id, carrier=carrier, key_id=key_id, heartbeat_timeout_s=timeout_s
             )
             break
         except _RETRYABLE as exc:  # rolled back as a whole: take the hold once more
-            if attempt == 2:
-                raise
-            log.info("reservation transaction for box %s retried: %s", request.box_id, exc)
+            if attempt == HOLD_ATTEMPTS:
+                raise ApiError(
+                    503,
+                    "database_busy",
+                    f"the hold on box {request.box_id} lost {attempt} lock conflicts in a row; retry",
+                ) from exc
+            log.info("reservation transaction for box %s retried (attempt %d): %s", request.box_id, attempt, exc)
+            await asyncio.sleep(random.uniform(0, attempt * HOLD_RETRY_PAUSE_S))
     await _tell_box(
         conn,
         ctx,
