@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 from backend.access.keys import NewKey, Role
 from backend.access.repository import revoke_key
 from backend.api.app import create_app
+from backend.api.schemas import BoxSummary
 from backend.api.server import ApiServer
 from backend.ingest.mqtt import Received
 from backend.ingest.worker import IngestWorker
@@ -43,6 +44,7 @@ from contract.messages import (
     EventPayload,
     ParcelCollected,
     ParcelDeposited,
+    PowerSource,
     Status,
     StatusReason,
     WasteCollected,
@@ -200,6 +202,58 @@ def test_box_status_says_what_the_box_list_says_in_fewer_bytes(
         )
     finally:
         up.stop()
+
+
+def test_box_list_says_what_each_box_detail_says_and_pages_by_id(
+    broker: RunningBroker, credentials: Credentials, ops_ingest: IngestWorker, ops_api: httpx.Client, tmp_path: Path
+) -> None:
+    """The box list (written straight to JSON) gives every box exactly the fields and values its
+    detail (built through the pydantic model) gives -- a box with telemetry and waste in a red box,
+    one killed with an open alert --; pages of two, followed by their ``Link: rel=next``, add up to
+    the whole list in order; a bad page size or cursor is a 422 ``invalid_request``."""
+    full_box = firmware(broker, credentials, "box-092", tmp_path)
+    dead = firmware(broker, credentials, "box-093", tmp_path)
+    try:
+        wait_for(lambda: online(ops_api, "box-092") and online(ops_api, "box-093"))
+        full_box.emit(WasteDeposited(compartment=1, fraction=WasteFraction.BATTERIES, weight_kg=1.4))
+        full_box.telemetry(temperature_c=7.5, power=PowerSource.BATTERY, battery_pct=81.0)
+        wait_for(lambda: listed(ops_api, "box-092")["red_boxes"][0]["deposits"] == 1)
+        wait_for(lambda: listed(ops_api, "box-092")["temperature_c"] == 7.5)
+        dead.kill()
+        wait_for(lambda: open_alert(ops_api, "box-093", "box_offline"))
+        full_box.stop()  # no heartbeat moves its times between the list and the details
+        wait_for(lambda: listed(ops_api, "box-092")["status_reason"] == "shutdown")
+        everything = ops_api.get("/api/v1/boxes")
+        assert everything.status_code == 200, everything.text
+        assert "link" not in everything.headers
+        boxes = everything.json()
+        ids = [b["box_id"] for b in boxes]
+        assert ids == sorted(ids)
+        assert len(ids) >= 4
+        for box in boxes:
+            detail = ops_api.get(f"/api/v1/boxes/{box['box_id']}").json()
+            assert box == {field: detail[field] for field in BoxSummary.model_fields}, box["box_id"]
+        by_id = {b["box_id"]: b for b in boxes}
+        assert by_id["box-092"]["red_boxes"][0]["fractions_kg"] == {"batteries": 1.4}
+        assert by_id["box-092"]["battery_pct"] == 81.0
+        assert by_id["box-093"]["alert_level"] == "critical"
+        pages: list[list[dict[str, Any]]] = []
+        url: str | None = "/api/v1/boxes?limit=2"
+        while url is not None:
+            page = ops_api.get(url)
+            assert page.status_code == 200, page.text
+            pages.append(page.json())
+            url = page.links.get("next", {}).get("url")
+        assert all(len(p) == 2 for p in pages[:-1])
+        assert 1 <= len(pages[-1]) <= 2
+        assert [b for p in pages for b in p] == boxes  # every box stopped: nothing moves meanwhile
+        after = ops_api.get("/api/v1/boxes", params={"after": "box-092", "limit": 1}).json()
+        assert [b["box_id"] for b in after] == [i for i in ids if i > "box-092"][:1]
+        for params in ({"limit": 0}, {"limit": 1001}, {"after": "no such id!"}):
+            refused = ops_api.get("/api/v1/boxes", params=params)
+            assert (refused.status_code, refused.json()["error"]["code"]) == (422, "invalid_request"), params
+    finally:
+        full_box.stop()
 
 
 def test_silent_box_gets_heartbeat_alert_and_clears_when_heard(

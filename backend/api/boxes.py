@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from backend.api import repository, service
 from backend.api.auth import ViewerDep
@@ -36,19 +36,49 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+#: The largest page of the box list.
+MAX_BOX_PAGE = 1000
+
+
 @router.get(
     "",
     response_model=list[BoxSummary],
-    summary="All boxes with their live status",
-    responses={k: v for k, v in _NOT_FOUND.items() if k != 404},
+    response_class=Response,
+    summary="All boxes with their live status, by id; in pages with ?limit=",
+    responses={
+        **{k: v for k, v in _NOT_FOUND.items() if k != 404},
+        200: {
+            "description": 'the boxes by id; with `limit`, a `Link` header with `rel="next"` while more follow',
+            "headers": {"Link": {"description": '`</api/v1/boxes?limit=N&after=ID>; rel="next"`, the next page'}},
+        },
+    },
 )
-async def list_boxes(conn: ConnDep, settings: SettingsDep, viewer: ViewerDep) -> list[BoxSummary]:
-    rows = await repository.list_boxes(conn)
-    fills = await repository.red_box_fills(conn)
-    alerts = await repository.open_alerts_by_box(conn)
-    timeout = timedelta(seconds=settings.heartbeat_timeout_s)
-    now = _now()
-    return [service.summarize(r, now, timeout, fills, alerts.get(r["box_id"])) for r in rows]
+async def list_boxes(
+    request: Request,
+    conn: ConnDep,
+    settings: SettingsDep,
+    viewer: ViewerDep,
+    limit: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_BOX_PAGE, description="at most this many boxes (a page); without it, every box"),
+    ] = None,
+    after: Annotated[
+        str | None, Query(pattern=BOX_ID_PATTERN, description="only boxes whose id sorts after this one")
+    ] = None,
+) -> Response:
+    rows = await repository.list_boxes(conn, after=after, limit=None if limit is None else limit + 1)
+    more = limit is not None and len(rows) > limit
+    if more:
+        del rows[limit:]
+    span = (rows[0]["box_id"], rows[-1]["box_id"]) if rows and (limit or after) else None
+    fills = await repository.red_box_fills(conn, span=span)
+    alerts = await repository.open_alerts_by_box(conn, span=span)
+    body = service.summaries_json(rows, _now(), timedelta(seconds=settings.heartbeat_timeout_s), fills, alerts)
+    headers = {}
+    if more:
+        following = request.url.include_query_params(limit=limit, after=rows[-1]["box_id"])
+        headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @status_router.get(

@@ -26,18 +26,23 @@ _BOX_COLUMNS = """
 """
 
 
-async def list_boxes(conn: AsyncConnection[Any]) -> list[Row]:
-    """Every box registered or heard from, by id. The ids are sorted first and the wide rows joined
-    in that order (sorting 5,000 wide rows spilled to disk)."""
+async def list_boxes(conn: AsyncConnection[Any], *, after: str | None = None, limit: int | None = None) -> list[Row]:
+    """Every box registered or heard from, by id; with ``after``, only ids after it, and at most
+    ``limit`` of them (keyset pages). The ids are chosen and sorted first and the wide rows joined in
+    that order (sorting 5,000 wide rows spilled to disk)."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             _BOX_COLUMNS
             + """
-            FROM (SELECT box_id FROM boxes UNION SELECT box_id FROM box_state ORDER BY 1) k
+            FROM (SELECT box_id FROM boxes WHERE %(after)s::text IS NULL OR box_id > %(after)s
+                  UNION
+                  SELECT box_id FROM box_state WHERE %(after)s::text IS NULL OR box_id > %(after)s
+                  ORDER BY 1 LIMIT %(limit)s) k
             LEFT JOIN boxes b ON b.box_id = k.box_id
             LEFT JOIN box_state s ON s.box_id = k.box_id
             ORDER BY k.box_id
-            """
+            """,
+            {"after": after, "limit": limit},
         )
         return await cur.fetchall()
 
@@ -162,22 +167,37 @@ async def metrics_snapshot(conn: AsyncConnection[Any]) -> dict[str, list[Row]]:
 # --------------------------------------------------------------------------- operations (issue 5)
 
 
-async def red_box_fills(conn: AsyncConnection[Any], box_id: str | None = None) -> dict[tuple[str, int], Row]:
-    """What each red box holds since its last collection, by (box, compartment)."""
+#: The first and last box id of a page of the box list (both included).
+Span = tuple[str, str]
+
+
+async def red_box_fills(
+    conn: AsyncConnection[Any], box_id: str | None = None, *, span: Span | None = None
+) -> dict[tuple[str, int], Row]:
+    """What each red box holds since its last collection, by (box, compartment): of one box, of the
+    boxes whose ids are within ``span``, or of all."""
+    lo, hi = span or (None, None)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             "SELECT box_id, compartment, deposited_kg, deposits, fractions, collected_ts FROM red_box_fill "
-            "WHERE %(box)s::text IS NULL OR box_id = %(box)s",
-            {"box": box_id},
+            "WHERE (%(box)s::text IS NULL OR box_id = %(box)s)"
+            " AND (%(lo)s::text IS NULL OR box_id BETWEEN %(lo)s AND %(hi)s)",
+            {"box": box_id, "lo": lo, "hi": hi},
         )
         return {(r["box_id"], int(r["compartment"])): r for r in await cur.fetchall()}
 
 
-async def open_alerts_by_box(conn: AsyncConnection[Any]) -> dict[str, list[tuple[str, str]]]:
-    """Kind and severity of every box's open alerts (one entry per alert)."""
+async def open_alerts_by_box(
+    conn: AsyncConnection[Any], *, span: Span | None = None
+) -> dict[str, list[tuple[str, str]]]:
+    """Kind and severity of every box's open alerts (one entry per alert); only of the boxes whose
+    ids are within ``span`` if given."""
+    lo, hi = span or (None, None)
     async with conn.cursor() as cur:
         await cur.execute(
-            "SELECT box_id, kind, severity FROM alerts WHERE cleared_at IS NULL ORDER BY box_id, raised_at"
+            "SELECT box_id, kind, severity FROM alerts WHERE cleared_at IS NULL"
+            " AND (%(lo)s::text IS NULL OR box_id BETWEEN %(lo)s AND %(hi)s) ORDER BY box_id, raised_at",
+            {"lo": lo, "hi": hi},
         )
         out: dict[str, list[tuple[str, str]]] = {}
         for box_id, kind, severity in await cur.fetchall():

@@ -20,8 +20,6 @@ from backend.api.schemas import (
     BoxDetail,
     BoxSummary,
     CompartmentView,
-    RedBoxView,
-    SizeOccupancy,
     StatusReasonOut,
     TelemetryView,
 )
@@ -105,20 +103,22 @@ def _readings(row: Row) -> tuple[dict[int, Row], dict[int, float]]:
     return compartments, weights
 
 
-def summarize(
+def summary_data(
     row: Row,
     now: datetime,
     timeout: timedelta,
     fills: dict[tuple[str, int], Row] | None = None,
     open_alerts: list[tuple[str, str]] | None = None,
-) -> BoxSummary:
-    """The list view of a box; ``fills`` (red-box contents since collection) and ``open_alerts``
-    (kind and severity of each open alert) come from the operations tables."""
+) -> dict[str, Any]:
+    """The list view of a box as the plain data of a :class:`BoxSummary` (every field, JSON types
+    but for datetimes); ``fills`` (red-box contents since collection) and ``open_alerts`` (kind and
+    severity of each open alert) come from the operations tables. The box list writes thousands of
+    these with orjson; :func:`summarize` validates one into the model."""
     online, reason, received = online_state(row, now, timeout)
     layout = _layout(row)
     readings, weights = _readings(row)
-    occupancy: dict[SizeClass, SizeOccupancy] = {}
-    red_boxes: list[RedBoxView] = []
+    occupancy: dict[str, dict[str, int]] = {}
+    red_boxes: list[dict[str, Any]] = []
     if layout is not None:
         for size, ids in _doors_by_size(layout):
             occupied = broken = free = 0
@@ -129,46 +129,77 @@ def summarize(
                 occupied += busy
                 broken += out
                 free += not busy and not out
-            occupancy[size] = SizeOccupancy(total=len(ids), occupied=occupied, out_of_service=broken, free=free)
+            occupancy[size.value] = {"total": len(ids), "occupied": occupied, "out_of_service": broken, "free": free}
         for rb in layout.red_boxes:
             weight = weights.get(rb.id)
-            cap = rb.red_box_capacity_kg
+            cap = float(rb.red_box_capacity_kg)
             fill = (fills or {}).get((row["box_id"], rb.id))
             red_boxes.append(
-                RedBoxView(
-                    compartment=rb.id,
-                    weight_kg=weight,
-                    capacity_kg=cap,
-                    fill_ratio=None if weight is None else round(weight / cap, 4),
-                    deposited_kg=round(float(fill["deposited_kg"]), 3) if fill else 0.0,
-                    deposits=int(fill["deposits"]) if fill else 0,
-                    fractions_kg={k: float(v) for k, v in (fill["fractions"] or {}).items()} if fill else {},
-                    collected_ts=fill["collected_ts"] if fill else None,
-                )
+                {
+                    "compartment": rb.id,
+                    "weight_kg": weight,
+                    "capacity_kg": cap,
+                    "fill_ratio": None if weight is None else round(weight / cap, 4),
+                    "deposited_kg": round(float(fill["deposited_kg"]), 3) if fill else 0.0,
+                    "deposits": int(fill["deposits"]) if fill else 0,
+                    "fractions_kg": {k: float(v) for k, v in (fill["fractions"] or {}).items()} if fill else {},
+                    "collected_ts": fill["collected_ts"] if fill else None,
+                }
             )
-    return BoxSummary(
-        box_id=row["box_id"],
-        name=row.get("name"),
-        latitude=row.get("latitude"),
-        longitude=row.get("longitude"),
-        online=online,
-        status_reason=reason,
-        status_since=box_since(row, reason),
-        status_received_at=received,
-        session=int(row.get("status_session") or 0),
-        last_seen_at=row.get("last_seen_at"),
-        last_received_at=row.get("last_received_at"),
-        last_seq=int(row.get("last_seq") or 0),
-        occupancy=occupancy,
-        red_boxes=red_boxes,
-        temperature_c=row.get("temperature_c"),
-        power=row.get("power"),
-        battery_pct=row.get("battery_pct"),
-        maintenance=bool(row.get("maintenance")),
-        maintenance_since=row.get("maintenance_since"),
-        open_alerts=len(open_alerts or []),
-        open_alert_kinds=sorted({kind for kind, _ in open_alerts or []}),
-        alert_level=alert_level(severity for _, severity in open_alerts or []),
+    alerts = open_alerts or []
+    return {
+        "box_id": row["box_id"],
+        "name": row.get("name"),
+        "latitude": _float(row.get("latitude")),
+        "longitude": _float(row.get("longitude")),
+        "online": online,
+        "status_reason": reason,
+        "status_since": box_since(row, reason),
+        "status_received_at": received,
+        "session": int(row.get("status_session") or 0),
+        "last_seen_at": row.get("last_seen_at"),
+        "last_received_at": row.get("last_received_at"),
+        "last_seq": int(row.get("last_seq") or 0),
+        "occupancy": occupancy,
+        "red_boxes": red_boxes,
+        "temperature_c": _float(row.get("temperature_c")),
+        "power": row.get("power"),
+        "battery_pct": _float(row.get("battery_pct")),
+        "maintenance": bool(row.get("maintenance")),
+        "maintenance_since": row.get("maintenance_since"),
+        "open_alerts": len(alerts),
+        "open_alert_kinds": sorted({kind for kind, _ in alerts}),
+        "alert_level": alert_level(severity for _, severity in alerts),
+    }
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def summarize(
+    row: Row,
+    now: datetime,
+    timeout: timedelta,
+    fills: dict[tuple[str, int], Row] | None = None,
+    open_alerts: list[tuple[str, str]] | None = None,
+) -> BoxSummary:
+    """The list view of a box (:func:`summary_data`) as a :class:`BoxSummary`."""
+    return BoxSummary.model_validate(summary_data(row, now, timeout, fills, open_alerts))
+
+
+def summaries_json(
+    rows: list[Row],
+    now: datetime,
+    timeout: timedelta,
+    fills: dict[tuple[str, int], Row],
+    alerts: dict[str, list[tuple[str, str]]],
+) -> bytes:
+    """The JSON of ``GET /api/v1/boxes``: each row's :func:`summary_data`, written by orjson straight
+    from dicts (a model per box, validated again by FastAPI's response model, was most of the time
+    at 5,000 boxes: docs/benchmarks.md); the test compares every box with ``GET /api/v1/boxes/{id}``."""
+    return orjson.dumps(
+        [summary_data(r, now, timeout, fills, alerts.get(r["box_id"])) for r in rows], option=orjson.OPT_UTC_Z
     )
 
 
