@@ -13,7 +13,8 @@ Method (printed with the results):
   cores: requests are due every 1/rate s whatever the server does, and each latency counts from
   when its request was due, so queueing shows. ``--connections`` keep-alive sockets; every request
   pre-encoded. The capacity query goes to a random point of the area (radius ``--radius`` m, size
-  A/B/C, limit 20; 2,000 distinct requests cycled).
+  A/B/C, limit 20; 2,000 distinct requests cycled). ``boxes`` is the whole box list;
+  ``boxes_page`` a page of it (``?limit=100&after=`` a random seeded id; 500 distinct requests).
 - Per endpoint: ``--duration`` s at ``--rate`` req/s (after a 3 s warm-up at that rate): p50, p99,
   max; then the rate is raised in steps of ``--step`` (default: the fixed rate) until p99 >
   ``--slo-ms`` or errors appear; the highest rate that kept p99 <= ``--slo-ms``, with the achieved
@@ -87,6 +88,14 @@ def requests_for(endpoint: str, port: int, keys: dict[str, str], radius: float, 
             target = f"/api/v1/courier/capacity?{query}&limit=20"
             out.append(open_loop.get_request("127.0.0.1", port, target, {"X-API-Key": keys["courier"]}))
         return out
+    if endpoint == "boxes_page":  # a page of 100 after a random one of the seeded ids (b-00000 ...)
+        return [
+            open_loop.get_request(
+                "127.0.0.1", port, f"/api/v1/boxes?limit=100&after=b-{rng.randrange(4900):05d}",
+                {"X-API-Key": keys["operator"]},
+            )
+            for _ in range(500)
+        ]  # fmt: skip
     target = {"boxes": "/api/v1/boxes", "kpis": "/api/v1/kpis?group_by=week"}[endpoint]
     return [open_loop.get_request("127.0.0.1", port, target, {"X-API-Key": keys["operator"]})]
 

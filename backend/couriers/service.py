@@ -29,9 +29,10 @@ import asyncio
 import logging
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from psycopg import AsyncConnection, errors
@@ -221,10 +222,26 @@ PERIODIC_LOCK_KEY = 0x6D726570
 #: Releases handled per periodic pass (the rest wait for the next one).
 RELEASES_PER_PASS = 100
 _RETRYABLE = (errors.DeadlockDetected, errors.SerializationFailure)
-#: Attempts of a hold transaction that PostgreSQL rolled back for a lock conflict (a deadlock with
-#: another writer); between attempts a jittered pause of up to ``attempt * HOLD_RETRY_PAUSE_S``.
-HOLD_ATTEMPTS = 5
-HOLD_RETRY_PAUSE_S = 0.02
+T = TypeVar("T")
+#: Attempts of a hold transaction (or of linking a hold to its command) that PostgreSQL rolled back
+#: for a lock conflict (a deadlock with another writer); between attempts a jittered pause of up to
+#: ``attempt * RETRY_PAUSE_S``.
+ATTEMPTS = 5
+RETRY_PAUSE_S = 0.02
+
+
+async def _retried(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()`` (one transaction or one statement, rolled back as a whole when it loses a lock
+    conflict) again while it loses, up to :data:`ATTEMPTS` times; then 503 ``database_busy``."""
+    for n in range(1, ATTEMPTS + 1):
+        try:
+            return await attempt()
+        except _RETRYABLE as exc:
+            if n == ATTEMPTS:
+                raise ApiError(503, "database_busy", f"{what} lost {n} lock conflicts in a row; retry") from exc
+            log.info("%s retried (attempt %d): %s", what, n, exc)
+            await asyncio.sleep(random.uniform(0, n * RETRY_PAUSE_S))
+    raise AssertionError("unreachable")
 
 
 async def _tell_box(
@@ -249,7 +266,11 @@ async def _tell_box(
         timeout_s=ctx.timeout_s,
         connect_wait_s=connect_wait_s,
     )
-    await repository.set_command(conn, reservation_id, column, row["command_id"])
+    # One statement, but it can still lose a deadlock (it queues for the row behind other writers).
+    await _retried(
+        f"linking reservation {reservation_id} to its command",
+        lambda: repository.set_command(conn, reservation_id, column, row["command_id"]),
+    )
 
 
 async def sweep_expired(conn: AsyncConnection[Any]) -> int:
@@ -384,22 +405,18 @@ async def reserve(
     sizes = sizes_for(request)
     await sweep_expired(conn)
     reservation_id = uuid.uuid4()
-    timeout_s = heartbeat_timeout_s
-    for attempt in range(1, HOLD_ATTEMPTS + 1):
-        try:
-            compartment = await _hold(
-                conn, request, sizes, reservation_id, carrier=carrier, key_id=key_id, heartbeat_timeout_s=timeout_s
-            )
-            break
-        except _RETRYABLE as exc:  # rolled back as a whole: take the hold once more
-            if attempt == HOLD_ATTEMPTS:
-                raise ApiError(
-                    503,
-                    "database_busy",
-                    f"the hold on box {request.box_id} lost {attempt} lock conflicts in a row; retry",
-                ) from exc
-            log.info("reservation transaction for box %s retried (attempt %d): %s", request.box_id, attempt, exc)
-            await asyncio.sleep(random.uniform(0, attempt * HOLD_RETRY_PAUSE_S))
+    compartment = await _retried(
+        f"the hold on box {request.box_id}",
+        lambda: _hold(
+            conn,
+            request,
+            sizes,
+            reservation_id,
+            carrier=carrier,
+            key_id=key_id,
+            heartbeat_timeout_s=heartbeat_timeout_s,
+        ),
+    )
     await _tell_box(
         conn,
         ctx,
