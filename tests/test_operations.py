@@ -249,6 +249,9 @@ def test_box_list_says_what_each_box_detail_says_and_pages_by_id(
         assert [b for p in pages for b in p] == boxes  # every box stopped: nothing moves meanwhile
         after = ops_api.get("/api/v1/boxes", params={"after": "box-092", "limit": 1}).json()
         assert [b["box_id"] for b in after] == [i for i in ids if i > "box-092"][:1]
+        beyond = ops_api.get("/api/v1/boxes", params={"after": ids[-1], "limit": 5})
+        assert beyond.json() == []
+        assert "link" not in beyond.headers
         for params in ({"limit": 0}, {"limit": 1001}, {"after": "no such id!"}):
             refused = ops_api.get("/api/v1/boxes", params=params)
             assert (refused.status_code, refused.json()["error"]["code"]) == (422, "invalid_request"), params

@@ -70,9 +70,10 @@ async def list_boxes(
     more = limit is not None and len(rows) > limit
     if more:
         del rows[limit:]
+    # A page reads the red-box fills and open alerts of its own id range only.
     span = (rows[0]["box_id"], rows[-1]["box_id"]) if rows and (limit or after) else None
-    fills = await repository.red_box_fills(conn, span=span)
-    alerts = await repository.open_alerts_by_box(conn, span=span)
+    fills = await repository.red_box_fills(conn, span=span) if rows else {}
+    alerts = await repository.open_alerts_by_box(conn, span=span) if rows else {}
     body = service.summaries_json(rows, _now(), timedelta(seconds=settings.heartbeat_timeout_s), fills, alerts)
     headers = {}
     if more:
