@@ -18,7 +18,6 @@ from backend.api.repository import STATUS_COLUMNS
 from backend.api.schemas import (
     AlertOut,
     BoxDetail,
-    BoxSummary,
     CompartmentView,
     StatusReasonOut,
     TelemetryView,
@@ -110,10 +109,10 @@ def summary_data(
     fills: dict[tuple[str, int], Row] | None = None,
     open_alerts: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """The list view of a box as the plain data of a :class:`BoxSummary` (every field, JSON types
+    """The list view of a box as the plain data of a :class:`~backend.api.schemas.BoxSummary` (every field, JSON types
     but for datetimes); ``fills`` (red-box contents since collection) and ``open_alerts`` (kind and
     severity of each open alert) come from the operations tables. The box list writes thousands of
-    these with orjson; :func:`summarize` validates one into the model."""
+    these with orjson; a box's detail (:func:`detail`) validates one into its model."""
     online, reason, received = online_state(row, now, timeout)
     layout = _layout(row)
     readings, weights = _readings(row)
@@ -177,17 +176,6 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def summarize(
-    row: Row,
-    now: datetime,
-    timeout: timedelta,
-    fills: dict[tuple[str, int], Row] | None = None,
-    open_alerts: list[tuple[str, str]] | None = None,
-) -> BoxSummary:
-    """The list view of a box (:func:`summary_data`) as a :class:`BoxSummary`."""
-    return BoxSummary.model_validate(summary_data(row, now, timeout, fills, open_alerts))
-
-
 def summaries_json(
     rows: list[Row],
     now: datetime,
@@ -242,7 +230,7 @@ def detail(
 ) -> BoxDetail:
     """One box with its compartments, latest telemetry and open alerts (``alerts``: alert rows)."""
     open_rows = alerts or []
-    summary = summarize(row, now, timeout, fills, [(a["kind"], a["severity"]) for a in open_rows])
+    summary = summary_data(row, now, timeout, fills, [(a["kind"], a["severity"]) for a in open_rows])
     layout = _layout(row)
     readings, weights = _readings(row)
     compartments: list[CompartmentView] = []
@@ -273,7 +261,7 @@ def detail(
             temperature_c=row.get("temperature_c"),
         )
     return BoxDetail(
-        **summary.model_dump(),
+        **summary,
         firmware=row.get("firmware"),
         compartments=compartments,
         telemetry=telemetry,

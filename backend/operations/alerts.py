@@ -331,9 +331,11 @@ class AlertEngine:
         birth in a batch: those go together, in two statements; a box with several statuses in the
         batch (or an offline one) has them applied one at a time, in order."""
         per_box = Counter(s.box_id for s in statuses)
-        births = [s for s in statuses if s.online and per_box[s.box_id] == 1]
+        births: list[AppliedStatus] = []
         for s in statuses:
-            if not (s.online and per_box[s.box_id] == 1):
+            if s.online and per_box[s.box_id] == 1:
+                births.append(s)
+            else:
                 self._status(conn, s)
         if not births:
             return
